@@ -1,0 +1,1 @@
+"""The ``spp`` command line: a thin click layer over the ``stages`` library."""

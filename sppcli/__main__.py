@@ -1,0 +1,3 @@
+from sppcli.cli import main
+
+main()

@@ -1,0 +1,265 @@
+"""``spp``: one thin click command per pipeline stage. Parsing and printing only; the work is in ``stages``."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+import click
+
+from stages.core.errors import SppError
+
+FEATURES = ("pool5", "fc6", "fc7", "ftfc6", "ftfc7")
+
+
+def _run_options(func):
+    """Options every stage shares: which run, which config, which dataset, which device."""
+    options = [
+        click.option("--run", "run_name", default=None, help="Run name: the run lives in <runs-root>/<run>. [default]"),
+        click.option("--runs-root", default=None, type=click.Path(file_okay=False), help="[data/runs]"),
+        click.option("--config", "preset", default=None,
+                     help="Preset name in configs/ (synth, voc2007-zf5, voc2007-mobilenet) or a TOML path."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override one config key, e.g. --set finetune.iters=500 (TOML value syntax)."),
+        click.option("--dataset", type=click.Choice(["synth", "voc2007"]), default=None),
+        click.option("--voc-root", default=None, type=click.Path(file_okay=False),
+                     help="Folder holding VOC2007/ (default data/synth, or $SPP_VOC_ROOT / data/VOCdevkit)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None),
+        click.option("--seed", type=int, default=None),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _errors_as_one_line(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except SppError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished work is kept; rerun the same command to resume", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def _config(run_name, runs_root, preset, sets, dataset, voc_root, device, seed, extra: dict | None = None):
+    from stages.core.runconfig import resolve_config
+
+    overrides = {"run": run_name, "runs_root": runs_root, "data.dataset": dataset, "data.voc_root": voc_root,
+                 "device": device, "seed": seed}
+    overrides.update(extra or {})
+    return resolve_config(preset, overrides, sets)
+
+
+def _report(result) -> None:
+    if result.skipped:
+        click.echo(f"up to date: {result.manifest.path}")
+    if result.summary:
+        click.echo(result.summary)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="sppnet")
+def cli() -> None:
+    """SPP-net object detection, stage by stage.
+
+    \b
+    pretrain -> proposals -> extract-features -> finetune -> train-svm -> train-bbox -> detect -> eval
+    Every stage reads the previous stages' artifacts from <runs-root>/<run>/ and writes its own folder there.
+    """
+
+
+# -- datasets ---------------------------------------------------------------------------------------------------
+@cli.group()
+def data() -> None:
+    """Datasets: generate the embedded default."""
+
+
+@data.command("synth")
+@click.option("--out", type=click.Path(file_okay=False), default="data/synth", show_default=True,
+              help="VOCdevkit folder to write (VOC2007/ and classification/ inside).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--images", type=int, default=240, show_default=True, help="Detection images over all splits.")
+@_errors_as_one_line
+def data_synth(out, seed, images):
+    """Generate the embedded default dataset (VOC2007 layout + a classification set), deterministic per seed."""
+    from stages import synth
+
+    summary = synth.generate(Path(out), seed=seed, images=images)
+    click.echo(summary)
+
+
+# -- stages -----------------------------------------------------------------------------------------------------
+@cli.command()
+@_run_options
+@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
+              help="ImageFolder tree (train/<class>/*.jpg, val/<class>/*.jpg); default: the synth classification set.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--init", default=None, type=click.Path(dir_okay=False), help="Start from this local weights file.")
+@_errors_as_one_line
+def pretrain(data_dir, epochs, init, **common):
+    """Classification pretraining of backbone + SPP + fc6/fc7/fc8, multi-size (torchrun-ready)."""
+    from stages import pretrain as stage
+
+    cfg = _config(**common, extra={"pretrain.data": data_dir, "pretrain.epochs": epochs, "pretrain.init": init})
+    _report(stage.run(cfg))
+
+
+@cli.command()
+@_run_options
+@click.option("--split", required=True, help="Image set, e.g. trainval or test.")
+@click.option("--boxes-file", default=None, type=click.Path(dir_okay=False),
+              help="Use precomputed proposals (.h5 with boxes/<id>, or .npz / .mat-like {id: [N,4] x1y1x2y2 1-based}).")
+@click.option("--workers", type=int, default=None, help="Processes (0 = all cores).")
+@_errors_as_one_line
+def proposals(split, boxes_file, workers, **common):
+    """Selective search (fast mode) per image, cached in HDF5, resumable; reports recall@0.5/0.7."""
+    from stages import proposals as stage
+
+    cfg = _config(**common, extra={"proposals.workers": workers})
+    _report(stage.run(cfg, split, boxes_file=Path(boxes_file) if boxes_file else None))
+
+
+@cli.command("extract-features")
+@_run_options
+@click.option("--split", required=True)
+@click.option("--scales", default=None, help="Comma-separated shorter sides, e.g. 688 or 480,576,688,874,1200.")
+@_errors_as_one_line
+def extract_features(split, scales, **common):
+    """conv5 maps of every image at every scale into HDF5 (float16, chunked), resumable, torchrun-sharded."""
+    from stages import extract_features as stage
+
+    extra = {"features.scales": [int(s) for s in scales.split(",")] if scales else None}
+    cfg = _config(**common, extra=extra)
+    _report(stage.run(cfg, split))
+
+
+@cli.command()
+@_run_options
+@click.option("--iters", type=int, default=None)
+@click.option("--conv/--no-conv", default=None, help="Also fine-tune the conv layers through SPP (beyond the paper).")
+@_errors_as_one_line
+def finetune(iters, conv, **common):
+    """Fine-tune fc6, fc7 and a new (N+1)-way fc8 on SPP-pooled windows from the conv5 cache."""
+    from stages import finetune as stage
+
+    cfg = _config(**common, extra={"finetune.iters": iters, "finetune.conv": conv})
+    _report(stage.run(cfg))
+
+
+def _variant_options(func):
+    func = click.option("--one-scale", is_flag=True, help="Use only features.one_scale (the paper's 1-scale rows).")(func)
+    func = click.option("--feature", type=click.Choice(FEATURES), default="ftfc7", show_default=True,
+                        help="Features the SVMs use: pool5 (pooled conv5), fc6/fc7 (pretrained), ftfc6/ftfc7.")(func)
+    return func
+
+
+@cli.command("train-svm")
+@_run_options
+@_variant_options
+@_errors_as_one_line
+def train_svm(feature, one_scale, **common):
+    """Per-class linear SVMs with hard-negative mining (liblinear settings of the released code)."""
+    from stages import train_svm as stage
+
+    cfg = _config(**common)
+    _report(stage.run(cfg, feature=feature, one_scale=one_scale))
+
+
+@cli.command("train-bbox")
+@_run_options
+@click.option("--one-scale", is_flag=True)
+@_errors_as_one_line
+def train_bbox(one_scale, **common):
+    """Per-class ridge box regressors on pooled conv5 features (R-CNN targets)."""
+    from stages import train_bbox as stage
+
+    cfg = _config(**common)
+    _report(stage.run(cfg, one_scale=one_scale))
+
+
+@cli.command()
+@_run_options
+@_variant_options
+@click.option("--split", default=None, help="Image set to detect on [data.test_split].")
+@click.option("--bbox/--no-bbox", default=None, help="Apply box regression [detect.bbox].")
+@click.option("--images", multiple=True, type=click.Path(dir_okay=False), help="Run on these image files instead.")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="With --images: where to save them drawn.")
+@_errors_as_one_line
+def detect(feature, one_scale, split, bbox, images, out, **common):
+    """Score every proposal, per-class NMS, optional box regression; writes devkit comp4 files."""
+    from stages import detect as stage
+
+    cfg = _config(**common, extra={"detect.bbox": bbox})
+    if images:
+        if not out:
+            raise click.UsageError("--images needs --out DIR")
+        _report(stage.run_on_images(cfg, [Path(p) for p in images], Path(out), feature=feature, one_scale=one_scale))
+    else:
+        _report(stage.run(cfg, split or cfg.data.test_split, feature=feature, one_scale=one_scale))
+
+
+@cli.command("eval")
+@_run_options
+@_variant_options
+@click.option("--split", default=None, help="Image set [data.test_split].")
+@click.option("--bbox/--no-bbox", default=None)
+@click.option("--detections", default=None, type=click.Path(file_okay=False),
+              help="Folder of comp4_det_<split>_<class>.txt files to score (instead of the run's own).")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Where metrics.json and the PR plot go.")
+@click.option("--metric", type=click.Choice(["voc07", "area"]), default="voc07", show_default=True,
+              help="voc07: 11-point (VOCevaldet.m 2007); area: VOC2010+ area under the PR curve.")
+@_errors_as_one_line
+def eval_(feature, one_scale, split, bbox, detections, out, metric, **common):
+    """VOC detection AP exactly as the 2007 devkit computes it; per-class table, metrics.json, PR plot."""
+    from stages import evaluate as stage
+
+    cfg = _config(**common, extra={"detect.bbox": bbox})
+    split = split or cfg.data.test_split
+    if detections:
+        if not out:
+            raise click.UsageError("--detections needs --out DIR")
+        _report(stage.evaluate_folder(cfg, split, Path(detections), Path(out), metric=metric))
+    else:
+        _report(stage.run(cfg, split, feature=feature, one_scale=one_scale, metric=metric,
+                          out=Path(out) if out else None))
+
+
+@cli.command()
+@_run_options
+@_errors_as_one_line
+def table9(**common):
+    """Print the paper's Table 9 rows for this run (from its eval results) and write table9.json."""
+    from stages import report
+
+    cfg = _config(**common)
+    click.echo(report.table9(cfg))
+
+
+@cli.command()
+@_run_options
+@click.option("--backbone", default=None, help="zf5 | mobilenet_v2 | alexnet | vgg16")
+@click.option("--images", "n_images", type=int, default=3, show_default=True)
+@click.option("--windows", type=int, default=2000, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
+@_errors_as_one_line
+def bench(backbone, n_images, windows, repeats, json_out, **common):
+    """Time R-CNN mode vs SPP 1-scale vs SPP 5-scale per image (conv, pool, fc), with FLOP rates."""
+    from stages import bench as stage
+
+    cfg = _config(**common, extra={"model.backbone": backbone})
+    click.echo(stage.run(cfg, n_images=n_images, windows=windows, repeats=repeats,
+                         json_out=Path(json_out) if json_out else None))
+
+
+def main() -> None:
+    cli(prog_name="spp")
+
+
+if __name__ == "__main__":
+    main()

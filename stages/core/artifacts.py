@@ -1,0 +1,261 @@
+"""Run directory, per-stage folders, manifests, fingerprints and atomic writes.
+
+Layout: ``<runs_root>/<run>/<NN_stage>/[<tag>/]`` holding the stage's outputs and a ``MANIFEST.json`` that is
+written last and atomically. No manifest means the stage did not finish, so nothing downstream trusts it.
+A manifest records the fingerprints of its inputs; a downstream stage refuses an input whose fingerprint has
+changed since (stale) with one line naming the command to rerun.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import SppError, StageInputMissing
+
+MANIFEST_NAME = "MANIFEST.json"
+MANIFEST_SCHEMA = 1
+
+# Stage name -> (folder, the command that produces it). The folder prefix orders the run directory.
+STAGES: dict[str, tuple[str, str]] = {
+    "pretrain": ("00_pretrain", "spp pretrain"),
+    "proposals": ("01_proposals", "spp proposals --split {tag}"),
+    "features": ("02_features", "spp extract-features --split {tag}"),
+    "finetune": ("03_finetune", "spp finetune"),
+    "svm": ("04_svm", "spp train-svm (variant {tag})"),
+    "bbox": ("05_bbox", "spp train-bbox (variant {tag})"),
+    "detect": ("06_detect", "spp detect (variant {tag})"),
+    "eval": ("07_eval", "spp eval (variant {tag})"),
+}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def code_version() -> str:
+    """The git commit of the code (with ``+dirty`` when modified), or the package version outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return version("sppnet")
+        except PackageNotFoundError:
+            return "unknown"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    data: dict
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the stage reran with other inputs, config or results."""
+        return self.data["fingerprint"]
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+    def output(self, name: str) -> Path:
+        """Absolute path of a named output (stored relative to the stage folder)."""
+        try:
+            return self.folder / self.data["outputs"][name]
+        except KeyError:
+            raise SppError(f"manifest has no output {name!r}", self.path) from None
+
+    @property
+    def metrics(self) -> dict:
+        return self.data.get("metrics", {})
+
+
+def read_manifest(path: Path) -> Manifest:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise SppError(f"unreadable manifest ({exc})", path) from None
+    if not isinstance(data, dict) or data.get("schema") != MANIFEST_SCHEMA or "fingerprint" not in data:
+        raise SppError("not an sppnet manifest of schema %d" % MANIFEST_SCHEMA, path)
+    return Manifest(Path(path), data)
+
+
+@dataclass
+class Run:
+    """A run directory: ``<root>/<NN_stage>/[<tag>/]`` per stage."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    def stage_dir(self, stage: str, tag: str | None = None) -> Path:
+        folder = self.root / STAGES[stage][0]
+        return folder / _safe_tag(tag) if tag else folder
+
+    def manifest_path(self, stage: str, tag: str | None = None) -> Path:
+        return self.stage_dir(stage, tag) / MANIFEST_NAME
+
+    def command_for(self, stage: str, tag: str | None) -> str:
+        return STAGES[stage][1].format(tag=tag or "")
+
+    def require(self, stage: str, tag: str | None = None) -> Manifest:
+        """The finished upstream stage's manifest, checked to be fresh; else one line naming what to run."""
+        path = self.manifest_path(stage, tag)
+        try:
+            manifest = read_manifest(path)
+        except FileNotFoundError:
+            raise StageInputMissing(
+                f"missing input: stage '{stage}'{f' ({tag})' if tag else ''} has not finished in {self.root} "
+                f"(no {path.relative_to(self.root)}); run `{self.command_for(stage, tag)}` first") from None
+        stale = self.stale_inputs(manifest)
+        if stale:
+            raise StageInputMissing(
+                f"stale input: stage '{stage}'{f' ({tag})' if tag else ''} was built from an older "
+                f"{', '.join(stale)}; rerun `{self.command_for(stage, tag)}`")
+        return manifest
+
+    def stale_inputs(self, manifest: Manifest) -> list[str]:
+        """Names of the manifest's recorded upstream stages whose current fingerprint differs (or vanished)."""
+        stale = []
+        for name, recorded in manifest.data.get("inputs", {}).items():
+            if not isinstance(recorded, dict) or "manifest" not in recorded:
+                continue  # a plain file fingerprint: checked by whoever owns that file
+            upstream = self.root / recorded["manifest"]
+            try:
+                current = read_manifest(upstream).fingerprint
+            except (FileNotFoundError, SppError):
+                current = None
+            if current != recorded["fingerprint"]:
+                stale.append(name)
+        return stale
+
+    def is_up_to_date(self, stage: str, tag: str | None, config: dict, inputs: dict[str, Any]) -> bool:
+        """True when the stage already finished with this config and these exact inputs (so it can be skipped)."""
+        try:
+            manifest = read_manifest(self.manifest_path(stage, tag))
+        except (FileNotFoundError, SppError):
+            return False
+        return (manifest.data.get("config") == json.loads(json.dumps(config, default=_json_default))
+                and manifest.data.get("inputs") == self._input_records(inputs))
+
+    def _input_records(self, inputs: dict[str, Any]) -> dict:
+        records = {}
+        for name, value in inputs.items():
+            if isinstance(value, Manifest):
+                records[name] = {"manifest": str(value.path.relative_to(self.root)), "fingerprint": value.fingerprint}
+            else:
+                records[name] = value  # already a fingerprint (str or dict), e.g. of the dataset split
+        return json.loads(json.dumps(records, default=_json_default))
+
+    def write_manifest(self, stage: str, tag: str | None, *, config: dict, inputs: dict[str, Any],
+                       outputs: dict[str, str | Path], metrics: dict | None = None,
+                       wall_time_s: float | None = None) -> Manifest:
+        """Write the stage's manifest last and atomically. ``outputs`` paths are stored relative to the folder."""
+        folder = self.stage_dir(stage, tag)
+        rel_outputs = {}
+        for name, out in outputs.items():
+            out = Path(out)
+            rel_outputs[name] = str(out.relative_to(folder) if out.is_absolute() else out)
+            if not (folder / rel_outputs[name]).exists():
+                raise SppError(f"stage '{stage}' declared output {name!r} but did not write it", folder / out)
+        body = {
+            "schema": MANIFEST_SCHEMA,
+            "stage": stage,
+            "tag": tag,
+            "config": config,
+            "inputs": self._input_records(inputs),
+            "outputs": rel_outputs,
+            "metrics": metrics or {},
+            "code_version": code_version(),
+            "wall_time_s": wall_time_s,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        body = json.loads(json.dumps(body, default=_json_default))
+        body["fingerprint"] = sha256_json({k: v for k, v in body.items() if k not in ("created", "wall_time_s")})
+        path = folder / MANIFEST_NAME
+        atomic_write_json(path, body)
+        return Manifest(path, body)
+
+    def invalidate(self, stage: str, tag: str | None = None) -> None:
+        """Remove a stage's manifest before it (re)writes outputs, so a half-done rerun is never trusted."""
+        with contextlib.suppress(FileNotFoundError):
+            self.manifest_path(stage, tag).unlink()
+
+
+def _safe_tag(tag: str) -> str:
+    if not tag or "/" in tag or "\\" in tag or tag in (".", "..") or tag.startswith("."):
+        raise SppError(f"invalid stage tag {tag!r}: use a plain name such as a split")
+    return tag
+
+
+@contextlib.contextmanager
+def timed() -> Iterator[dict]:
+    """``with timed() as t: ...`` then ``t['seconds']``."""
+    box = {"start": time.perf_counter()}
+    try:
+        yield box
+    finally:
+        box["seconds"] = time.perf_counter() - box["start"]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage's ``run`` returns to the CLI: its manifest and a short human summary."""
+
+    manifest: Manifest
+    summary: str = ""
+    skipped: bool = False
+    extra: dict = field(default_factory=dict)

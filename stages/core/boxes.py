@@ -1,0 +1,78 @@
+"""The one box convention, IoU, NMS and bounding-box-regression targets.
+
+Inside sppnet every box is float ``[x1, y1, x2, y2)`` in 0-based pixel coordinates (torchvision's convention).
+VOC's 1-based inclusive integers convert exactly once, in ``voc.py``: ``x1 = xmin - 1, x2 = xmax``. With that,
+the plain continuous IoU here equals the devkit's "+1" IoU exactly, and torchvision's ``box_iou``/``nms`` apply
+as they are. Bounding-box regression uses ``w = x2 - x1`` on these boxes, i.e. the inclusive width
+``xmax - xmin + 1``; the R-CNN code uses ``xmax - xmin`` (SPEC.md §6). Targets are relative, so the difference
+is a sub-pixel shift of the reference centre and is consistent between training and testing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou as _tv_box_iou
+from torchvision.ops import nms as _tv_nms
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU, [N,4] x [M,4] -> [N,M] float64, computed in float64 so that thresholds are exact."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)), dtype=np.float64)
+    return _tv_box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+
+
+def box_area(boxes: np.ndarray) -> np.ndarray:
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return (boxes[:, 2] - boxes[:, 0]).clip(min=0) * (boxes[:, 3] - boxes[:, 1]).clip(min=0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Indices kept by greedy NMS in descending score order, suppressing IoU > threshold (SPEC §7)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    keep = _tv_nms(torch.from_numpy(boxes), torch.from_numpy(np.asarray(scores, dtype=np.float64)), iou_threshold)
+    return keep.numpy()
+
+
+def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    return boxes
+
+
+def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Horizontal flip: the devkit's ``x' = W + 1 - x`` with x1/x2 swapped is ``x' = W - x`` here."""
+    boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    return np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
+
+
+def _centre_size(boxes: np.ndarray) -> tuple[np.ndarray, ...]:
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    return boxes[:, 0] + 0.5 * widths, boxes[:, 1] + 0.5 * heights, widths, heights
+
+
+def bbox_targets(proposals: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """R-CNN regression targets (t_x, t_y, t_w, t_h) from proposals P to ground truth G [SPEC §6]."""
+    px, py, pw, ph = _centre_size(proposals)
+    gx, gy, gw, gh = _centre_size(gt)
+    pw, ph = np.maximum(pw, 1e-6), np.maximum(ph, 1e-6)
+    return np.stack([(gx - px) / pw, (gy - py) / ph, np.log(np.maximum(gw, 1e-6) / pw),
+                     np.log(np.maximum(gh, 1e-6) / ph)], axis=1)
+
+
+def apply_bbox_deltas(proposals: np.ndarray, deltas: np.ndarray) -> np.ndarray:
+    """Inverse of ``bbox_targets``: ``apply_bbox_deltas(P, bbox_targets(P, G)) == G``."""
+    px, py, pw, ph = _centre_size(proposals)
+    deltas = np.asarray(deltas, dtype=np.float64).reshape(-1, 4)
+    cx = deltas[:, 0] * pw + px
+    cy = deltas[:, 1] * ph + py
+    w = np.exp(deltas[:, 2]) * pw
+    h = np.exp(deltas[:, 3]) * ph
+    return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=1)

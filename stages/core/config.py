@@ -1,0 +1,247 @@
+"""The run's typed, frozen configuration.
+
+Defaults live here with a reason each; a preset TOML file (``configs/*.toml``) overrides them, then command-line
+options override that. Unknown keys and wrong types are errors. The resolved config is saved in the run directory.
+Defaults follow the released SPP_net code where it differs from the paper (SPEC.md §9), unless noted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SppError
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synth"  # "synth" (embedded, generated) or "voc2007"
+    voc_root: str = ""  # folder holding VOC2007/; empty -> data/synth (synth) or $SPP_VOC_ROOT or data/VOCdevkit
+    train_split: str = "trainval"  # what finetune / train-svm / train-bbox learn from
+    test_split: str = "test"  # what detect / eval score by default
+    skip_bad: bool = False  # warn and skip a bad image/annotation instead of stopping
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    ks: tuple[int, ...] = (50, 100)  # graph-segmentation k (= minSize) of SS fast mode [SPEC §3]
+    sigma: float = 0.8
+    min_side: int = 20  # drop boxes narrower/shorter than this many pixels [SPEC §3]
+    max_boxes: int = 2000  # keep at most this many per image (SS order = hierarchical grouping rank)
+    max_image_side: int = 500  # SS runs on an image resized to this longest side (boxes mapped back); 0 = off
+    workers: int = 0  # processes; 0 = all cores
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "zf5"  # zf5 | mobilenet_v2 | alexnet | vgg16 (torchvision, cut at stride 16)
+    weights: str = ""  # local state-dict file for the torchvision trunk, or torchvision's named weights
+    pyramid: tuple[int, ...] = (1, 2, 3, 6)  # SPP levels, concatenated in this order [SPEC §1]
+    fc_dim: int = 4096  # fc6/fc7 width [SPEC §1]
+    dropout: float = 0.5
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    data: str = ""  # ImageFolder tree; empty -> the embedded classification set of the synth dataset
+    sizes: tuple[int, ...] = (180, 224)  # multi-size training, alternating per epoch [P §2.4]
+    epochs: int = 70  # ImageNet schedule [P §3.1]
+    batch_size: int = 128
+    lr: float = 0.01  # divided by 10 at each of lr_steps [P §3.1]
+    lr_steps: tuple[int, ...] = (30, 55)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    workers: int = 2
+    init: str = ""  # start from this local weights file instead of scratch
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    scales: tuple[int, ...] = (480, 576, 688, 874, 1200)  # shorter sides; code's 874, paper's 864 [SPEC §2]
+    one_scale: int = 688  # the 1-scale setting [P §4.1]
+    scale_rule: str = "code"  # "code": 208-px side, linear distance; "paper": area closest to 224x224 [SPEC §2]
+    batch_images: int = 1  # images per conv forward (same-size batches only)
+    compression: int = 4  # gzip level for the float16 HDF5 maps
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    iters: int = 90000  # released code: 30k at each of 1e-3, 1e-4, 1e-5 [SPEC §4]
+    lr: float = 1e-3
+    lr_steps: tuple[int, ...] = (30000, 60000)  # x0.1 at each
+    batch_size: int = 128  # 32 foreground + 96 background [SPEC §4]
+    fg_fraction: float = 0.25
+    fg_iou: float = 0.5  # foreground: max IoU >= 0.5
+    bg_iou: tuple[float, float] = (0.1, 0.5)  # background: max IoU in [0.1, 0.5)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    holdout_fraction: float = 0.1  # of training images, for snapshot selection (never the test split)
+    eval_every: int = 2000
+    flip: bool = True
+    conv: bool = False  # also fine-tune the conv layers through SPP (beyond the paper)
+
+
+@dataclass(frozen=True)
+class SvmConfig:
+    C: float = 1e-3  # liblinear -c [SPEC §5]
+    pos_weight: float = 2.0  # -w1 2
+    bias_multiplier: float = 10.0  # -B 10
+    neg_iou: float = 0.3  # negatives: IoU < 0.3 with every GT of the class
+    target_norm: float = 20.0  # features scaled to this mean L2 norm
+    hard_thresh: float = -1.0001  # mine negatives scoring above this
+    evict_thresh: float = -1.2  # drop cached negatives scoring below this after a retrain
+    retrain_every: int = 2000  # new negatives between retrains
+    pruning: str = "dedup"  # "dedup" (code: one per conv5 rect+scale) | "overlap70" (paper) | "none"
+    workers: int = 0  # classes trained in parallel; 0 = all cores
+
+
+@dataclass(frozen=True)
+class BboxConfig:
+    lam: float = 4000.0  # ridge lambda (SPP code) [SPEC §6]
+    min_iou: float = 0.5  # training windows with IoU > this
+    target_norm: float = 20.0
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    score_thresh: float = -1.5  # keep scores above this [SPEC §7]
+    nms_iou: float = 0.3
+    max_per_image: int = 100
+    bbox: bool = True  # apply box regression when a regressor exists
+    batch_windows: int = 4096  # windows per fc batch
+
+
+@dataclass(frozen=True)
+class Config:
+    run: str = "default"  # run name: data/runs/<run>
+    runs_root: str = "data/runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    data: DataConfig = field(default_factory=DataConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    svm: SvmConfig = field(default_factory=SvmConfig)
+    bbox: BboxConfig = field(default_factory=BboxConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_root) / self.run
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def section(self, name: str) -> dict:
+        return self.to_dict()[name]
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert a TOML or CLI value to the field's declared type; raise SppError on mismatch."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"tuple": tuple})  # noqa: S307 - our own annotations
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        args = typing.get_args(annotation)
+        if not isinstance(value, (list, tuple)):
+            raise SppError(f"config {where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(value) != len(args):
+            raise SppError(f"config {where}: expected {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise SppError(f"config {where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise SppError(f"config {where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise SppError(f"config {where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise SppError(f"config {where}: expected a string, got {value!r}")
+    if isinstance(annotation, types.UnionType):
+        raise SppError(f"config {where}: unsupported union type")
+    raise SppError(f"config {where}: unsupported type {annotation!r}")
+
+
+def merge(cfg: Any, overrides: dict, where: str = "") -> Any:
+    """A copy of the frozen dataclass ``cfg`` with ``overrides`` (nested dicts) applied; unknown keys are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for key, value in overrides.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise SppError(f"unknown config key {path!r} (known: {', '.join(sorted(fields))})")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise SppError(f"config {path}: expected a table, got {value!r}")
+            changes[key] = merge(current, value, path)
+        else:
+            changes[key] = _coerce(value, fields[key].type, path)
+    return dataclasses.replace(cfg, **changes)
+
+
+def load_preset(name_or_path: str) -> dict:
+    """A preset by name (``configs/<name>.toml``) or by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.toml"
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+        raise SppError(f"no such config preset (known presets: {known})", path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SppError(f"invalid TOML ({exc})", path) from None
+
+
+def build_config(preset: str | None = None, overrides: dict | None = None) -> Config:
+    """Defaults <- preset file <- overrides (dotted keys like ``{"features.scales": [688]}`` or nested dicts)."""
+    cfg = Config()
+    if preset:
+        cfg = merge(cfg, load_preset(preset))
+    if overrides:
+        cfg = merge(cfg, _nest(overrides))
+    return cfg
+
+
+def _nest(flat: dict) -> dict:
+    nested: dict = {}
+    for key, value in flat.items():
+        if value is None:
+            continue
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def config_from_run(run_dir: Path) -> Config:
+    """The resolved config saved in a run directory."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return merge(Config(), json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise SppError("no config.json: not a run directory", path) from None
+    except ValueError as exc:
+        raise SppError(f"unreadable run config ({exc})", path) from None
