@@ -1,0 +1,100 @@
+# sppnet: `make all` installs and runs the whole pipeline on the embedded dataset; `make test` runs the tests.
+# Every stage target is its MANIFEST.json file, so `make` reruns only what is missing; each stage also
+# checks its own inputs and config and skips itself when its manifest is up to date.
+#
+#   make all                                   embedded synthetic dataset, ZF-5 from scratch (CPU minutes)
+#   make all RUN=voc DATASET=voc2007 VOC_ROOT=/path/VOCdevkit CONFIG=voc2007-zf5   the paper's setting
+#
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+SPP := $(VENV)/bin/spp
+RUN ?= synth
+DATASET ?= synth
+SYNTH_ROOT ?= data/synth
+VOC_ROOT ?= $(if $(filter synth,$(DATASET)),$(SYNTH_ROOT),)
+CONFIG ?=
+TRAIN ?= trainval
+TEST ?= test
+R := data/runs/$(RUN)
+ARGS := --run $(RUN) --dataset $(DATASET) $(if $(VOC_ROOT),--voc-root $(VOC_ROOT)) $(if $(CONFIG),--config $(CONFIG))
+# Table 9 rows: SVMs on pool5, fc7 (no fine-tuning), ftfc7, ftfc7 + box regression; at 1 and at all scales.
+SVM_FEATURES := pool5 fc7 ftfc7
+N_SCALES := 5
+
+.PHONY: install test all clean-run help
+.SECONDARY:
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make install   create .venv with the pinned, tested packages (no-op when up to date)"
+	@echo "make test      run the test suite"
+	@echo "make all       generate the embedded dataset and run every stage; prints the Table 9 rows"
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -r requirements.lock
+	$(VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+test: install
+	$(VENV)/bin/python -m pytest -q
+
+all: install $(R)/table9.json
+
+# -- the embedded dataset ------------------------------------------------------------------------------------
+$(SYNTH_ROOT)/VOC2007/ImageSets/Main/test.txt: | install
+	$(SPP) data synth --out $(SYNTH_ROOT)
+
+DATA_DEP := $(if $(filter synth,$(DATASET)),$(SYNTH_ROOT)/VOC2007/ImageSets/Main/test.txt,)
+
+# -- stages --------------------------------------------------------------------------------------------------
+$(R)/00_pretrain/MANIFEST.json: $(DATA_DEP) | install
+	$(SPP) pretrain $(ARGS)
+
+$(R)/01_proposals/%/MANIFEST.json: $(DATA_DEP) | install
+	$(SPP) proposals $(ARGS) --split $*
+
+$(R)/02_features/%/MANIFEST.json: $(R)/00_pretrain/MANIFEST.json | install
+	$(SPP) extract-features $(ARGS) --split $*
+
+$(R)/03_finetune/MANIFEST.json: $(R)/00_pretrain/MANIFEST.json $(R)/01_proposals/$(TRAIN)/MANIFEST.json \
+		$(R)/02_features/$(TRAIN)/MANIFEST.json
+	$(SPP) finetune $(ARGS)
+
+TRAIN_INPUTS := $(R)/01_proposals/$(TRAIN)/MANIFEST.json $(R)/02_features/$(TRAIN)/MANIFEST.json
+TEST_INPUTS := $(R)/01_proposals/$(TEST)/MANIFEST.json $(R)/02_features/$(TEST)/MANIFEST.json
+scale_flag = $(if $(filter s1,$(1)),--one-scale,)
+
+define svm_rule
+$(R)/04_svm/$(1)-$(2)/MANIFEST.json: $(TRAIN_INPUTS) $(if $(findstring ft,$(1)),$(R)/03_finetune/MANIFEST.json)
+	$(SPP) train-svm $(ARGS) --feature $(1) $(call scale_flag,$(2))
+endef
+
+define detect_rule
+$(R)/06_detect/$(TEST)-$(1)-$(2)$(3)/MANIFEST.json: $(R)/04_svm/$(1)-$(2)/MANIFEST.json $(TEST_INPUTS) \
+		$(if $(3),$(R)/05_bbox/$(2)/MANIFEST.json)
+	$(SPP) detect $(ARGS) --split $(TEST) --feature $(1) $(call scale_flag,$(2)) $(if $(3),--bbox,--no-bbox)
+$(R)/07_eval/$(TEST)-$(1)-$(2)$(3)/MANIFEST.json: $(R)/06_detect/$(TEST)-$(1)-$(2)$(3)/MANIFEST.json
+	$(SPP) eval $(ARGS) --split $(TEST) --feature $(1) $(call scale_flag,$(2)) $(if $(3),--bbox,--no-bbox)
+endef
+
+SCALE_TAGS := s1 s$(N_SCALES)
+$(foreach f,$(SVM_FEATURES),$(foreach s,$(SCALE_TAGS),$(eval $(call svm_rule,$(f),$(s)))))
+$(foreach f,$(SVM_FEATURES),$(foreach s,$(SCALE_TAGS),$(eval $(call detect_rule,$(f),$(s),))))
+$(foreach s,$(SCALE_TAGS),$(eval $(call detect_rule,ftfc7,$(s),-bb)))
+
+$(R)/05_bbox/%/MANIFEST.json: $(TRAIN_INPUTS)
+	$(SPP) train-bbox $(ARGS) $(call scale_flag,$*)
+
+EVALS := $(foreach f,$(SVM_FEATURES),$(foreach s,$(SCALE_TAGS),$(R)/07_eval/$(TEST)-$(f)-$(s)/MANIFEST.json)) \
+	$(foreach s,$(SCALE_TAGS),$(R)/07_eval/$(TEST)-ftfc7-$(s)-bb/MANIFEST.json)
+
+$(R)/table9.json: $(EVALS)
+	$(SPP) table9 $(ARGS)
+
+clean-run:
+	rm -rf $(R)
