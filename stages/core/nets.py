@@ -1,0 +1,448 @@
+"""The networks: ZF-5 (paper-exact, SPEC.md §1), torchvision trunks cut at stride 16, the SPP head, checkpoints.
+
+A *backbone* maps a preprocessed image batch to its stride-16 "conv5" map and carries a ``BackboneSpec``: the
+numbers the window -> cell mapping needs (stride, receptive-field centre of cell 0, inward offset) and the pixel
+preprocessing it was trained with. ``SppHead`` holds fc6/fc7/fc8 over the pooled vector. ``SppNet`` = both, with
+fixed-size SPP over the whole map for classification pretraining. Checkpoints hold only tensors and plain
+values (``torch.load(weights_only=True)``) plus the architecture needed to rebuild them.
+"""
+from __future__ import annotations
+
+import io
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .artifacts import atomic_write_bytes
+from .errors import SppError
+from .spp import DEFAULT_PYRAMID, spp_dim, spp_pool_full
+
+BACKBONES = ("zf5", "mobilenet_v2", "alexnet", "vgg16")
+CHECKPOINT_FORMAT = "sppnet-checkpoint"
+CHECKPOINT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# SPEC §2 step 3: conv5 windows are shrunk inward by 6.5 px on each side. With cell J's receptive-field centre
+# at c_J = offset0 + 16 (J - 1), X0 = round((x1' + 6.5 - offset0)/16) + 1 picks the first cell whose centre is
+# >= x1' - 1.5 (and X1 the last one <= x2' + 1.5): "cells whose centres lie in the box, with 1.5 px of slack"
+# (the paper's floor(x/S) + 1 rule is the same idea). That rule is stated in centres and the stride, not in the
+# receptive-field size, so every stride-16 trunk keeps offset = 6.5 and gets its own offset0 (its cell-0 centre).
+WINDOW_OFFSET = 6.5
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    stride: int  # total stride of the conv5 map: 16
+    channels: int  # conv5 channels
+    offset0: float  # 1-based image pixel at the receptive-field centre of conv5 cell 0 (21 for ZF-5)
+    offset: float  # inward shrink of windows in pixels (6.5, SPEC §2)
+    pixel_mode: str  # "bgr128" (ZF-5, SPEC §3) or "imagenet" (torchvision trunks)
+
+
+class WithinChannelLRN(nn.Module):
+    """Caffe's WITHIN_CHANNEL LRN: ``y = x * (1 + alpha * mean_{size x size}(x^2))^(-beta)``.
+
+    Caffe builds it as square -> AVE pool (size, stride 1, pad (size-1)/2) -> power(shift 1, scale alpha, -beta)
+    -> product [C: lrn_layer.cpp]. Its AVE pool divides by the padded window (clipped to ``H + pad``), which for
+    stride 1 and pad (size-1)/2 is always size^2: ``count_include_pad=True``. PyTorch's ``LocalResponseNorm``
+    normalises across channels instead.
+    """
+
+    def __init__(self, local_size: int = 3, alpha: float = 5e-5, beta: float = 0.75):
+        super().__init__()
+        if local_size % 2 != 1:
+            raise ValueError("local_size must be odd")
+        self.local_size, self.alpha, self.beta = local_size, alpha, beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean_sq = F.avg_pool2d(x * x, self.local_size, stride=1, padding=self.local_size // 2,
+                               count_include_pad=True)
+        return x * (1.0 + self.alpha * mean_sq).pow(-self.beta)
+
+    def extra_repr(self) -> str:
+        return f"local_size={self.local_size}, alpha={self.alpha}, beta={self.beta}"
+
+
+class Backbone(nn.Module):
+    """A conv trunk cut at stride 16: ``forward(x [B,3,H,W] preprocessed) -> conv5 [B,C,h,w]``."""
+
+    def __init__(self, body: nn.Sequential, spec: BackboneSpec):
+        super().__init__()
+        self.body = body
+        self.spec = spec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+# ------------------------------------------------------------------------------------------------ trunks
+
+
+def _zf5_body() -> nn.Sequential:
+    """ZF-5 conv1-conv5 [S:model-defs/Zeiler_conv5.prototxt; SPEC §1]: ceil-mode pooling gives 13x13 at 224."""
+    def lrn() -> WithinChannelLRN:
+        return WithinChannelLRN(local_size=3, alpha=5e-5, beta=0.75)
+
+    body = nn.Sequential(OrderedDict([
+        ("conv1", nn.Conv2d(3, 96, kernel_size=7, stride=2, padding=1)), ("relu1", nn.ReLU(inplace=True)),
+        ("norm1", lrn()), ("pool1", nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)),
+        ("conv2", nn.Conv2d(96, 256, kernel_size=5, stride=2, padding=0)), ("relu2", nn.ReLU(inplace=True)),
+        ("norm2", lrn()), ("pool2", nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)),
+        ("conv3", nn.Conv2d(256, 384, kernel_size=3, padding=1)), ("relu3", nn.ReLU(inplace=True)),
+        ("conv4", nn.Conv2d(384, 384, kernel_size=3, padding=1)), ("relu4", nn.ReLU(inplace=True)),
+        ("conv5", nn.Conv2d(384, 256, kernel_size=3, padding=1)), ("relu5", nn.ReLU(inplace=True)),
+    ]))
+    # He init for training from scratch (no BatchNorm in ZF-5, so the scale matters); torchvision's VGG does this.
+    for module in body.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    return body
+
+
+def _features_without_classifier(factory, init=None) -> nn.Sequential:
+    """A torchvision model's ``features`` without allocating its (large) classifier: build on the meta device,
+    materialise only the features, then re-run the modules' own init (and the model's, when it has one)."""
+    with torch.device("meta"):
+        features = factory().features
+    features = features.to_empty(device="cpu")
+    for module in features.modules():
+        if hasattr(module, "reset_parameters") and module is not features:
+            module.reset_parameters()
+    if init is not None:
+        init(features)
+    return features
+
+
+def _vgg_init(features: nn.Module) -> None:
+    for module in features.modules():  # torchvision VGG's own init
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+
+
+def _full_trunk(name: str) -> tuple[nn.Sequential, int]:
+    """(torchvision ``features`` uncut, index of the first layer after the stride-16 cut)."""
+    import torchvision.models as tvm
+
+    if name == "mobilenet_v2":
+        # features[14] is the next stride-2 block; [:14] ends with 96 channels at stride 16.
+        return tvm.mobilenet_v2(weights=None).features, 14
+    if name == "alexnet":
+        # features[12] is the last max-pool; without it conv5+ReLU has stride 4*2*2 = 16, 256 channels.
+        return _features_without_classifier(tvm.alexnet), 12
+    if name == "vgg16":
+        # features[30] is pool5; [:30] ends at conv5_3 + ReLU, stride 2^4 = 16, 512 channels.
+        return _features_without_classifier(tvm.vgg16, _vgg_init), 30
+    raise SppError(f"unknown backbone {name!r} (known: {', '.join(BACKBONES)})")
+
+
+def receptive_field(body: nn.Module) -> tuple[int, float]:
+    """(total stride, 1-based image pixel at the receptive-field centre of output cell 0) of a chain of layers.
+
+    Walks the Conv2d / pooling layers in definition order (x direction): a layer with kernel k, stride s and
+    padding p centres its output cell 0 on input position ``(k - 1)/2 - p``, so the centre moves by that many
+    input steps of the current jump. Residual branches of stride-1 blocks keep the centre, so the main path
+    suffices for the trunks here. ZF-5: 2 (conv1) + 2 (pool1) + 8 (conv2) + 8 (pool2) = 20 (0-based) -> 21, SPEC §1.
+    """
+    jump, centre = 1, 0.0
+    for module in body.modules():
+        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            kernel, stride, padding = (_first(getattr(module, a)) for a in ("kernel_size", "stride", "padding"))
+            dilation = _first(getattr(module, "dilation", 1))
+            centre += ((dilation * (kernel - 1)) / 2.0 - padding) * jump
+            jump *= stride
+    return jump, centre + 1.0
+
+
+def _first(value) -> int:
+    return int(value[-1] if isinstance(value, (tuple, list)) else value)
+
+
+def _spec_for(name: str, body: nn.Sequential, channels: int, pixel_mode: str) -> BackboneSpec:
+    stride, offset0 = receptive_field(body)
+    if stride != 16:
+        raise AssertionError(f"{name} trunk has stride {stride}, expected 16")
+    return BackboneSpec(name=name, stride=stride, channels=channels, offset0=offset0, offset=WINDOW_OFFSET,
+                        pixel_mode=pixel_mode)
+
+
+def build_backbone(name: str, weights: str = "") -> Backbone:
+    """``"zf5" | "mobilenet_v2" | "alexnet" | "vgg16"``, randomly initialised, or with ``weights``: a local file
+    (a state dict of the trunk, of the torchvision ``features`` or whole model, or an sppnet checkpoint), or a
+    torchvision weights name such as ``"MobileNet_V2_Weights.IMAGENET1K_V1"`` (downloads once)."""
+    if name == "zf5":
+        body, cut = _zf5_body(), None
+        spec = _spec_for(name, body, 256, "bgr128")
+    else:
+        full, cut = _full_trunk(name)
+        body = full[:cut]
+        channels = [m for m in body.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+        spec = _spec_for(name, body, channels, "imagenet")
+    if weights:
+        _load_weights(body, name, weights, cut)
+    return Backbone(body, spec)
+
+
+def _load_weights(body: nn.Sequential, name: str, weights: str, cut: int | None) -> None:
+    path = Path(weights).expanduser()
+    if path.exists():
+        state = _read_state_file(path)
+        source = str(path)
+    elif re.fullmatch(r"\w+_Weights\.\w+", weights):
+        state, source = _torchvision_state(name, weights), weights
+    else:
+        raise SppError("no such weights file (and not a torchvision weights name like "
+                       "'MobileNet_V2_Weights.IMAGENET1K_V1')", path)
+    state = _trunk_keys(state)
+    if cut is not None:  # torchvision trunks: a file of the whole ``features`` also holds layers past the cut
+        state = {key: value for key, value in state.items()
+                 if not (key.split(".", 1)[0].isdigit() and int(key.split(".", 1)[0]) >= cut)}
+    try:
+        body.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise SppError(f"weights do not fit the {name} trunk ({detail})", source) from None
+
+
+def _read_state_file(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one user-facing line
+        raise SppError(f"unreadable weights file ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+                       path) from None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        obj = obj.get("state_dict", {})
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise SppError("not a state dict of tensors", path)
+    return obj
+
+
+def _trunk_keys(state: dict) -> dict:
+    """Strip the wrappers our own and torchvision's files put around the trunk's keys."""
+    for prefix in ("backbone.body.", "body.", "features."):
+        if any(k.startswith(prefix) for k in state):
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return dict(state)
+
+
+def _torchvision_state(name: str, weights_name: str) -> dict:
+    import torchvision.models as tvm
+
+    try:
+        weights = tvm.get_weight(weights_name)
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise SppError(f"unknown torchvision weights {weights_name!r} ({exc})") from None
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as exc:  # noqa: BLE001 - network and cache failures become one line
+        raise SppError(f"could not fetch torchvision weights {weights_name!r} ({type(exc).__name__}: {exc})") from None
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+
+
+def resized_hw(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """Size after resizing so the shorter side is ``short_side``; the longer side rounds up (ceil, [T]), computed
+    in integers so an exact ratio never rounds past an integer."""
+    height, width, short_side = int(height), int(width), int(short_side)
+    if min(height, width) < 1 or short_side < 1:
+        raise ValueError(f"cannot resize {height}x{width} to shorter side {short_side}")
+    if height <= width:
+        return short_side, -(-width * short_side // height)
+    return -(-height * short_side // width), short_side
+
+
+def preprocess(image: np.ndarray, short_side: int, spec: BackboneSpec,
+               device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 RGB [H,W,3] -> float32 [3,h,w] network input at shorter side ``short_side`` (SPEC §3).
+
+    ``bgr128`` (ZF-5): RGB -> BGR, minus the constant 128, no /255. ``imagenet``: RGB/255, minus mean, over std.
+    Then a bilinear resize without antialiasing (``align_corners=False``, the MATLAB ``imresize`` pixel-centre
+    mapping) to ``resized_hw``. ``device`` runs the resize there (a GPU makes the large scales cheap).
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:  # grey: replicate like the reader does
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 RGB image [H,W,3], got {image.dtype} {image.shape}")
+    if not image.flags.writeable:  # e.g. a memory-mapped or cached array: torch wants writable memory
+        image = image.copy()
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1).float()
+    if spec.pixel_mode == "bgr128":
+        pixels = pixels.flip(0) - 128.0
+    elif spec.pixel_mode == "imagenet":
+        mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=pixels.device).view(3, 1, 1)
+        pixels = (pixels / 255.0 - mean) / std
+    else:
+        raise ValueError(f"unknown pixel mode {spec.pixel_mode!r}")
+    size = resized_hw(image.shape[0], image.shape[1], short_side)
+    if size != tuple(image.shape[:2]):
+        pixels = F.interpolate(pixels[None], size=size, mode="bilinear", align_corners=False, antialias=False)[0]
+    return pixels.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ head and net
+
+
+class SppHead(nn.Module):
+    """fc6 -> ReLU -> dropout -> fc7 -> ReLU -> dropout -> fc8 over the pooled vector (SPEC §1).
+
+    fc6 reads ``in_channels * sum(n^2)`` inputs laid out as ``spp.spp_pool`` writes them.
+    """
+
+    def __init__(self, in_channels: int, pyramid: Sequence[int] = DEFAULT_PYRAMID, fc_dim: int = 4096,
+                 num_classes: int = 1000, dropout: float = 0.5):
+        super().__init__()
+        self.in_channels = int(in_channels)
+        self.pyramid = tuple(int(n) for n in pyramid)
+        self.fc_dim = int(fc_dim)
+        self.num_classes = int(num_classes)
+        self.dropout_p = float(dropout)
+        self.fc6 = nn.Linear(spp_dim(in_channels, self.pyramid), self.fc_dim)
+        self.fc7 = nn.Linear(self.fc_dim, self.fc_dim)
+        self.fc8 = nn.Linear(self.fc_dim, self.num_classes)
+        self.dropout = nn.Dropout(self.dropout_p)
+        for layer in (self.fc6, self.fc7, self.fc8):  # N(0, 0.01) weights [S finetune prototxt; torchvision VGG]
+            nn.init.normal_(layer.weight, 0.0, 0.01)
+            nn.init.zeros_(layer.bias)
+
+    @property
+    def in_features(self) -> int:
+        return self.fc6.in_features
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(F.relu(self.fc6(pooled)))
+        x = self.dropout(F.relu(self.fc7(x)))
+        return self.fc8(x)
+
+    def features(self, pooled: torch.Tensor, layer: str = "fc7") -> torch.Tensor:
+        """Post-ReLU fc6 or fc7 features, never with dropout (inverted dropout needs no test-time scaling, §9.5).
+        ``"pool5"`` returns the pooled input itself."""
+        if layer == "pool5":
+            return pooled
+        if layer not in ("fc6", "fc7"):
+            raise ValueError(f"unknown feature layer {layer!r} (known: pool5, fc6, fc7)")
+        x = F.relu(self.fc6(pooled))
+        return x if layer == "fc6" else F.relu(self.fc7(x))
+
+    def replace_fc8(self, num_classes: int) -> nn.Linear:
+        """A new fc8 for ``num_classes`` with N(0, 0.01) weights [P §4.1]. Bias 0: the released prototxt fills it
+        with 1, which a softmax cannot see (a constant shift of every logit), and fc8's bias has no decay."""
+        layer = nn.Linear(self.fc_dim, int(num_classes))
+        nn.init.normal_(layer.weight, 0.0, 0.01)
+        nn.init.zeros_(layer.bias)
+        self.fc8 = layer.to(self.fc7.weight.device, self.fc7.weight.dtype)
+        self.num_classes = int(num_classes)
+        return self.fc8
+
+
+class SppNet(nn.Module):
+    """Backbone + fixed-size SPP over the whole conv5 map + SppHead: ``forward(images) -> logits``."""
+
+    def __init__(self, backbone: Backbone, pyramid: Sequence[int] = DEFAULT_PYRAMID, fc_dim: int = 4096,
+                 num_classes: int = 1000, dropout: float = 0.5, class_names: Sequence[str] = ()):
+        super().__init__()
+        self.backbone = backbone
+        self.pyramid = tuple(int(n) for n in pyramid)
+        self.head = SppHead(backbone.spec.channels, self.pyramid, fc_dim, num_classes, dropout)
+        self.class_names = tuple(class_names)
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return self.backbone.spec
+
+    def conv5(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(spp_pool_full(self.backbone(images), self.pyramid))
+
+    def architecture(self) -> dict:
+        """The plain values that rebuild this network (stored in checkpoints)."""
+        return {"backbone": self.spec.name, "spec": asdict(self.spec), "pyramid": list(self.pyramid),
+                "fc_dim": self.head.fc_dim, "num_classes": self.head.num_classes, "dropout": self.head.dropout_p}
+
+
+def build_sppnet(backbone: str, weights: str = "", pyramid: Sequence[int] = DEFAULT_PYRAMID, fc_dim: int = 4096,
+                 num_classes: int = 1000, dropout: float = 0.5, class_names: Sequence[str] = ()) -> SppNet:
+    """A fresh SppNet (``weights`` initialise the trunk only); the stages build it from ``cfg.model``."""
+    return SppNet(build_backbone(backbone, weights), pyramid, fc_dim, num_classes, dropout, class_names)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``cfg.device``: "auto" -> cuda when available, else cpu; "cuda" without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SppError(f"device {name!r} requested but no CUDA device is available")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise SppError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(path: str | Path, model: SppNet, meta: dict | None = None) -> None:
+    """Write ``{format, version, state_dict, meta}`` atomically. ``meta`` is the caller's (plain values: class
+    names, training info); the architecture fields come from ``model`` itself and override it."""
+    if not isinstance(model, SppNet):
+        raise TypeError(f"save_checkpoint expects an SppNet, got {type(model).__name__}")
+    meta = dict(meta or {})
+    meta.update(model.architecture())
+    class_names = list(meta.get("class_names") or model.class_names)
+    if class_names and len(class_names) != model.head.num_classes:
+        raise ValueError(f"{len(class_names)} class names for {model.head.num_classes} outputs")
+    meta["class_names"] = [str(c) for c in class_names]
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state_dict": state, "meta": meta},
+               buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, expect_backbone: str | None = None,
+                    map_location: str | torch.device = "cpu") -> tuple[SppNet, dict]:
+    """(SppNet, meta) from ``save_checkpoint``'s file; any problem is one SppError line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SppError("no such checkpoint", path)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file is one user-facing line
+        raise SppError(f"unreadable checkpoint ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+                       path) from None
+    if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+        raise SppError("not an sppnet checkpoint", path)
+    if obj.get("version") != CHECKPOINT_VERSION:
+        raise SppError(f"checkpoint version {obj.get('version')!r}, this code reads {CHECKPOINT_VERSION}", path)
+    meta, state = obj.get("meta"), obj.get("state_dict")
+    if not isinstance(meta, dict) or not isinstance(state, dict):
+        raise SppError("checkpoint lacks its meta or state_dict", path)
+    backbone = meta.get("backbone")
+    if expect_backbone is not None and backbone != expect_backbone:
+        raise SppError(f"checkpoint is for backbone {backbone}, the run uses {expect_backbone}", path)
+    if backbone not in BACKBONES:
+        raise SppError(f"checkpoint names an unknown backbone {backbone!r}", path)
+    try:
+        model = SppNet(build_backbone(backbone), meta["pyramid"], meta["fc_dim"], meta["num_classes"],
+                       meta.get("dropout", 0.5), meta.get("class_names", ()))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SppError(f"checkpoint meta is incomplete ({type(exc).__name__}: {exc})", path) from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise SppError(f"checkpoint weights do not match its architecture ({' '.join(str(exc).split())[:300]})",
+                       path) from None
+    return model.to(map_location), meta

@@ -1,0 +1,394 @@
+"""Window -> conv5 mapping, scale choice and spatial pyramid pooling (SPEC.md §1-2).
+
+Coordinate conventions, each function owning one step of SPEC §2:
+
+- ``choose_scale``: our boxes (float ``[x1, y1, x2, y2)``, 0-based) -> index of the scale to pool from.
+- ``scale_boxes``: our boxes -> the SPEC's ``b'``: **1-based inclusive** coordinates in the resized image
+  (``b' = (b - 1)(s - 1)/(min(H, W) - 1) + 1`` applied to the 1-based inclusive box ``x1 + 1 .. x2``).
+- ``boxes_to_cells``: exactly what ``scale_boxes`` returns -> **0-based inclusive** conv5 cells ``(x0, y0, x1, y1)``.
+- ``spp_pool``: conv5 map + cells -> the pooled vector, levels in pyramid order, each flattened ``(C, y, x)``.
+
+Pooling bins [P App. A; S mex]: for a window ``w`` cells wide and an ``n x n`` level, bin ``i`` covers cells
+``[floor(i*w/n), ceil((i+1)*w/n))`` from the window's left cell (same for y); the value is the max over the bin.
+Unlike the mex (which zero-initialises its max), the max here is the true max: identical for post-ReLU maps
+(ZF-5, AlexNet, VGG-16), and correct for MobileNetV2's linear-bottleneck output, which can be negative.
+
+Implementations, all exact and tested against each other: ``spp_pool`` (a sparse-table range max for the
+finest level, coarser levels derived from it; or ``method="roi_pool"``), ``spp_pool_naive_per_level`` (one
+torchvision roi_pool per level: the benchmark baseline) and ``spp_pool_reference`` (a plain loop, for tests).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_pool
+
+if TYPE_CHECKING:  # nets.py imports this module; the spec is only read through its attributes here
+    from .nets import BackboneSpec
+
+DEFAULT_PYRAMID = (1, 2, 3, 6)  # 50 bins [P §4.1]
+# The released code's scale choice targets a scaled box side of 13 cells x 16 px = 208 px [S:spm_expected_scale.m].
+TARGET_SIDE = 13 * 16
+# The paper's rule: the scale at which the window's area is closest to 224 x 224 pixels [P §4.1].
+TARGET_AREA = 224 * 224
+# Elements gathered at once by the sparse-table pooling (4 MB of float32): small temporaries the allocator reuses.
+_GATHER_ELEMENTS = 1 << 20
+_GATHER_ELEMENTS_GPU = 1 << 25  # on a GPU fewer, larger launches win; the caching allocator reuses the memory
+
+
+def spp_dim(channels: int, pyramid: Sequence[int] = DEFAULT_PYRAMID) -> int:
+    """Length of the pooled vector: ``channels * sum(n^2)`` (256 * 50 = 12800 for ZF-5)."""
+    return int(channels) * sum(int(n) * int(n) for n in pyramid)
+
+
+def _as_boxes(boxes) -> np.ndarray:
+    if isinstance(boxes, torch.Tensor):
+        boxes = boxes.detach().cpu().numpy()
+    return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+
+def choose_scale(boxes, image_hw: tuple[int, int], scales: Sequence[int], rule: str = "code") -> np.ndarray:
+    """Index into ``scales`` of the scale each box is pooled from (SPEC §2 step 1); int64 [N].
+
+    ``rule="code"``: ``e = round(208 * min(H, W) / sqrt(w * h))`` with MATLAB's half-up rounding, then the scale
+    nearest to ``e`` (first on ties). Our ``w = x2 - x1`` equals the 1-based inclusive ``x2 - x1 + 1``.
+    ``rule="paper"``: the scale at which the resized window's area is nearest to 224 x 224 (first on ties).
+    Widths and heights are floored at one pixel (the smallest 1-based inclusive box), so a degenerate box
+    still gets a finite choice.
+    """
+    boxes = _as_boxes(boxes)
+    scales_arr = np.asarray(list(scales), dtype=np.float64)
+    if scales_arr.size == 0:
+        raise ValueError("choose_scale needs at least one scale")
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    short = float(min(image_hw))
+    widths = np.maximum(boxes[:, 2] - boxes[:, 0], 1.0)
+    heights = np.maximum(boxes[:, 3] - boxes[:, 1], 1.0)
+    if rule == "code":
+        expected = np.floor(TARGET_SIDE * short / np.sqrt(widths * heights) + 0.5)  # not np.round: half-to-even
+        distance = np.abs(scales_arr[None, :] - expected[:, None])
+    elif rule == "paper":
+        areas = (widths * heights)[:, None] * (scales_arr[None, :] / short) ** 2
+        distance = np.abs(areas - TARGET_AREA)
+    else:
+        raise ValueError(f"unknown scale rule {rule!r} (known: code, paper)")
+    return np.argmin(distance, axis=1).astype(np.int64)  # argmin returns the first minimum: first on ties
+
+
+def scale_boxes(boxes, image_hw: tuple[int, int], short_side: int) -> np.ndarray:
+    """Our boxes -> the SPEC's ``b'`` in the image resized to ``short_side``: float64 [N,4], **1-based inclusive**.
+
+    The box becomes 1-based inclusive (``x1 + 1, y1 + 1, x2, y2``; VOC's xmin..xmax), then
+    ``b' = (b - 1)(s - 1)/(min(H, W) - 1) + 1`` (SPEC §2 step 2). ``boxes_to_cells`` consumes this directly.
+    """
+    boxes = _as_boxes(boxes)
+    short = min(int(image_hw[0]), int(image_hw[1]))
+    if short < 2:
+        raise ValueError(f"image {tuple(image_hw)} is too small to rescale boxes (shorter side < 2)")
+    one_based = boxes + np.array([1.0, 1.0, 0.0, 0.0])
+    return (one_based - 1.0) * ((int(short_side) - 1) / (short - 1)) + 1.0
+
+
+def boxes_to_cells(scaled_boxes, fmap_hw: tuple[int, int], spec: BackboneSpec) -> np.ndarray:
+    """``scale_boxes`` output -> conv5 cells ``(x0, y0, x1, y1)``, 0-based inclusive, int64 [N,4] (SPEC §2 steps 3-4).
+
+    ``X0 = floor((x1' - offset0 + offset)/stride + 0.5) + 1``, ``X1 = ceil((x2' - offset0 - offset)/stride - 0.5) + 1``
+    (1-based cells); if ``X0 > X1`` both become ``(X0 + X1)/2`` with C's truncating division; **then** each is
+    clamped to ``[1, W_fm]`` (``[1, H_fm]`` for y). Returned minus one.
+    """
+    b = _as_boxes(scaled_boxes)
+    height, width = int(fmap_hw[0]), int(fmap_hw[1])
+    if height < 1 or width < 1:
+        raise ValueError(f"empty feature map {tuple(fmap_hw)}")
+    stride, offset0, offset = float(spec.stride), float(spec.offset0), float(spec.offset)
+    start = np.floor((b[:, 0:2] - offset0 + offset) / stride + 0.5) + 1  # (X0, Y0)
+    end = np.ceil((b[:, 2:4] - offset0 - offset) / stride - 0.5) + 1  # (X1, Y1)
+    start, end = start.astype(np.int64), end.astype(np.int64)
+    degenerate = start > end
+    middle = np.trunc((start + end) / 2.0).astype(np.int64)  # C integer division truncates toward zero
+    start = np.where(degenerate, middle, start)
+    end = np.where(degenerate, middle, end)
+    upper = np.array([width, height], dtype=np.int64)
+    start = np.clip(start, 1, upper)
+    end = np.clip(end, 1, upper)
+    return np.concatenate([start, end], axis=1) - 1
+
+
+# ------------------------------------------------------------------------------------------------ pooling
+
+
+def _bin_edges(extent: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact integer bins of an ``n``-level over windows ``extent`` cells long: (start [M,n], end [M,n]), end exclusive."""
+    i = np.arange(n, dtype=np.int64)
+    extent = extent.astype(np.int64)[:, None]
+    return (i * extent) // n, -((-(i + 1) * extent) // n)
+
+
+def _roi_pool_is_exact(extent: np.ndarray, n: int, dtype: torch.dtype) -> np.ndarray:
+    """Per window: does torchvision's roi_pool reproduce the exact bins of an ``n``-level for this extent?
+
+    roi_pool computes ``bin = T(extent) / T(n)`` then ``floor(T(i) * bin)`` and ``ceil(T(i + 1) * bin)`` in the
+    map's float type T (its CPU and CUDA kernels alike, IEEE arithmetic). Division first can round past an
+    integer: with float32 and n = 7, extent 57 gives ``ceil(7 * fl(57/7)) = 58``. This replays that arithmetic
+    in numpy. For n in {1, 2, 3, 4, 5, 6} every extent up to 5000 is exact; 7, 11, 13, ... are not.
+    """
+    ftype = np.float32 if dtype == torch.float32 else np.float64
+    i = np.arange(n, dtype=ftype)
+    bin_size = extent.astype(ftype)[:, None] / ftype(n)
+    start = np.floor(i * bin_size).astype(np.int64)
+    end = np.ceil((i + ftype(1)) * bin_size).astype(np.int64)
+    exact_start, exact_end = _bin_edges(extent, n)
+    return np.all((start == exact_start) & (end == exact_end), axis=1)
+
+
+def _check_cells(fmap: torch.Tensor, cells) -> torch.Tensor:
+    """Cells as a CPU int64 [N,4] tensor (bins are computed on the host); out-of-map or inverted cells are a bug."""
+    if fmap.dim() != 3:
+        raise ValueError(f"expected a feature map [C,h,w], got shape {tuple(fmap.shape)}")
+    if isinstance(cells, torch.Tensor):
+        cells = cells.detach().cpu()
+    cells = torch.as_tensor(np.asarray(cells), dtype=torch.int64).reshape(-1, 4)
+    _, height, width = fmap.shape
+    x0, y0, x1, y1 = cells.unbind(1)
+    if len(cells) and not bool(((x0 >= 0) & (y0 >= 0) & (x0 <= x1) & (y0 <= y1) & (x1 < width)
+                                & (y1 < height)).all()):
+        raise ValueError(f"cells outside the {height}x{width} map or with x0 > x1 / y0 > y1")
+    return cells
+
+
+def _compute_dtype(fmap: torch.Tensor) -> torch.dtype:
+    # roi_pool supports float32/float64 only, and its bin arithmetic runs in the map's type: never half.
+    return torch.float64 if fmap.dtype == torch.float64 else torch.float32
+
+
+def _roi_pool_level(fmap: torch.Tensor, cells: torch.Tensor, n: int) -> torch.Tensor:
+    """roi_pool of one level: integer cells -> [N, C, n, n]. ``round(x * 1.0)`` keeps them, and
+    ``roi_end - roi_start + 1`` is the inclusive cell count, the ``w`` of the bin formula."""
+    rois = torch.cat([torch.zeros(len(cells), 1, dtype=fmap.dtype, device=fmap.device),
+                      cells.to(device=fmap.device, dtype=fmap.dtype)], dim=1)
+    return roi_pool(fmap[None], rois, output_size=(n, n), spatial_scale=1.0)
+
+
+def _floor_log2(values: np.ndarray) -> np.ndarray:
+    """Exact ``floor(log2(v))`` of positive integers (frexp: v = m * 2^e with m in [0.5, 1))."""
+    return np.frexp(values.astype(np.float64))[1].astype(np.int64) - 1
+
+
+def _window_bins(cells_np: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
+    """Absolute bin bounds of an ``n``-level for each window: (xs, xe, ys, ye), each [N, n], ends exclusive."""
+    xs, xe = _bin_edges(cells_np[:, 2] - cells_np[:, 0] + 1, n)
+    ys, ye = _bin_edges(cells_np[:, 3] - cells_np[:, 1] + 1, n)
+    return xs + cells_np[:, :1], xe + cells_np[:, :1], ys + cells_np[:, 1:2], ye + cells_np[:, 1:2]
+
+
+class _RangeMaxTable:
+    """2-D sparse table of one map for exact rectangle maxima: ``T[a, b][y, x]`` = max over rows
+    ``y .. y + 2^a - 1`` and columns ``x .. x + 2^b - 1``, channels last, all (a, b) tables in one [rows, C] tensor.
+
+    A bin of ``L_y x L_x`` cells is the union of the four (overlapping) ``2^a x 2^b`` blocks at its corners
+    (``a = floor(log2 L_y)``, ``b = floor(log2 L_x)``), so any bin costs four C-vector gathers, however large.
+    Building costs ``(max_a + 1)(max_b + 1)`` elementwise maxima of the map.
+    """
+
+    def __init__(self, fmap: torch.Tensor, max_a: int, max_b: int):
+        self.channels = fmap.shape[0]
+        self.offsets = np.zeros((max_a + 1, max_b + 1), np.int64)  # first row of T[a, b] in ``flat``
+        self.row_widths = np.zeros(max_b + 1, np.int64)  # columns of T[., b]
+        tables, total = [], 0
+        rows_max = fmap.permute(1, 2, 0)  # [H, W, C]
+        for a in range(max_a + 1):
+            if a:
+                step = 1 << (a - 1)
+                rows_max = torch.maximum(rows_max[:-step], rows_max[step:])
+            block = rows_max
+            for b in range(max_b + 1):
+                if b:
+                    step = 1 << (b - 1)
+                    block = torch.maximum(block[:, :-step], block[:, step:])
+                self.offsets[a, b] = total
+                self.row_widths[b] = block.shape[1]
+                total += block.shape[0] * block.shape[1]
+                tables.append(block.reshape(-1, self.channels))
+        self.flat = torch.cat(tables)
+
+    def pool(self, bins: tuple[np.ndarray, ...]) -> torch.Tensor:
+        """Max over each bin of one level: ``bins`` from ``_window_bins`` -> [M, C, n, n] (channels-last strides)."""
+        xs, xe, ys, ye = bins
+        count, n = xs.shape
+        a = _floor_log2(ye - ys)  # [M, n] per y-bin
+        b = _floor_log2(xe - xs)  # [M, n] per x-bin
+        base = self.offsets[a[:, :, None], b[:, None, :]]  # [M, n_y, n_x]: y along axis 1, x along axis 2
+        width_b = self.row_widths[b][:, None, :]
+        corner_rows = (ys[:, :, None], (ye - (1 << a))[:, :, None])  # top and bottom block rows
+        corner_cols = (xs[:, None, :], (xe - (1 << b))[:, None, :])  # left and right block columns
+        result = None
+        for y in corner_rows:
+            for x in corner_cols:
+                index = torch.from_numpy((base + y * width_b + x).reshape(-1)).to(self.flat.device)
+                block = self.flat.index_select(0, index)
+                result = block if result is None else torch.maximum(result, block)
+        return result.view(count, n, n, self.channels).permute(0, 3, 1, 2)
+
+
+def _table_for(fmap: torch.Tensor, cells_np: np.ndarray, levels: Sequence[int]) -> _RangeMaxTable:
+    """The smallest table that serves every bin of ``levels`` for these windows."""
+    max_a = max_b = 0
+    for n in levels:
+        xs, xe, ys, ye = _window_bins(cells_np, n)
+        max_a = max(max_a, int(_floor_log2(ye - ys).max()))
+        max_b = max(max_b, int(_floor_log2(xe - xs).max()))
+    return _RangeMaxTable(fmap, max_a, max_b)
+
+
+def _roi_pool_or_table(fmap: torch.Tensor, cells: torch.Tensor, n: int) -> torch.Tensor:
+    """roi_pool of one level wherever its float bin arithmetic is exact; the sparse table for the other windows."""
+    cells_np = cells.cpu().numpy()
+    exact = (_roi_pool_is_exact(cells_np[:, 2] - cells_np[:, 0] + 1, n, fmap.dtype)
+             & _roi_pool_is_exact(cells_np[:, 3] - cells_np[:, 1] + 1, n, fmap.dtype))
+    if exact.all():
+        return _roi_pool_level(fmap, cells, n)
+    level = fmap.new_empty((len(cells), fmap.shape[0], n, n))
+    exact_t = torch.from_numpy(exact).to(fmap.device)
+    if exact.any():
+        level[exact_t] = _roi_pool_level(fmap, cells[exact], n)
+    inexact = cells_np[~exact]
+    level[~exact_t] = _table_for(fmap, inexact, [n]).pool(_window_bins(inexact, n))
+    return level
+
+
+def _write_levels(dest: torch.Tensor, levels: dict[int, torch.Tensor], pyramid: tuple[int, ...]) -> None:
+    """Complete ``levels`` with the derived ones (max-pool of a pooled multiple, see ``spp_pool``), then copy each
+    into its (C, y, x) slice of ``dest`` [M, D], in pyramid order."""
+    for n in sorted(set(pyramid), reverse=True):
+        if n not in levels:
+            m = min(m for m in levels if m % n == 0)  # the smallest pooled multiple: the fewest cells to reduce
+            levels[n] = F.max_pool2d(levels[m], kernel_size=m // n, stride=m // n)
+    column = 0
+    for n in pyramid:
+        width = levels[n].shape[1] * n * n
+        dest[:, column:column + width].view(len(dest), -1, n, n).copy_(levels[n])
+        column += width
+
+
+def spp_pool(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID,
+             method: str = "auto") -> torch.Tensor:
+    """Spatial pyramid pooling of N windows of one map: ``fmap`` [C,h,w], ``cells`` int64 [N,4] 0-based inclusive
+    ``(x0, y0, x1, y1)`` -> [N, C * sum(n^2)], levels in ``pyramid`` order, each flattened ``(C, y, x)``.
+
+    Only levels that divide no other level are pooled from the map; an ``n``-level whose ``n`` divides a pooled
+    ``m``-level is the ``k x k`` (``k = m/n``) max-pool of it, exactly, because bin ``i`` of the ``n``-level,
+    ``[floor(i w/n), ceil((i+1) w/n))``, is the union of the ``m``-level bins ``ik .. ik+k-1`` (the first starts
+    at ``floor(ik w/m)``, the last ends at ``ceil((i+1)k w/m)``, consecutive bins touch or overlap). For
+    {1, 2, 3, 6} that is the 6x6 level plus three tiny max-pools.
+
+    ``method``: "table" (default, "auto"): ``_RangeMaxTable``, exact for any level, windows in chunks written
+    straight into the output. "roi_pool": torchvision's roi_pool per pooled level (the table for the windows
+    where its float bins are inexact). Both are exact and differentiable with respect to ``fmap``.
+    """
+    pyramid = tuple(int(n) for n in pyramid)
+    cells = _check_cells(fmap, cells)
+    fmap = fmap.to(_compute_dtype(fmap))
+    channels = fmap.shape[0]
+    out = fmap.new_empty((len(cells), spp_dim(channels, pyramid)))
+    if len(cells) == 0:
+        return out
+    distinct = sorted(set(pyramid), reverse=True)
+    roots = [n for n in distinct if not any(m != n and m % n == 0 for m in distinct)]
+    if method in ("auto", "table"):
+        cells_np = cells.numpy()
+        table = _table_for(fmap, cells_np, roots)
+        # Chunks keep each gather near _GATHER_ELEMENTS (small temporaries the allocator reuses).
+        budget = _GATHER_ELEMENTS if fmap.device.type == "cpu" else _GATHER_ELEMENTS_GPU
+        chunk = max(1, budget // (channels * sum(n * n for n in roots)))
+        for lo in range(0, len(cells_np), chunk):
+            part = cells_np[lo:lo + chunk]
+            _write_levels(out[lo:lo + chunk], {n: table.pool(_window_bins(part, n)) for n in roots}, pyramid)
+    elif method == "roi_pool":
+        _write_levels(out, {n: _roi_pool_or_table(fmap, cells, n) for n in roots}, pyramid)
+    else:
+        raise ValueError(f"unknown spp_pool method {method!r} (known: auto, table, roi_pool)")
+    return out
+
+
+def spp_pool_naive_per_level(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID) -> torch.Tensor:
+    """The plain baseline for benchmarks: one torchvision roi_pool per level, nothing else (exact for n <= 6)."""
+    cells = _check_cells(fmap, cells)
+    fmap = fmap.to(_compute_dtype(fmap))
+    if len(cells) == 0:
+        return fmap.new_zeros((0, spp_dim(fmap.shape[0], pyramid)))
+    return torch.cat([_roi_pool_level(fmap, cells, int(n)).flatten(1) for n in pyramid], dim=1)
+
+
+def spp_pool_reference(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID) -> torch.Tensor:
+    """Slow loop straight from the bin formula (for tests): window by window, bin by bin."""
+    cells = _check_cells(fmap, cells)
+    fmap = fmap.to(_compute_dtype(fmap))
+    rows = []
+    for x0, y0, x1, y1 in cells.tolist():
+        w, h = x1 - x0 + 1, y1 - y0 + 1
+        parts = []
+        for n in pyramid:
+            level = fmap.new_empty((fmap.shape[0], n, n))
+            for j in range(n):  # y bins
+                ys, ye = y0 + (j * h) // n, y0 + -((-(j + 1) * h) // n)  # integer floor / ceil, never float
+                for i in range(n):  # x bins
+                    xs, xe = x0 + (i * w) // n, x0 + -((-(i + 1) * w) // n)
+                    level[:, j, i] = fmap[:, ys:ye, xs:xe].amax(dim=(1, 2))
+            parts.append(level.flatten())
+        rows.append(torch.cat(parts))
+    if not rows:
+        return fmap.new_zeros((0, spp_dim(fmap.shape[0], pyramid)))
+    return torch.stack(rows)
+
+
+def spp_pool_full(fmaps: torch.Tensor, pyramid: Sequence[int] = DEFAULT_PYRAMID) -> torch.Tensor:
+    """Fixed-size SPP over whole maps (classification): [B,C,h,w] -> [B, C * sum(n^2)], same bins and layout as
+    ``spp_pool`` with the window = the whole map. ``adaptive_max_pool2d`` uses exactly these bins
+    (``floor(i*w/n)`` .. ``ceil((i+1)*w/n)`` in integer arithmetic); the prototxt's fixed k7 s7 for the 2x2
+    level at 13x13 (SPEC §1) is the one place the released classifier differs."""
+    if fmaps.dim() != 4:
+        raise ValueError(f"expected feature maps [B,C,h,w], got shape {tuple(fmaps.shape)}")
+    if fmaps.dtype not in (torch.float32, torch.float64):
+        fmaps = fmaps.float()
+    return torch.cat([F.adaptive_max_pool2d(fmaps, int(n)).flatten(1) for n in pyramid], dim=1)
+
+
+def pool_windows(fmaps: Sequence[torch.Tensor], image_hw: tuple[int, int], scales: Sequence[int], boxes,
+                 spec: BackboneSpec, pyramid: Sequence[int] = DEFAULT_PYRAMID,
+                 scale_index: np.ndarray | None = None, rule: str = "code") -> torch.Tensor:
+    """Pooled features of ``boxes`` (our convention, original-image coordinates) from one image's multi-scale
+    conv5 maps (``fmaps[k]`` computed at shorter side ``scales[k]``) -> float32 [N, D], in input order.
+
+    Each box is pooled from one scale: ``scale_index`` (int [N], into ``scales``) or, when None, the best scale
+    by ``choose_scale(rule)``. Then ``scale_boxes`` -> ``boxes_to_cells`` -> ``spp_pool`` per scale.
+    """
+    scales = [int(s) for s in scales]
+    if len(fmaps) != len(scales) or not scales:
+        raise ValueError(f"{len(fmaps)} feature maps for {len(scales)} scales")
+    boxes = _as_boxes(boxes)
+    channels = fmaps[0].shape[0]
+    device = fmaps[0].device
+    out = torch.zeros((len(boxes), spp_dim(channels, pyramid)), dtype=torch.float32, device=device)
+    if len(boxes) == 0:
+        return out
+    if scale_index is None:
+        scale_index = choose_scale(boxes, image_hw, scales, rule)
+    scale_index = np.asarray(scale_index, dtype=np.int64).reshape(-1)
+    if len(scale_index) != len(boxes):
+        raise ValueError(f"{len(scale_index)} scale indices for {len(boxes)} boxes")
+    if scale_index.min() < 0 or scale_index.max() >= len(scales):
+        raise ValueError(f"scale index outside 0..{len(scales) - 1}")
+    for k, short_side in enumerate(scales):
+        chosen = np.flatnonzero(scale_index == k)
+        if len(chosen) == 0:
+            continue
+        fmap = fmaps[k]
+        cells = boxes_to_cells(scale_boxes(boxes[chosen], image_hw, short_side), fmap.shape[-2:], spec)
+        pooled = spp_pool(fmap, torch.from_numpy(cells), pyramid)
+        out[torch.from_numpy(chosen).to(device)] = pooled.to(torch.float32)
+    return out
