@@ -255,7 +255,7 @@ def timed() -> Iterator[dict]:
 class StageResult:
     """What a stage's ``run`` returns to the CLI: its manifest and a short human summary."""
 
-    manifest: Manifest
+    manifest: Manifest | None  # None for commands that write no stage folder (e.g. detect --images)
     summary: str = ""
     skipped: bool = False
     extra: dict = field(default_factory=dict)
