@@ -22,6 +22,8 @@ from .errors import SppError, StageInputMissing
 
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_SCHEMA = 1
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 # Stage name -> (folder, the command that produces it). The folder prefix orders the run directory.
 STAGES: dict[str, tuple[str, str]] = {
@@ -42,6 +44,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared like any file
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -60,6 +60,7 @@ class PretrainConfig:
     weight_decay: float = 5e-4
     workers: int = 2
     init: str = ""  # start from this local weights file instead of scratch
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (torchvision's ImageNet default)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class FeatureConfig:
     scale_rule: str = "code"  # "code": 208-px side, linear distance; "paper": area closest to 224x224 [SPEC §2]
     batch_images: int = 1  # images per conv forward (same-size batches only)
     compression: int = 4  # gzip level for the float16 HDF5 maps
+    flip: bool = True  # also cache maps of the flipped image (train split): fine-tuning trains on flips [SPEC §3]
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ class FinetuneConfig:
     eval_every: int = 2000
     flip: bool = True
     conv: bool = False  # also fine-tune the conv layers through SPP (beyond the paper)
+    conv_lr_factor: float = 0.1  # --conv: conv-layer LR = lr * this (pretrained trunk, one image per step)
+    holdout_batches: int = 500  # fixed held-out batches per evaluation (released code: test_iter 500)
+    pool_memory_mb: int = 2048  # float16 pooled training windows held at once (released: 500-iteration chunks)
+    checkpoint_every_s: float = 600.0  # write a resume point at most this often (0: at every chunk end)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,8 @@ class SvmConfig:
     retrain_every: int = 2000  # new negatives between retrains
     pruning: str = "dedup"  # "dedup" (code: one per conv5 rect+scale) | "overlap70" (paper) | "none"
     workers: int = 0  # classes trained in parallel; 0 = all cores
+    tol: float = 1e-4  # liblinear dual stopping tolerance (sklearn's default; liblinear's own 0.1 stops early)
+    max_iter: int = 20000  # liblinear dual passes; a fit reaching it is reported as not converged
 
 
 @dataclass(frozen=True)
