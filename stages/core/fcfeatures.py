@@ -1,0 +1,212 @@
+"""Window features for train-svm, train-bbox and detect: pooled conv5 ("pool5") or the fc6/fc7 activations of the
+pretrained or fine-tuned head, computed from the conv5 cache at the best scale per window (SPEC §2, §5).
+
+One image at a time: its conv5 maps are read once, every window gets its scale and conv5 cell rectangle
+(``window_cells``, also the key of the released code's negative de-duplication), is SPP-pooled
+(``spp.pool_windows``) and, for fc features, pushed through the head in batches in inference mode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import spp
+from .artifacts import Manifest, Run
+from .errors import SppError
+from .nets import load_checkpoint, resolve_device
+
+if TYPE_CHECKING:  # only its public reading API is used here
+    from .features import FeatureCache
+
+# feature name -> (which net, which head layer); pool5 needs no net.
+FEATURE_SOURCES: dict[str, tuple[str, str] | None] = {
+    "pool5": None,
+    "fc6": ("pretrained", "fc6"),
+    "fc7": ("pretrained", "fc7"),
+    "ftfc6": ("finetuned", "fc6"),
+    "ftfc7": ("finetuned", "fc7"),
+}
+NET_STAGES = {"pretrained": "pretrain", "finetuned": "finetune"}
+DEFAULT_PYRAMID = spp.DEFAULT_PYRAMID  # SPEC §1; used for pool5 when neither the caller nor a net says otherwise
+FEATURE_STATS_SEED = 3  # the released code's seed_rand() for the mean-norm statistic [S:spp_feature_stats.m]
+
+
+def _check_feature(feature: str) -> tuple[str, str] | None:
+    if feature not in FEATURE_SOURCES:
+        raise SppError(f"unknown feature {feature!r} (known: {', '.join(FEATURE_SOURCES)})")
+    return FEATURE_SOURCES[feature]
+
+
+def required_nets(feature: str) -> tuple[str, ...]:
+    """Which nets ("pretrained", "finetuned") a feature needs: none for pool5."""
+    source = _check_feature(feature)
+    return () if source is None else (source[0],)
+
+
+def feature_net_inputs(run: Run, feature: str) -> dict[str, Manifest]:
+    """The upstream manifests (pretrain and/or finetune) a feature depends on, checked fresh."""
+    return {NET_STAGES[kind]: run.require(NET_STAGES[kind]) for kind in required_nets(feature)}
+
+
+def load_feature_nets(run: Run, feature: str, cfg, device: torch.device | str | None = None,
+                      expect_backbone: str | None = None) -> tuple[dict, dict[str, Manifest]]:
+    """The nets a feature needs, in eval mode on ``device`` (default ``cfg.device``), and their manifests.
+
+    Returns ``({"pretrained": SppNet} or {"finetuned": SppNet} or {}, {"pretrain"|"finetune": Manifest})``.
+    """
+    device = resolve_device(cfg.device) if device is None else torch.device(device)
+    manifests = feature_net_inputs(run, feature)
+    nets = {}
+    for kind in required_nets(feature):
+        manifest = manifests[NET_STAGES[kind]]
+        net, _meta = load_checkpoint(manifest.output("model"), expect_backbone=expect_backbone or cfg.model.backbone)
+        nets[kind] = net.to(device).eval()
+    return nets, manifests
+
+
+def scales_for(cache: FeatureCache, scales: Sequence[int]) -> tuple[int, ...]:
+    """Check that the cache holds every requested scale; one-line error naming the cache otherwise."""
+    missing = [s for s in scales if s not in tuple(cache.scales)]
+    if missing or not scales:
+        raise SppError(f"the conv5 cache holds scales {list(cache.scales)}, not {list(missing or scales)}; rerun "
+                       f"`spp extract-features` with these scales", cache.paths[0])
+    return tuple(int(s) for s in scales)
+
+
+@dataclass
+class ImageMaps:
+    """One image's conv5 maps at the scales in use (a subset of the cache's, in the order given)."""
+
+    image_id: str
+    image_hw: tuple[int, int]
+    scales: tuple[int, ...]
+    maps: list[torch.Tensor]  # [C, h, w] per scale
+    spec: object  # nets.BackboneSpec
+
+
+def load_maps(cache: FeatureCache, image_id: str, scales_subset: Sequence[int] | None = None,
+              device: torch.device | str = "cpu") -> ImageMaps:
+    """Read one image's conv5 maps once; ``scales_subset`` (e.g. ``(688,)`` for 1-scale) picks the scales used."""
+    all_scales = tuple(int(s) for s in cache.scales)
+    scales = all_scales if scales_subset is None else scales_for(cache, scales_subset)
+    chosen = cache.maps(image_id, device=device, scales_subset=scales)  # reads only the scales in use
+    return ImageMaps(image_id, tuple(int(v) for v in cache.image_hw(image_id)), scales, chosen, cache.spec)
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def window_cells(maps: ImageMaps, boxes: np.ndarray, rule: str = "code") -> tuple[np.ndarray, np.ndarray]:
+    """Each window's best scale (index into ``maps.scales``) and its 0-based inclusive conv5 cell rectangle
+    (x0, y0, x1, y1) on that scale's map (SPEC §2 steps 1-4)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.int64)
+    scale_index = _as_numpy(spp.choose_scale(boxes, maps.image_hw, maps.scales, rule=rule)).astype(np.int64)
+    cells = np.zeros((len(boxes), 4), dtype=np.int64)
+    for k, scale in enumerate(maps.scales):
+        sel = np.flatnonzero(scale_index == k)
+        if len(sel):
+            scaled = spp.scale_boxes(boxes[sel], maps.image_hw, scale)
+            fmap_hw = tuple(maps.maps[k].shape[-2:])
+            cells[sel] = _as_numpy(spp.boxes_to_cells(scaled, fmap_hw, maps.spec)).astype(np.int64)
+    return scale_index, cells
+
+
+def pool_windows(maps: ImageMaps, boxes: np.ndarray, pyramid: Sequence[int], scale_index: np.ndarray | None = None,
+                 rule: str = "code") -> torch.Tensor:
+    """SPP-pooled conv5 features [N, C*bins] float32 on the maps' device (best scale unless ``scale_index``)."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        channels = maps.maps[0].shape[0]
+        return torch.zeros((0, spp.spp_dim(channels, tuple(pyramid))), dtype=torch.float32, device=maps.maps[0].device)
+    pooled = spp.pool_windows(maps.maps, maps.image_hw, maps.scales, boxes, maps.spec, tuple(pyramid),
+                              scale_index=scale_index, rule=rule)
+    return pooled.float()
+
+
+def head_features(pooled: torch.Tensor, feature: str, nets_by_kind: dict, batch: int = 4096) -> torch.Tensor:
+    """pool5 -> itself; fc6/fc7 -> the pretrained head's post-ReLU activations; ftfc6/ftfc7 -> the fine-tuned
+    head's. Batched, inference mode (no dropout), on the pooled tensor's device."""
+    source = _check_feature(feature)
+    if source is None:
+        return pooled
+    kind, layer = source
+    if kind not in nets_by_kind:
+        raise SppError(f"feature {feature!r} needs the {kind} network (run `spp {NET_STAGES[kind]}` first)")
+    head = nets_by_kind[kind].head
+    was_training = head.training
+    head.eval()
+    try:
+        with torch.inference_mode():
+            parts = [head.features(pooled[i:i + batch], layer) for i in range(0, len(pooled), max(1, batch))]
+    finally:
+        head.train(was_training)
+    if not parts:
+        out_dim = getattr(head, layer).out_features
+        return torch.zeros((0, out_dim), dtype=torch.float32, device=pooled.device)
+    return torch.cat(parts).float()
+
+
+def feature_pyramid(nets_by_kind: dict, pyramid: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The SPP pyramid: the one given, else the nets' (which must agree), else SPEC's (1, 2, 3, 6)."""
+    net_pyramids = {tuple(int(n) for n in net.pyramid) for net in nets_by_kind.values()}
+    if pyramid is not None:
+        pyramid = tuple(int(n) for n in pyramid)
+        if net_pyramids and net_pyramids != {pyramid}:
+            raise SppError(f"SPP pyramid {pyramid} does not match the network's {sorted(net_pyramids)[0]}")
+        return pyramid
+    if len(net_pyramids) > 1:
+        raise SppError(f"the networks use different SPP pyramids {sorted(net_pyramids)}")
+    return net_pyramids.pop() if net_pyramids else DEFAULT_PYRAMID
+
+
+def window_features(cache: FeatureCache, image_id: str, boxes: np.ndarray, feature: str, nets_by_kind: dict,
+                    one_scale_subset: Sequence[int] | None = None, device: torch.device | str = "cpu",
+                    batch: int = 4096, *, cfg=None, scales_subset: Sequence[int] | None = None,
+                    pyramid: Sequence[int] | None = None, rule: str | None = None) -> torch.Tensor:
+    """Features [N, D] float32 (on ``device``) of one image's windows (original-image boxes), each at its best
+    scale among ``one_scale_subset`` (alias ``scales_subset``; None: every cached scale).
+    ``feature``: pool5 | fc6 | fc7 | ftfc6 | ftfc7. The SPP pyramid and the scale rule come from ``pyramid`` /
+    ``rule``, else from ``cfg`` (``model.pyramid``, ``features.scale_rule``), else the nets / SPEC defaults."""
+    if scales_subset is not None and one_scale_subset is not None and tuple(scales_subset) != tuple(one_scale_subset):
+        raise ValueError("give the scale subset once (one_scale_subset or scales_subset)")
+    subset = one_scale_subset if one_scale_subset is not None else scales_subset
+    if cfg is not None:
+        pyramid = cfg.model.pyramid if pyramid is None else pyramid
+        rule = cfg.features.scale_rule if rule is None else rule
+    maps = load_maps(cache, image_id, subset, device=device)
+    pooled = pool_windows(maps, boxes, feature_pyramid(nets_by_kind, pyramid), rule=rule or "code")
+    return head_features(pooled, feature, nets_by_kind, batch)
+
+
+def feature_scale(cache: FeatureCache, rows_for: Callable[[str], np.ndarray], image_ids: Sequence[str], feature: str,
+                  nets_by_kind: dict, one_scale_subset: Sequence[int] | None = None,
+                  device: torch.device | str = "cpu", batch: int = 4096, *, pyramid: Sequence[int] | None = None,
+                  rule: str = "code", target_norm: float = 20.0, seed: int = FEATURE_STATS_SEED,
+                  max_images: int = 200, max_boxes: int = 200) -> tuple[float, float]:
+    """``(target_norm / mean_norm, mean_norm)``: the mean L2 norm of the features of <= ``max_boxes`` random
+    windows (``rows_for(image_id)``: every roidb row, GT included) in each of <= ``max_images`` random images,
+    seeded [SPEC §5; S:spp_feature_stats.m]. Every feature is multiplied by the factor before use."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(image_ids), size=min(len(image_ids), max_images), replace=False)
+    norms = []
+    for position in chosen:
+        image_id = image_ids[int(position)]
+        rows = np.asarray(rows_for(image_id), dtype=np.float64).reshape(-1, 4)
+        if len(rows) == 0:
+            continue
+        picked = rows[rng.choice(len(rows), size=min(len(rows), max_boxes), replace=False)]
+        feats = window_features(cache, image_id, picked, feature, nets_by_kind, one_scale_subset, device, batch,
+                                pyramid=pyramid, rule=rule)
+        norms.append(torch.linalg.vector_norm(feats.double(), dim=1).cpu().numpy())
+    if not norms:
+        raise SppError("no windows to compute the feature norm from (empty training split?)")
+    mean_norm = float(np.concatenate(norms).mean())
+    if not np.isfinite(mean_norm) or mean_norm <= 0:
+        raise SppError(f"the mean {feature} feature norm is {mean_norm}; the features are all zero or invalid")
+    return target_norm / mean_norm, mean_norm

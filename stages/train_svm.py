@@ -1,0 +1,512 @@
+"""``spp train-svm``: one linear SVM per class on window features, with hard-negative mining (SPEC §5).
+
+The released algorithm [S:spp_train.m, the same as R:rcnn_train.m]:
+
+- Features (``fcfeatures``): pool5 / fc6 / fc7 / ftfc6 / ftfc7 of each window at its best scale, multiplied by
+  ``20 / mean_norm`` (mean L2 norm over <= 200 random images x <= 200 random windows, seed 3).
+- Positives: the class's GT boxes, difficult ones included. Negatives: every row (proposals and other classes'
+  GT) whose IoU with all of the class's GT is < 0.3.
+- Negative pruning (``svm.pruning``): "dedup" (code: one window per unique (conv5 cell rectangle, scale); the
+  first in row order), "overlap70" (paper: drop a negative whose IoU with an already kept negative of the class
+  exceeds 0.7, greedy in row order: GT rows, then proposals in their stored order) or "none".
+- Mining, one pass over the training images in split order: image 1 adds every negative; later images add the
+  uncached negatives scoring above -1.0001. A class is retrained after image 1, whenever it has gathered more than
+  2000 new negatives, and after the last image; after each retrain its cached negatives scoring below -1.2 are
+  evicted. Scores of one image come from the models as they were before that image.
+- Solver: liblinear L2-regularised hinge loss, dual (``-s 3 -c 1e-3 -w1 2 -B 10``) through sklearn's LinearSVC,
+  whose objective is ``0.5|w|^2 + 0.5 (b/10)^2 + C [2 sum_pos hinge + sum_neg hinge]`` (``svm_objective``).
+
+Features of an image are computed once for all classes; every class's candidates are scored with one matmul, and
+the classes due for a retrain are fitted in a thread pool (liblinear runs without the GIL). Only the caches of
+hard negatives are held, never all negatives of all images. A killed run leaves no manifest and restarts clean.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.svm import LinearSVC
+from tqdm import tqdm
+
+from .core import boxes as box_ops
+from .core import fcfeatures
+from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, timed
+from .core.errors import SppError
+from .core.features import features_for
+from .core.nets import resolve_device
+from .core.roidb import build_roidb
+from .core.variants import svm_tag
+from .core.voc import VocDataset, resolve_voc_root
+from .proposals import load_proposals
+
+SVM_FILE = "svm.npz"
+PRUNING_MODES = ("dedup", "overlap70", "none")
+OVERLAP_PRUNE_IOU = 0.7  # "removed if it overlaps another negative by more than 70%" [P §4.1]
+FC_BATCH = 4096  # windows per fc forward
+
+
+# ------------------------------------------------------------------------------------------------ the solver
+@dataclass(frozen=True)
+class SvmSolver:
+    """liblinear's ``-s 3 -c C -w1 pos_weight -B bias_multiplier`` [S:spp_train.m update_model]."""
+
+    C: float = 1e-3
+    pos_weight: float = 2.0
+    bias_multiplier: float = 10.0
+    tol: float = 1e-4
+    max_iter: int = 20000
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, svm_cfg, seed: int = 0) -> "SvmSolver":
+        return cls(C=svm_cfg.C, pos_weight=svm_cfg.pos_weight, bias_multiplier=svm_cfg.bias_multiplier,
+                   tol=svm_cfg.tol, max_iter=svm_cfg.max_iter, seed=seed)
+
+
+@dataclass(frozen=True)
+class SvmFit:
+    w: np.ndarray  # float32 [D]
+    b: float
+    n_iter: int
+    converged: bool
+
+
+def svm_objective(w: np.ndarray, b: float, X_pos: np.ndarray, X_neg: np.ndarray, C: float = 1e-3,
+                  pos_weight: float = 2.0, bias_multiplier: float = 10.0) -> dict[str, float]:
+    """The primal objective liblinear minimises (SPEC §5), in float64, split as the released code prints it:
+    ``reg = 0.5 |w|^2 + 0.5 (b/B)^2``, ``pos = C * pos_weight * sum max(0, 1 - z)``, ``neg = C * sum max(0, 1 + z)``."""
+    w = np.asarray(w, dtype=np.float64).reshape(-1)
+    z_pos = np.asarray(X_pos, dtype=np.float64).reshape(-1, len(w)) @ w + b
+    z_neg = np.asarray(X_neg, dtype=np.float64).reshape(-1, len(w)) @ w + b
+    reg = 0.5 * float(w @ w) + 0.5 * (float(b) / bias_multiplier) ** 2
+    pos = C * pos_weight * float(np.maximum(0.0, 1.0 - z_pos).sum())
+    neg = C * float(np.maximum(0.0, 1.0 + z_neg).sum())
+    return {"total": reg + pos + neg, "reg": reg, "pos": pos, "neg": neg}
+
+
+def fit_linear_svm(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver = SvmSolver()) -> SvmFit:
+    """Fit one class: positives labelled +1, negatives -1, with liblinear's dual coordinate descent.
+
+    sklearn's ``intercept_scaling`` is liblinear's ``-B``: a constant feature B whose weight w_B is regularised
+    like the others, and ``intercept_ = B * w_B``, the released code's ``b = w(end) * bias_mult``.
+    """
+    if len(X_pos) == 0 or len(X_neg) == 0:
+        raise ValueError(f"an SVM needs positives and negatives (got {len(X_pos)} and {len(X_neg)})")
+    X = np.concatenate([X_pos, X_neg]).astype(np.float64, copy=False)
+    y = np.concatenate([np.ones(len(X_pos)), -np.ones(len(X_neg))])
+    model = LinearSVC(penalty="l2", loss="hinge", dual=True, C=solver.C,
+                      class_weight={1: solver.pos_weight, -1: 1.0}, fit_intercept=True,
+                      intercept_scaling=solver.bias_multiplier, tol=solver.tol, max_iter=solver.max_iter,
+                      random_state=solver.seed)
+    model.fit(X, y)
+    n_iter = int(np.max(model.n_iter_))
+    # classes_ is sorted (-1, 1): coef_ scores the +1 class.
+    return SvmFit(model.coef_[0].astype(np.float32), float(model.intercept_[0]), n_iter, n_iter < solver.max_iter)
+
+
+# ------------------------------------------------------------------------------------------------ pruning
+def dedup_windows(cells: np.ndarray, scale_index: np.ndarray) -> np.ndarray:
+    """Rows (ascending) of the first window of each unique (conv5 cell rectangle, scale index): windows that pool
+    identical features [S:spp_features_convX_to_poolX.m ``dedup``; MATLAB's ``unique(..., 'rows')`` keeps the
+    first occurrence]."""
+    keys = np.column_stack([np.asarray(cells, dtype=np.int64).reshape(-1, 4),
+                            np.asarray(scale_index, dtype=np.int64).reshape(-1)])
+    if len(keys) == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, first = np.unique(keys, axis=0, return_index=True)
+    return np.sort(first).astype(np.int64)
+
+
+def prune_overlapping(boxes: np.ndarray, threshold: float = OVERLAP_PRUNE_IOU) -> np.ndarray:
+    """Rows (ascending) kept by the paper's rule: walking the windows in row order, a window is dropped when its
+    IoU with an already kept one exceeds ``threshold``. That is greedy NMS with row order as the score."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if len(boxes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    keep = box_ops.nms(boxes, -np.arange(len(boxes), dtype=np.float64), threshold)
+    return np.sort(keep).astype(np.int64)
+
+
+def negative_candidates(overlaps: np.ndarray, boxes: np.ndarray, active: np.ndarray, neg_iou: float, pruning: str,
+                        cells: np.ndarray | None = None, scale_index: np.ndarray | None = None) -> np.ndarray:
+    """bool [R, K]: row r is a negative candidate of class k (IoU < ``neg_iou`` with every class-k GT, class k
+    active, and surviving the pruning). "dedup" needs each row's ``cells`` and ``scale_index``."""
+    candidates = np.asarray(overlaps) < neg_iou
+    candidates[:, ~np.asarray(active, dtype=bool)] = False
+    if pruning == "dedup":
+        if cells is None or scale_index is None:
+            raise ValueError("dedup pruning needs the windows' conv5 cells and scale indices")
+        unique = np.zeros(len(candidates), dtype=bool)
+        unique[dedup_windows(cells, scale_index)] = True
+        candidates &= unique[:, None]
+    elif pruning == "overlap70":
+        for k in np.flatnonzero(candidates.any(axis=0)):
+            rows = np.flatnonzero(candidates[:, k])
+            column = np.zeros(len(candidates), dtype=bool)
+            column[rows[prune_overlapping(boxes[rows])]] = True
+            candidates[:, k] = column
+    elif pruning != "none":
+        raise SppError(f"unknown svm.pruning {pruning!r} (known: {', '.join(PRUNING_MODES)})")
+    return candidates
+
+
+# ------------------------------------------------------------------------------------------------ mining
+@dataclass(frozen=True)
+class MiningSchedule:
+    hard_thresh: float = -1.0001  # add negatives scoring above this
+    evict_thresh: float = -1.2  # after a retrain, drop cached negatives scoring below this
+    retrain_limit: int = 2000  # retrain when more than this many negatives were added since the last one
+
+
+@dataclass
+class ImageNegatives:
+    """One image's negative candidates for every class, features already scaled."""
+
+    image_index: int
+    features: np.ndarray  # float32 [M, D]
+    rows: np.ndarray  # int64 [M]: the roidb row of each feature; (image_index, row) is the cache key
+    candidates: np.ndarray  # bool [M, K]
+
+
+@dataclass
+class Retrain:
+    """One retrain of one class: when, on how much, with what result."""
+
+    image_index: int
+    negatives: int  # negatives in the training set of this fit
+    evicted: int
+    objective: dict
+    n_iter: int
+    converged: bool
+
+
+@dataclass
+class ClassCache:
+    positives: np.ndarray  # float32 [P, D]
+    neg_features: list[np.ndarray] = field(default_factory=list)
+    neg_keys: list[np.ndarray] = field(default_factory=list)  # int64 [n, 2]: (image_index, row)
+    key_set: set = field(default_factory=set)
+    num_added: int = 0
+    retrains: list[Retrain] = field(default_factory=list)
+
+    @property
+    def num_negatives(self) -> int:
+        return sum(len(x) for x in self.neg_features)
+
+    def consolidate(self) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.neg_features) != 1:
+            dim = self.positives.shape[1]
+            self.neg_features = [np.concatenate(self.neg_features) if self.neg_features
+                                 else np.zeros((0, dim), np.float32)]
+            self.neg_keys = [np.concatenate(self.neg_keys) if self.neg_keys else np.zeros((0, 2), np.int64)]
+        return self.neg_features[0], self.neg_keys[0]
+
+
+FitFn = Callable[[int, np.ndarray, np.ndarray], SvmFit]
+
+
+class HardNegativeMiner:
+    """The mining schedule over a stream of images, for all classes at once. Pure: no files, no networks.
+
+    ``fit(class_index, X_pos, X_neg) -> SvmFit`` trains one class; ``objective(w, b, X_pos, X_neg) -> dict``
+    evaluates it (both injectable, so the schedule is testable with hand-made solvers).
+    """
+
+    def __init__(self, positives: Sequence[np.ndarray], fit: FitFn, schedule: MiningSchedule = MiningSchedule(),
+                 objective: Callable[..., dict] = svm_objective, workers: int = 1):
+        dims = {np.asarray(p).reshape(len(p), -1).shape[1] for p in positives if len(p)}
+        if len(dims) != 1:
+            raise ValueError(f"positives must share one feature dimension (got {sorted(dims)})")
+        self.dim = dims.pop()
+        self.caches = [ClassCache(np.asarray(p, dtype=np.float32).reshape(-1, self.dim)) for p in positives]
+        self.active = np.array([len(c.positives) > 0 for c in self.caches])
+        self.W = np.zeros((self.dim, len(self.caches)), dtype=np.float32)
+        self.b = np.zeros(len(self.caches), dtype=np.float32)
+        self.trained = np.zeros(len(self.caches), dtype=bool)
+        self.fit, self.schedule, self.objective, self.workers = fit, schedule, objective, max(1, int(workers))
+        self.first_image = True
+        self.added: list[tuple[int, int, int]] = []  # (image_index, class, negatives added)
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """[M, K] scores of every class's current model (one matmul)."""
+        return np.asarray(features, dtype=np.float32) @ self.W + self.b
+
+    def add_image(self, sample: ImageNegatives, is_last: bool) -> list[int]:
+        """Cache the image's (hard) negatives, retrain the classes that are due; returns the retrained classes."""
+        candidates = np.asarray(sample.candidates, dtype=bool) & self.active[None, :]
+        if not self.first_image and len(sample.features):
+            candidates &= self.scores(sample.features) > self.schedule.hard_thresh
+        for k in np.flatnonzero(candidates.any(axis=0)):
+            picked = np.flatnonzero(candidates[:, k])
+            keys = np.column_stack([np.full(len(picked), sample.image_index, np.int64),
+                                    np.asarray(sample.rows, dtype=np.int64)[picked]])
+            cache = self.caches[k]
+            fresh = np.array([(int(i), int(r)) not in cache.key_set for i, r in keys], dtype=bool)
+            picked, keys = picked[fresh], keys[fresh]
+            if len(picked) == 0:
+                continue
+            cache.neg_features.append(np.asarray(sample.features[picked], dtype=np.float32))
+            cache.neg_keys.append(keys)
+            cache.key_set.update((int(i), int(r)) for i, r in keys)
+            cache.num_added += len(picked)
+            self.added.append((sample.image_index, int(k), len(picked)))
+        due = [k for k, cache in enumerate(self.caches)
+               if self.active[k] and cache.num_negatives > 0
+               and (self.first_image or cache.num_added > self.schedule.retrain_limit or is_last)]
+        self.first_image = False
+        if due:
+            self._retrain(due, sample.image_index)
+        return due
+
+    def _retrain(self, classes: list[int], image_index: int) -> None:
+        data = {k: self.caches[k].consolidate() for k in classes}
+
+        def fit_one(k: int) -> SvmFit:
+            return self.fit(k, self.caches[k].positives, data[k][0])
+
+        if self.workers > 1 and len(classes) > 1:
+            with ThreadPoolExecutor(max_workers=min(self.workers, len(classes))) as pool:
+                fits = list(pool.map(fit_one, classes))
+        else:
+            fits = [fit_one(k) for k in classes]
+        for k, fitted in zip(classes, fits):
+            cache = self.caches[k]
+            X_neg, keys = data[k]
+            self.W[:, k] = fitted.w
+            self.b[k] = fitted.b
+            self.trained[k] = True
+            cache.num_added = 0
+            objective = self.objective(fitted.w, fitted.b, cache.positives, X_neg)
+            z_neg = X_neg @ np.asarray(fitted.w, dtype=np.float32) + np.float32(fitted.b)
+            keep = z_neg >= self.schedule.evict_thresh  # evict "easy" negatives: z < evict_thresh
+            cache.neg_features, cache.neg_keys = [X_neg[keep]], [keys[keep]]
+            cache.key_set = {(int(i), int(r)) for i, r in keys[keep]}
+            cache.retrains.append(Retrain(image_index, len(X_neg), int((~keep).sum()), objective, fitted.n_iter,
+                                          fitted.converged))
+
+
+def mine_hard_negatives(stream: Iterable[ImageNegatives], positives: Sequence[np.ndarray], fit: FitFn,
+                        schedule: MiningSchedule = MiningSchedule(), objective: Callable[..., dict] = svm_objective,
+                        workers: int = 1) -> HardNegativeMiner:
+    """Run the schedule over ``stream`` (one pass; the last image is detected by look-ahead)."""
+    miner = HardNegativeMiner(positives, fit, schedule, objective, workers)
+    iterator = iter(stream)
+    current = next(iterator, None)
+    while current is not None:
+        upcoming = next(iterator, None)
+        miner.add_image(current, is_last=upcoming is None)
+        current = upcoming
+    return miner
+
+
+# ------------------------------------------------------------------------------------------------ model file
+@dataclass(frozen=True)
+class SvmModel:
+    """What ``svm.npz`` holds; ``scores`` applies the feature scaling and every class's SVM."""
+
+    W: np.ndarray  # float32 [D, K]
+    b: np.ndarray  # float32 [K]
+    feature: str
+    feature_scale: float
+    mean_norm: float
+    classes: tuple[str, ...]
+    scales: tuple[int, ...]
+    pyramid: tuple[int, ...]
+    trained: np.ndarray  # bool [K]: False for a class without training positives (its b is -inf)
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        return (np.asarray(features, dtype=np.float32) * np.float32(self.feature_scale)) @ self.W + self.b
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(buffer, W=self.W.astype(np.float32), b=self.b.astype(np.float32), feature=np.array(self.feature),
+                 feature_scale=np.float64(self.feature_scale), mean_norm=np.float64(self.mean_norm),
+                 classes=np.array(self.classes, dtype=str), scales=np.array(self.scales, dtype=np.int64),
+                 pyramid=np.array(self.pyramid, dtype=np.int64), trained=self.trained.astype(bool))
+        return buffer.getvalue()
+
+
+def load_svm_model(path: Path) -> SvmModel:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return SvmModel(W=data["W"], b=data["b"], feature=str(data["feature"]),
+                            feature_scale=float(data["feature_scale"]), mean_norm=float(data["mean_norm"]),
+                            classes=tuple(str(c) for c in data["classes"]),
+                            scales=tuple(int(s) for s in data["scales"]),
+                            pyramid=tuple(int(n) for n in data["pyramid"]), trained=data["trained"].astype(bool))
+    except (OSError, KeyError, ValueError) as exc:
+        raise SppError(f"unreadable SVM file ({type(exc).__name__}: {exc}); rerun `spp train-svm`", path) from None
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+@dataclass
+class _Context:
+    """Everything the passes over the training images share."""
+
+    dataset: VocDataset
+    split: str
+    proposals: object
+    cache: object
+    feature: str
+    nets: dict
+    scales: tuple[int, ...]
+    pyramid: tuple[int, ...]
+    rule: str
+    device: object
+
+    def rois(self, image_id: str):
+        return build_roidb(self.dataset, self.split, self.proposals, image_ids=[image_id])[0]
+
+    def features(self, maps, boxes: np.ndarray, scale_index: np.ndarray | None = None) -> np.ndarray:
+        pooled = fcfeatures.pool_windows(maps, boxes, self.pyramid, scale_index=scale_index, rule=self.rule)
+        return fcfeatures.head_features(pooled, self.feature, self.nets, FC_BATCH).cpu().numpy()
+
+
+def training_images(dataset: VocDataset, split: str, cache) -> list[str]:
+    """The split's usable images, all of which must be in the conv5 cache."""
+    image_ids = dataset.usable_ids(split)
+    missing = [i for i in image_ids if i not in cache]
+    if missing:
+        raise SppError(f"the conv5 cache lacks {len(missing)} image(s) of split {split!r} (e.g. {missing[0]!r}); "
+                       f"rerun `spp extract-features --split {split}`", cache.paths[0])
+    if not image_ids:
+        raise SppError(f"split {split!r} has no usable images", dataset.split_path(split))
+    return image_ids
+
+
+def collect_positives(ctx: _Context, image_ids: Sequence[str], num_classes: int) -> list[np.ndarray]:
+    """Unscaled features of every GT box (difficult included), per class [S:spp_train.m get_positive_*]."""
+    per_class: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
+    for image_id in tqdm(image_ids, desc="svm positives", unit="img", disable=None):
+        rois = ctx.rois(image_id)
+        gt_rows = np.flatnonzero(rois.is_gt)
+        if len(gt_rows) == 0:
+            continue
+        maps = fcfeatures.load_maps(ctx.cache, image_id, ctx.scales, device=ctx.device)
+        feats = ctx.features(maps, rois.boxes[gt_rows])
+        for feat, label in zip(feats, rois.gt_label[gt_rows]):
+            per_class[int(label)].append(feat)
+    dim = None
+    for feats in per_class:
+        if feats:
+            dim = len(feats[0])
+    if dim is None:
+        raise SppError(f"split {ctx.split!r} has no ground-truth boxes to train on", ctx.dataset.split_path(ctx.split))
+    return [np.stack(f).astype(np.float32) if f else np.zeros((0, dim), np.float32) for f in per_class]
+
+
+def negative_stream(ctx: _Context, image_ids: Sequence[str], active: np.ndarray, scale: float, neg_iou: float,
+                    pruning: str) -> Iterator[ImageNegatives]:
+    """Per image: the pruned negative candidates of every active class and their scaled features."""
+    for index, image_id in enumerate(tqdm(image_ids, desc="svm mining", unit="img", disable=None)):
+        rois = ctx.rois(image_id)
+        maps = fcfeatures.load_maps(ctx.cache, image_id, ctx.scales, device=ctx.device)
+        scale_index, cells = fcfeatures.window_cells(maps, rois.boxes, ctx.rule)
+        candidates = negative_candidates(rois.overlaps, rois.boxes, active, neg_iou, pruning, cells, scale_index)
+        rows = np.flatnonzero(candidates.any(axis=1))
+        feats = ctx.features(maps, rois.boxes[rows], scale_index[rows]) * np.float32(scale)
+        yield ImageNegatives(index, feats.astype(np.float32, copy=False), rows, candidates[rows])
+
+
+def _config_record(cfg, feature: str, one_scale: bool, scales: tuple[int, ...]) -> dict:
+    svm = {k: v for k, v in cfg.section("svm").items() if k != "workers"}  # workers do not change results
+    return {"feature": feature, "one_scale": one_scale, "scales": list(scales), "train_split": cfg.data.train_split,
+            "svm": svm, "scale_rule": cfg.features.scale_rule, "pyramid": list(cfg.model.pyramid),
+            "backbone": cfg.model.backbone, "seed": cfg.seed}
+
+
+def _summary(metrics: dict) -> str:
+    lines = [f"SVMs on {metrics['feature']} ({metrics['images']} images, scales {metrics['scales']}, "
+             f"pruning {metrics['pruning']}); feature scale {metrics['feature_scale']:.4f} "
+             f"(mean norm {metrics['mean_norm']:.3f})",
+             f"{'class':>14} {'pos':>6} {'neg fit':>8} {'cache':>7} {'rounds':>6} {'objective':>10}  converged"]
+    for name, c in metrics["classes"].items():
+        objective = "-" if c["objective"] is None else f"{c['objective']:.4f}"
+        converged = "-" if not c["trained"] else "yes" if c["converged"] else "NO"
+        lines.append(f"{name:>14} {c['positives']:>6} {c['negatives']:>8} {c['cache']:>7} {c['rounds']:>6} "
+                     f"{objective:>10}  {converged}")
+    if not metrics["all_converged"]:
+        lines.append("warning: some liblinear fits hit svm.max_iter; raise it or loosen svm.tol")
+    return "\n".join(lines)
+
+
+def run(cfg, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
+    """Train the SVMs of one variant; writes ``04_svm/<feature>-s<n>/svm.npz`` and its manifest."""
+    if cfg.svm.pruning not in PRUNING_MODES:
+        raise SppError(f"unknown svm.pruning {cfg.svm.pruning!r} (known: {', '.join(PRUNING_MODES)})")
+    tag = svm_tag(feature, one_scale, len(cfg.features.scales))
+    run_dir = Run(cfg.run_dir)
+    split = cfg.data.train_split
+    scales = (int(cfg.features.one_scale),) if one_scale else tuple(int(s) for s in cfg.features.scales)
+    dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
+    inputs = {"features": run_dir.require("features", split), "proposals": run_dir.require("proposals", split),
+              **fcfeatures.feature_net_inputs(run_dir, feature),
+              "dataset": {"split": split, "fingerprint": dataset.fingerprint(split)}}
+    config = _config_record(cfg, feature, one_scale, scales)
+    if run_dir.is_up_to_date("svm", tag, config, inputs):
+        manifest = read_manifest(run_dir.manifest_path("svm", tag))
+        return StageResult(manifest, summary=_summary(manifest.metrics), skipped=True)
+    run_dir.invalidate("svm", tag)
+
+    with timed() as clock:
+        device = resolve_device(cfg.device)
+        cache = features_for(run_dir, split)
+        fcfeatures.scales_for(cache, scales)
+        nets, _ = fcfeatures.load_feature_nets(run_dir, feature, cfg, device, expect_backbone=cache.backbone)
+        ctx = _Context(dataset, split, load_proposals(run_dir, split), cache, feature, nets, scales,
+                       fcfeatures.feature_pyramid(nets, cfg.model.pyramid), cfg.features.scale_rule, device)
+        image_ids = training_images(dataset, split, cache)
+        classes = tuple(dataset.classes)
+
+        scale, mean_norm = fcfeatures.feature_scale(
+            cache, lambda image_id: ctx.rois(image_id).boxes, image_ids, feature, nets, scales, device, FC_BATCH,
+            pyramid=ctx.pyramid, rule=ctx.rule, target_norm=cfg.svm.target_norm)
+        positives = [p * np.float32(scale) for p in collect_positives(ctx, image_ids, len(classes))]
+        active = np.array([len(p) > 0 for p in positives])
+
+        solver = SvmSolver.from_config(cfg.svm, cfg.seed)
+        schedule = MiningSchedule(cfg.svm.hard_thresh, cfg.svm.evict_thresh, cfg.svm.retrain_every)
+
+        def objective(w, b, X_pos, X_neg):
+            return svm_objective(w, b, X_pos, X_neg, solver.C, solver.pos_weight, solver.bias_multiplier)
+
+        with warnings.catch_warnings():
+            # Convergence is recorded per fit (n_iter < max_iter) and reported; no per-fit warning spam.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            miner = mine_hard_negatives(
+                negative_stream(ctx, image_ids, active, scale, cfg.svm.neg_iou, cfg.svm.pruning), positives,
+                fit=lambda k, X_pos, X_neg: fit_linear_svm(X_pos, X_neg, solver), schedule=schedule,
+                objective=objective, workers=cfg.svm.workers or os.cpu_count() or 1)
+
+        b = miner.b.copy()
+        b[~miner.trained] = -np.inf  # no positives (or no negatives): no detector, so no detections
+        model = SvmModel(miner.W, b, feature, scale, mean_norm, classes, scales, ctx.pyramid, miner.trained.copy())
+        out_dir = run_dir.stage_dir("svm", tag)
+        atomic_write_bytes(out_dir / SVM_FILE, model.to_bytes())
+
+    metrics = {"feature": feature, "scales": list(scales), "pruning": cfg.svm.pruning, "images": len(image_ids),
+               "dim": int(miner.dim), "feature_scale": scale, "mean_norm": mean_norm, "classes": {}}
+    for name, cache_k, trained in zip(classes, miner.caches, miner.trained):
+        last = cache_k.retrains[-1] if cache_k.retrains else None
+        metrics["classes"][name] = {
+            "positives": len(cache_k.positives), "negatives": last.negatives if last else 0,
+            "cache": cache_k.num_negatives, "rounds": len(cache_k.retrains),
+            "objective": last.objective["total"] if last else None,
+            "objective_terms": last.objective if last else None,
+            "converged": bool(trained) and all(r.converged for r in cache_k.retrains),
+            "max_n_iter": max((r.n_iter for r in cache_k.retrains), default=0), "trained": bool(trained)}
+    metrics["all_converged"] = all(c["converged"] for c in metrics["classes"].values() if c["trained"])
+    metrics["untrained_classes"] = [n for n, c in metrics["classes"].items() if not c["trained"]]
+    manifest = run_dir.write_manifest("svm", tag, config=config, inputs=inputs, outputs={"svm": SVM_FILE},
+                                      metrics=metrics, wall_time_s=clock["seconds"])
+    summary = _summary(metrics)
+    if metrics["untrained_classes"]:
+        summary += "\nwarning: no SVM for " + ", ".join(metrics["untrained_classes"]) + " (no training positives)"
+    return StageResult(manifest, summary=summary)

@@ -1,0 +1,332 @@
+"""``spp train-svm``: the objective, the solver settings against a direct minimisation, negative pruning (dedup and
+overlap70) on hand cases, the hard-negative mining schedule on a hand-checkable stream, and the stage end to end."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from stages import train_svm as T
+
+
+# -- objective and solver ------------------------------------------------------------------------------------------
+def test_objective_by_hand():
+    w, b = np.array([1.0, 0.0]), 0.5
+    X_pos = np.array([[0.2, 0.0], [3.0, 1.0]])  # z = 0.7 (hinge 0.3), 3.5 (0)
+    X_neg = np.array([[-2.0, 0.0], [0.5, 1.0]])  # z = -1.5 (0), 1.0 (hinge 2.0)
+    terms = T.svm_objective(w, b, X_pos, X_neg, C=1e-3, pos_weight=2.0, bias_multiplier=10.0)
+    assert terms["reg"] == pytest.approx(0.5 + 0.5 * 0.05 ** 2)
+    assert terms["pos"] == pytest.approx(1e-3 * 2 * 0.3)
+    assert terms["neg"] == pytest.approx(1e-3 * 2.0)
+    assert terms["total"] == pytest.approx(0.50125 + 0.0006 + 0.002)
+
+
+def _toy_problem(seed=0, dim=4, n_pos=6, n_neg=14):
+    rng = np.random.default_rng(seed)
+    X_pos, X_neg = rng.normal(0.5, 1, (n_pos, dim)), rng.normal(-0.5, 1, (n_neg, dim))
+    scale = 20 / np.linalg.norm(np.vstack([X_pos, X_neg]), axis=1).mean()  # mean norm 20, as the stage feeds it
+    return X_pos * scale, X_neg * scale
+
+
+def _direct_minimum(X_pos, X_neg, C=1e-3, pos_weight=2.0, bias_multiplier=10.0):
+    """The SPEC §5 primal as a QP in (w, b, slack), solved by SLSQP: independent of liblinear."""
+    from scipy.optimize import minimize
+
+    X = np.vstack([X_pos, X_neg])
+    y = np.r_[np.ones(len(X_pos)), -np.ones(len(X_neg))]
+    cost = C * np.r_[np.full(len(X_pos), pos_weight), np.ones(len(X_neg))]
+    d = X.shape[1]
+
+    def objective(v):
+        return 0.5 * v[:d] @ v[:d] + 0.5 * (v[d] / bias_multiplier) ** 2 + cost @ v[d + 1:]
+
+    def gradient(v):
+        return np.r_[v[:d], v[d] / bias_multiplier ** 2, cost]
+
+    n = len(y)
+    slack_jac = np.hstack([np.zeros((n, d + 1)), np.eye(n)])  # slack >= 0
+    margin_jac = np.hstack([y[:, None] * X, y[:, None], np.eye(n)])  # slack - (1 - y (w.x + b)) >= 0
+    constraints = [{"type": "ineq", "fun": lambda v: v[d + 1:], "jac": lambda v: slack_jac},
+                   {"type": "ineq", "fun": lambda v: v[d + 1:] - (1 - y * (X @ v[:d] + v[d])), "jac": lambda v: margin_jac}]
+    result = minimize(objective, np.zeros(d + 1 + n), jac=gradient, constraints=constraints, method="SLSQP",
+                      options={"ftol": 1e-14, "maxiter": 2000})
+    assert result.success
+    return result.x[:d], result.x[d], result.fun
+
+
+def test_linearsvc_settings_minimise_the_liblinear_objective():
+    X_pos, X_neg = _toy_problem()
+    fit = T.fit_linear_svm(X_pos, X_neg, T.SvmSolver())
+    w_ref, b_ref, minimum = _direct_minimum(X_pos, X_neg)
+    ours = T.svm_objective(fit.w, fit.b, X_pos, X_neg)
+    assert fit.converged
+    assert np.linalg.norm(w_ref) > 0.05 and ours["pos"] > 0 and ours["neg"] > 0  # a non-trivial optimum
+    assert ours["total"] == pytest.approx(minimum, rel=1e-5)
+    np.testing.assert_allclose(fit.w, w_ref, atol=2e-4)
+    assert fit.b == pytest.approx(b_ref, abs=2e-3)
+    # The solution is the optimum of *this* objective: without the 2x positive weight the optimum differs.
+    _, _, unweighted = _direct_minimum(X_pos, X_neg, pos_weight=1.0)
+    assert T.svm_objective(fit.w, fit.b, X_pos, X_neg, pos_weight=1.0)["total"] > unweighted + 1e-5
+
+
+def test_fit_needs_both_labels():
+    X_pos, X_neg = _toy_problem()
+    with pytest.raises(ValueError):
+        T.fit_linear_svm(X_pos, X_neg[:0])
+
+
+# -- pruning ----------------------------------------------------------------------------------------------------------
+def test_dedup_keeps_the_first_window_of_each_cell_rectangle_and_scale():
+    cells = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [0, 0, 1, 1], [2, 2, 3, 3]])
+    scale_index = np.array([0, 1, 0, 0, 1, 2])
+    assert T.dedup_windows(cells, scale_index).tolist() == [0, 1, 3, 5]
+    assert T.dedup_windows(np.zeros((0, 4)), np.zeros(0)).tolist() == []
+
+
+def test_overlap70_is_greedy_against_kept_windows_only():
+    boxes = np.array([
+        [0, 0, 10, 10],  # 0: kept (first)
+        [0, 0, 10, 13],  # 1: IoU with 0 = 10/13 > 0.7 -> removed
+        [0, 0, 10, 16],  # 2: IoU with 0 = 0.625; with 1 = 13/16 > 0.7, but 1 was removed -> kept
+        [50, 50, 60, 60],  # 3: far away -> kept
+        [0, 0, 7, 10],  # 4: IoU with 0 exactly 0.7 (not > 0.7) -> kept
+    ], dtype=float)
+    assert T.prune_overlapping(boxes).tolist() == [0, 2, 3, 4]
+
+
+def test_negative_candidates_per_pruning_mode():
+    # Rows 0-1 are duplicates (same cells, same scale); row 2 overlaps row 0 by 0.8; row 3 overlaps class 1's GT.
+    boxes = np.array([[0, 0, 10, 10], [0.5, 0, 10, 10], [0, 0, 10, 12.5], [40, 40, 50, 50]], dtype=float)
+    overlaps = np.array([[0.0, 0.1], [0.0, 0.1], [0.0, 0.2], [0.1, 0.9]], dtype=np.float32)
+    cells = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 2], [5, 5, 6, 6]])
+    scale_index = np.zeros(4, dtype=np.int64)
+    active = np.array([True, True])
+    none = T.negative_candidates(overlaps, boxes, active, 0.3, "none")
+    assert none[:, 0].tolist() == [True] * 4 and none[:, 1].tolist() == [True, True, True, False]
+    dedup = T.negative_candidates(overlaps, boxes, active, 0.3, "dedup", cells, scale_index)
+    assert dedup[:, 0].tolist() == [True, False, True, True] and dedup[:, 1].tolist() == [True, False, True, False]
+    paper = T.negative_candidates(overlaps, boxes, active, 0.3, "overlap70")
+    # Row 1: IoU with row 0 = 0.95 -> removed; row 2: IoU with row 0 = 0.8 -> removed; per class independently.
+    assert paper[:, 0].tolist() == [True, False, False, True] and paper[:, 1].tolist() == [True, False, False, False]
+    inactive = T.negative_candidates(overlaps, boxes, np.array([True, False]), 0.3, "none")
+    assert not inactive[:, 1].any()
+    with pytest.raises(Exception, match="pruning"):
+        T.negative_candidates(overlaps, boxes, active, 0.3, "sometimes")
+
+
+# -- the mining schedule ----------------------------------------------------------------------------------------------
+def _image(index, values, candidates=None, num_classes=2):
+    values = np.asarray(values, dtype=np.float32)
+    if candidates is None:
+        candidates = np.ones((len(values), num_classes), dtype=bool)
+    return T.ImageNegatives(index, values[:, None], np.arange(len(values)), np.asarray(candidates, dtype=bool))
+
+
+class _RecordingFit:
+    """Every fit returns w = [1], b = 0 (so a window's score is its feature value) and records what it saw."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, k, X_pos, X_neg):
+        self.calls.append((k, X_neg[:, 0].astype(np.float64).round(6).tolist()))  # float32 -> exact decimals
+        return T.SvmFit(np.array([1.0], dtype=np.float32), 0.0, 1, True)
+
+
+def test_mining_schedule_by_hand():
+    fit = _RecordingFit()
+    stream = [
+        _image(0, [-3.0, -1.1, 0.5]),  # first image: all 3 added; retrain; -3 (< -1.2) evicted
+        _image(1, [-1.0, -1.00005, -2.0, 0.2], [[1, 0], [1, 0], [1, 0], [0, 0]]),  # hard: -1.0, -1.00005 (> -1.0001)
+        _image(2, [0.1, 0.3]),  # +2: 4 added since the last retrain > 3 -> retrain on 6
+        _image(3, [-5.0]),  # not hard, nothing added; last image -> retrain again on the same 6
+    ]
+    positives = [np.ones((2, 1), np.float32), np.zeros((0, 1), np.float32)]  # class 1 has no positives
+    miner = T.mine_hard_negatives(stream, positives, fit, T.MiningSchedule(-1.0001, -1.2, 3),
+                                  objective=lambda w, b, P, N: {"total": float(len(N))})
+    assert [k for k, _ in fit.calls] == [0, 0, 0]  # the class without positives is never trained
+    assert fit.calls[0][1] == [-3.0, -1.1, 0.5]
+    assert fit.calls[1][1] == [-1.1, 0.5, -1.0, -1.00005, 0.1, 0.3]
+    assert fit.calls[2][1] == fit.calls[1][1]
+    cache = miner.caches[0]
+    assert [(r.image_index, r.negatives, r.evicted) for r in cache.retrains] == [(0, 3, 1), (2, 6, 0), (3, 6, 0)]
+    assert [r.objective["total"] for r in cache.retrains] == [3.0, 6.0, 6.0]
+    assert miner.added == [(0, 0, 3), (1, 0, 2), (2, 0, 2)]
+    assert cache.num_negatives == 6 and miner.trained.tolist() == [True, False]
+    assert miner.caches[1].num_negatives == 0
+    keys = cache.consolidate()[1]
+    assert keys.tolist() == [[0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [2, 1]]
+
+
+def test_mining_scores_with_the_model_from_before_the_image_and_skips_cached_keys():
+    fit = _RecordingFit()
+    miner = T.HardNegativeMiner([np.ones((1, 1), np.float32)], fit, T.MiningSchedule(-1.0001, -1.2, 100))
+    miner.add_image(_image(0, [-0.5], num_classes=1), is_last=False)
+    assert miner.W[0, 0] == 1.0 and len(fit.calls) == 1
+    miner.add_image(_image(0, [-0.5, 0.4], num_classes=1), is_last=False)  # same image again: row 0 is cached
+    assert miner.added[-1] == (0, 0, 1) and miner.caches[0].num_negatives == 2
+    miner.add_image(_image(5, [-1.2, -1.0], num_classes=1), is_last=True)  # -1.2 is not hard; -1.0 is
+    assert miner.added[-1] == (5, 0, 1) and len(fit.calls) == 2 and fit.calls[-1][1] == [-0.5, 0.4, -1.0]
+
+
+def test_mining_with_real_svms_is_the_same_with_parallel_workers():
+    rng = np.random.default_rng(3)
+    dim = 6
+
+    def stream():
+        for i in range(5):
+            feats = rng.normal(0, 1, (30, dim)).astype(np.float32) * 5
+            yield T.ImageNegatives(i, feats, np.arange(30), rng.random((30, 3)) < 0.7)
+
+    positives = [(rng.normal(2, 1, (10, dim)) * 5).astype(np.float32) for _ in range(3)]
+    images = list(stream())
+
+    def fit(k, X_pos, X_neg):
+        return T.fit_linear_svm(X_pos, X_neg, T.SvmSolver(seed=0))
+
+    serial = T.mine_hard_negatives(images, positives, fit, T.MiningSchedule(retrain_limit=20), workers=1)
+    parallel = T.mine_hard_negatives(images, positives, fit, T.MiningSchedule(retrain_limit=20), workers=3)
+    np.testing.assert_array_equal(serial.W, parallel.W)
+    np.testing.assert_array_equal(serial.b, parallel.b)
+    assert all(len(c.retrains) >= 2 for c in serial.caches)  # first image + last image at least
+    for k, cache in enumerate(serial.caches):  # after the final eviction, no cached negative scores below -1.2
+        X_neg, _ = cache.consolidate()
+        assert (X_neg @ serial.W[:, k] + serial.b[k] >= -1.2 - 1e-5).all()
+
+
+def test_svm_model_file_round_trip(tmp_path):
+    model = T.SvmModel(np.arange(6, dtype=np.float32).reshape(3, 2), np.array([0.5, -np.inf], np.float32), "ftfc7",
+                       0.25, 80.0, ("a", "b"), (480, 688), (1, 2, 3, 6), np.array([True, False]))
+    path = tmp_path / "svm.npz"
+    path.write_bytes(model.to_bytes())
+    loaded = T.load_svm_model(path)
+    assert loaded.classes == ("a", "b") and loaded.feature == "ftfc7" and loaded.scales == (480, 688)
+    np.testing.assert_array_equal(loaded.W, model.W)
+    scores = loaded.scores(np.array([[4.0, 0.0, 0.0]]))  # x * 0.25 = [1, 0, 0]
+    assert scores[0, 0] == pytest.approx(0.5) and scores[0, 1] == -np.inf
+
+
+# -- the stage end to end on a tiny devkit ------------------------------------------------------------------------------
+def build_tiny_run(tmp_path, n_images=4, **sets):
+    """A run with proposals (imported boxes), a random ZF-5 'pretrained' and 'fine-tuned' checkpoint (fc 32-d) and
+    the conv5 cache of trainval at two scales. Returns (cfg, dataset)."""
+    from conftest import write_devkit
+    from stages import extract_features, proposals
+    from stages.core import nets
+    from stages.core.artifacts import Run
+    from stages.core.config import build_config
+    from stages.core.voc import VocDataset
+
+    rng = np.random.default_rng(0)
+    images, boxes_voc = {}, {}
+    for k in range(n_images):
+        img = (rng.random((72, 96, 3)) * 60).astype(np.uint8)
+        x0, y0 = 4 + 3 * k, 6 + 2 * k
+        img[y0:y0 + 30, x0:x0 + 36] = (210, 40, 40)
+        img[40:66, 50:90] = (40, 200, 60)
+        red, green = (x0 + 1, y0 + 1, x0 + 36, y0 + 30), (51, 41, 90, 66)
+        objects = [("red", red, False), ("green", green, k == 1)]
+        if k == 2:
+            objects.append(("red", (60, 4, 92, 30), False))
+        images[f"im{k}"] = (img, objects)
+        # Proposals: jittered copies of the GT (regression samples) and random boxes (negatives), 1-based inclusive.
+        jitter = [np.array(b, float) + rng.integers(-3, 4, 4) for _, b, _ in objects for _ in range(3)]
+        x1, y1 = rng.integers(1, 60, 25), rng.integers(1, 40, 25)
+        rand = np.stack([x1, y1, np.minimum(x1 + rng.integers(20, 40, 25), 96),
+                         np.minimum(y1 + rng.integers(20, 30, 25), 72)], 1)
+        boxes_voc[f"im{k}"] = np.clip(np.vstack(jitter + [rand]), 1, [96, 72, 96, 72]).astype(np.float64)
+    devkit = write_devkit(tmp_path / "devkit", images, {"trainval": list(images)}, classes=("red", "green"))
+    np.savez(tmp_path / "boxes.npz", **boxes_voc)
+    overrides = {"runs_root": str(tmp_path / "runs"), "run": "r", "data.dataset": "voc2007",
+                 "data.voc_root": str(devkit), "proposals.workers": 1, "proposals.min_side": 8,
+                 "features.scales": [64, 96], "features.one_scale": 96, "features.flip": False,
+                 "model.fc_dim": 32, "svm.workers": 1, "device": "cpu"}
+    overrides.update(sets)
+    cfg = build_config(None, overrides)
+    run = Run(cfg.run_dir)
+    proposals.run(cfg, "trainval", boxes_file=tmp_path / "boxes.npz")
+    torch.manual_seed(0)
+    for stage, classes in (("pretrain", 10), ("finetune", 3)):
+        net = nets.build_sppnet("zf5", fc_dim=32, num_classes=classes)
+        for layer in (net.head.fc6, net.head.fc7):  # wider than N(0, 0.01) so that fc features are not all ~0
+            torch.nn.init.normal_(layer.weight, 0.0, 0.05)
+        folder = run.stage_dir(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        nets.save_checkpoint(folder / "model.pt", net, {})
+        run.write_manifest(stage, None, config={"test": stage}, inputs={}, outputs={"model": "model.pt"})
+    extract_features.run(cfg, "trainval")
+    return cfg, VocDataset(devkit)
+
+
+def _mean_norm_over_all_windows(cfg, feature, scales):
+    """With <= 200 images of <= 200 rows each, the statistic covers every window: recompute it directly."""
+    from stages.core import fcfeatures
+    from stages.core.artifacts import Run
+    from stages.core.features import features_for
+    from stages.core.roidb import build_roidb
+    from stages.core.voc import VocDataset
+    from stages.proposals import load_proposals
+
+    run = Run(cfg.run_dir)
+    cache, store = features_for(run, "trainval"), load_proposals(run, "trainval")
+    nets, _ = fcfeatures.load_feature_nets(run, feature, cfg, "cpu")
+    norms = []
+    for rois in build_roidb(VocDataset(cfg.data.voc_root), "trainval", store):
+        feats = fcfeatures.window_features(cache, rois.image_id, rois.boxes, feature, nets, scales, cfg=cfg)
+        norms.append(np.linalg.norm(feats.double().numpy(), axis=1))
+    return float(np.concatenate(norms).mean())
+
+
+def test_stage_end_to_end_on_a_tiny_devkit(tmp_path):
+    from stages.core import fcfeatures
+    from stages.core.artifacts import Run
+    from stages.core.errors import StageInputMissing
+    from stages.core.features import features_for
+
+    cfg, _ = build_tiny_run(tmp_path)
+    run = Run(cfg.run_dir)
+
+    # window_features against the cache's own pooling and the head's own forward.
+    cache = features_for(run, "trainval")
+    nets, manifests = fcfeatures.load_feature_nets(run, "ftfc7", cfg, "cpu")
+    assert list(nets) == ["finetuned"] and list(manifests) == ["finetune"]
+    boxes = np.array([[0, 0, 40, 30], [10, 20, 90, 70], [50, 40, 90, 66], [3, 3, 9, 9.0]])
+    pool5 = fcfeatures.window_features(cache, "im0", boxes, "pool5", {}, cfg=cfg)
+    torch.testing.assert_close(pool5, cache.pooled("im0", boxes, (1, 2, 3, 6)))
+    one = fcfeatures.window_features(cache, "im0", boxes, "pool5", {}, (96,), cfg=cfg)
+    torch.testing.assert_close(one, cache.pooled("im0", boxes, (1, 2, 3, 6), scales_subset=(96,)))
+    with torch.no_grad():
+        expected = nets["finetuned"].head.features(pool5, "fc7")
+    torch.testing.assert_close(fcfeatures.window_features(cache, "im0", boxes, "ftfc7", nets, cfg=cfg, batch=3),
+                               expected, rtol=1e-4, atol=1e-4)  # BLAS sums differ slightly with the batch size
+    with pytest.raises(Exception, match=r"holds scales \[64, 96\], not \[50\]"):
+        fcfeatures.window_features(cache, "im0", boxes, "pool5", {}, (50,), cfg=cfg)
+    result = T.run(cfg, feature="ftfc7")
+    assert not result.skipped and result.manifest.path == run.manifest_path("svm", "ftfc7-s2")
+    model = T.load_svm_model(result.manifest.output("svm"))
+    assert model.W.shape == (32, 2) and model.classes == ("red", "green") and model.scales == (64, 96)
+    assert model.trained.all() and np.isfinite(model.b).all()
+    metrics = result.manifest.metrics
+    assert metrics["classes"]["red"]["positives"] == 5 and metrics["classes"]["green"]["positives"] == 4
+    assert metrics["all_converged"] and metrics["classes"]["red"]["rounds"] >= 2  # after image 1 and the last
+    assert metrics["mean_norm"] == pytest.approx(_mean_norm_over_all_windows(cfg, "ftfc7", (64, 96)), rel=1e-5)
+    assert model.feature_scale == pytest.approx(20 / metrics["mean_norm"])
+    assert "red" in result.summary and "objective" in result.summary
+
+    again = T.run(cfg, feature="ftfc7")
+    assert again.skipped and again.manifest.fingerprint == result.manifest.fingerprint
+
+    # pool5 at one scale with the paper's pruning: another tag, 12800-d weights.
+    paper = dataclasses.replace(cfg, svm=dataclasses.replace(cfg.svm, pruning="overlap70"))
+    one = T.run(paper, feature="pool5", one_scale=True)
+    assert one.manifest.path == run.manifest_path("svm", "pool5-s1")
+    pool5 = T.load_svm_model(one.manifest.output("svm"))
+    assert pool5.W.shape == (256 * 50, 2) and pool5.scales == (96,) and pool5.feature == "pool5"
+    assert one.manifest.data["config"]["svm"]["pruning"] == "overlap70"
+
+    # A changed upstream makes the SVMs stale for their consumers, and the missing one names its command.
+    run.invalidate("finetune")
+    with pytest.raises(StageInputMissing, match="spp finetune"):
+        T.run(cfg, feature="ftfc6")
