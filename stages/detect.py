@@ -1,0 +1,255 @@
+"""``spp detect``: score every proposal with the class SVMs, per-class NMS, optional box regression (SPEC §6-7).
+
+Inputs: proposals and conv5 features of the split, the SVMs of a variant (and its box regressors), the nets that
+the variant's features need. Outputs: ``06_detect/<tag>/comp4_det_<split>_<class>.txt`` (devkit format) and
+``detections.npz`` (every kept detection: image index, class, score, box in sppnet's convention).
+``run_on_images`` does the same on arbitrary image files, computing proposals and conv5 maps on the fly.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .core import boxes as B
+from .core.artifacts import Run, StageResult, atomic_write_bytes
+from .core.errors import SppError
+from .core.variants import detect_tag, scale_tag, svm_tag
+from .core.voc import VocDataset, load_image_rgb, resolve_voc_root, write_comp4
+
+
+@dataclass(frozen=True)
+class ClassModels:
+    """What scoring needs: SVM weights per class and, optionally, the box regressors."""
+
+    classes: tuple[str, ...]
+    weights: torch.Tensor  # [D, K]
+    bias: torch.Tensor  # [K]
+    feature_scale: float
+    bbox: dict | None  # the loaded bbox.npz (see train_bbox.apply_bbox) or None
+
+
+def load_class_models(svm_path: Path, bbox_path: Path | None, device: torch.device) -> ClassModels:
+    try:
+        svm = dict(np.load(svm_path, allow_pickle=False))
+    except (OSError, ValueError) as exc:
+        raise SppError(f"unreadable SVM file ({exc}); rerun `spp train-svm`", svm_path) from None
+    bbox = None
+    if bbox_path is not None:
+        try:
+            bbox = dict(np.load(bbox_path, allow_pickle=False))
+        except (OSError, ValueError) as exc:
+            raise SppError(f"unreadable box-regression file ({exc}); rerun `spp train-bbox`", bbox_path) from None
+    return ClassModels(
+        classes=tuple(str(c) for c in svm["classes"]),
+        weights=torch.as_tensor(svm["W"], dtype=torch.float32, device=device),
+        bias=torch.as_tensor(svm["b"], dtype=torch.float32, device=device),
+        feature_scale=float(svm["feature_scale"]),
+        bbox=bbox,
+    )
+
+
+def detect_windows(boxes: np.ndarray, scores: np.ndarray, image_wh: tuple[int, int], *, score_thresh: float,
+                   nms_iou: float, max_per_image: int, regress=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per class: keep scores > thresh, greedy NMS (IoU > nms_iou suppressed), top ``max_per_image``; then, with
+    ``regress(class_index, rows) -> boxes`` (rows index ``boxes``), move the survivors, clip them to the image and
+    run NMS again (SPEC §6-7: the released code's evaluation applies NMS 0.3 after regression)."""
+    out = []
+    for k in range(scores.shape[1]):
+        rows = np.flatnonzero(scores[:, k] > score_thresh)
+        rows = rows[B.nms(boxes[rows], scores[rows, k], nms_iou)[:max_per_image]]
+        cls_boxes, cls_scores = boxes[rows], scores[rows, k]
+        if regress is not None and len(rows):
+            cls_boxes = B.clip_boxes(regress(k, rows), *image_wh)
+            keep = B.nms(cls_boxes, cls_scores, nms_iou)
+            cls_boxes, cls_scores = cls_boxes[keep], cls_scores[keep]
+        out.append((cls_boxes, cls_scores))
+    return out
+
+
+class _Scorer:
+    """Window features -> SVM scores (and box regression) for one variant, on one device."""
+
+    def __init__(self, cfg, run: Run, feature: str, one_scale: bool, use_bbox: bool, device: torch.device):
+        from .core import fcfeatures
+
+        n_scales = len(cfg.features.scales)
+        self.cfg, self.feature, self.one_scale, self.device = cfg, feature, one_scale, device
+        self.svm_manifest = run.require("svm", svm_tag(feature, one_scale, n_scales))
+        self.bbox_manifest = run.require("bbox", scale_tag(one_scale, n_scales)) if use_bbox else None
+        self.models = load_class_models(self.svm_manifest.output("svm"),
+                                        self.bbox_manifest.output("bbox") if self.bbox_manifest else None, device)
+        self.nets, self.net_manifests = fcfeatures.load_feature_nets(run, feature, cfg, device=device)
+        self.scales_subset = (cfg.features.one_scale,) if one_scale else None
+        self._fc = fcfeatures
+
+    def score(self, cache, image_id: str, boxes: np.ndarray, image_wh: tuple[int, int]):
+        """Per-class (boxes, scores) of one image's windows; conv5 maps are read and pooled once."""
+        from .train_bbox import apply_bbox
+
+        fc, cfg = self._fc, self.cfg
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if len(boxes) == 0:
+            return [(np.zeros((0, 4)), np.zeros(0)) for _ in self.models.classes]
+        maps = fc.load_maps(cache, image_id, self.scales_subset, device=self.device)
+        pooled = fc.pool_windows(maps, boxes, fc.feature_pyramid(self.nets, cfg.model.pyramid),
+                                 rule=cfg.features.scale_rule)
+        feats = fc.head_features(pooled, self.feature, self.nets, cfg.detect.batch_windows)
+        scores = (feats * self.models.feature_scale) @ self.models.weights + self.models.bias
+        regress = None
+        if self.models.bbox is not None:
+            def regress(k: int, rows: np.ndarray) -> np.ndarray:
+                return apply_bbox(self.models.bbox, k, pooled[torch.as_tensor(rows, device=pooled.device)],
+                                  boxes[rows], image_wh)
+        d = cfg.detect
+        return detect_windows(boxes, scores.double().cpu().numpy(), image_wh, score_thresh=d.score_thresh,
+                              nms_iou=d.nms_iou, max_per_image=d.max_per_image, regress=regress)
+
+
+def pick_device(cfg) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise SppError("--device cuda asked for, but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
+    from .core.features import features_for
+    from .proposals import load_proposals
+
+    start = time.perf_counter()
+    run_dir = Run(cfg.run_dir)
+    device = pick_device(cfg)
+    n_scales = len(cfg.features.scales)
+    use_bbox = bool(cfg.detect.bbox)
+    tag = detect_tag(split, feature, one_scale, n_scales, use_bbox)
+    dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
+    scorer = _Scorer(cfg, run_dir, feature, one_scale, use_bbox, device)
+    proposals_manifest = run_dir.require("proposals", split)
+    features_manifest = run_dir.require("features", split)
+    inputs = {"proposals": proposals_manifest, "features": features_manifest, "svm": scorer.svm_manifest,
+              **scorer.net_manifests}
+    if scorer.bbox_manifest is not None:
+        inputs["bbox"] = scorer.bbox_manifest
+    config = {"detect": cfg.section("detect"), "features": cfg.section("features"), "feature": feature,
+              "one_scale": one_scale, "split": split}
+    if run_dir.is_up_to_date("detect", tag, config, inputs):
+        from .core.artifacts import read_manifest
+        return StageResult(read_manifest(run_dir.manifest_path("detect", tag)), skipped=True)
+
+    proposals = load_proposals(run_dir, split)
+    cache = features_for(run_dir, split)
+    out_dir = run_dir.stage_dir("detect", tag)
+    run_dir.invalidate("detect", tag)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    classes = scorer.models.classes
+    per_class: list[list] = [[] for _ in classes]
+    rows = []
+    image_ids = proposals.image_ids
+    with torch.inference_mode():
+        for image_index, image_id in enumerate(tqdm(image_ids, desc=f"detect {tag}", unit="img", leave=False)):
+            height, width = cache.image_hw(image_id)
+            dets = scorer.score(cache, image_id, proposals.boxes(image_id), (width, height))
+            for k, (kept_boxes, kept_scores) in enumerate(dets):
+                for box, score in zip(kept_boxes, kept_scores):
+                    per_class[k].append((image_id, float(score), box))
+                    rows.append((image_index, k, float(score), *box))
+    comp4_dir = out_dir / "comp4"
+    for k, name in enumerate(classes):
+        write_comp4(comp4_dir, split, name, per_class[k])
+    table = np.array(rows, dtype=np.float64).reshape(-1, 7)
+    _save_npz(out_dir / "detections.npz", image_ids=np.array(image_ids), classes=np.array(classes),
+              image_index=table[:, 0].astype(np.int64), label=table[:, 1].astype(np.int64), score=table[:, 2],
+              boxes=table[:, 3:7])
+    seconds = time.perf_counter() - start
+    metrics = {"images": len(image_ids), "detections": int(len(table)), "seconds": seconds,
+               "images_per_s": len(image_ids) / max(seconds, 1e-9), "device": str(device)}
+    manifest = run_dir.write_manifest("detect", tag, config=config, inputs=inputs,
+                                      outputs={"comp4_dir": comp4_dir, "detections": out_dir / "detections.npz"},
+                                      metrics=metrics, wall_time_s=seconds)
+    del dataset
+    return StageResult(manifest, summary=f"detect {tag}: {len(table)} detections on {len(image_ids)} images "
+                                         f"({metrics['images_per_s']:.2f} img/s, {device}) -> {comp4_dir}")
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    import io
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+class LiveMaps:
+    """The slice of FeatureCache's reading API that scoring uses, over conv5 maps computed on the fly for one
+    image (``spp detect --images``)."""
+
+    paths: list = []
+
+    def __init__(self, backbone, scales: tuple[int, ...], image: np.ndarray, device: torch.device):
+        from .core import nets
+
+        self.spec, self.scales = backbone.spec, tuple(scales)
+        self.height, self.width = image.shape[:2]
+        with torch.inference_mode():
+            self._maps = [backbone(nets.preprocess(image, s, self.spec)[None].to(device))[0].float()
+                          for s in self.scales]
+
+    def image_hw(self, image_id: str) -> tuple[int, int]:
+        return self.height, self.width
+
+    def maps(self, image_id: str, flip: bool = False, device="cpu", scales_subset=None) -> list[torch.Tensor]:
+        if flip:
+            raise SppError("live conv5 maps have no flipped copy")
+        scales = self.scales if scales_subset is None else tuple(scales_subset)
+        return [self._maps[self.scales.index(s)].to(device) for s in scales]
+
+
+def run_on_images(cfg, images: list[Path], out: Path, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
+    """Detect on arbitrary image files with the run's trained models; save each image with its boxes drawn."""
+    import cv2
+
+    from .core import nets
+    from .proposals import selective_search
+
+    run_dir = Run(cfg.run_dir)
+    device = pick_device(cfg)
+    scorer = _Scorer(cfg, run_dir, feature, one_scale, bool(cfg.detect.bbox), device)
+    model, _ = nets.load_checkpoint(run_dir.require("pretrain").output("model"), expect_backbone=cfg.model.backbone)
+    backbone = model.backbone.to(device).eval()
+    scales = (cfg.features.one_scale,) if one_scale else tuple(cfg.features.scales)
+    out.mkdir(parents=True, exist_ok=True)
+    lines, drawn = [], 0
+    for path in images:
+        image = load_image_rgb(path)
+        height, width = image.shape[:2]
+        boxes = selective_search(image, cfg.proposals)
+        live = LiveMaps(backbone, scales, image, device)
+        with torch.inference_mode():
+            dets = scorer.score(live, path.stem, boxes, (width, height))
+        canvas = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+        for k, (kept_boxes, kept_scores) in enumerate(dets):
+            for box, score in zip(kept_boxes, kept_scores):
+                if score < 0:  # draw confident detections only; the SVM margin is 0
+                    continue
+                x1, y1, x2, y2 = (int(round(v)) for v in box)
+                colour = tuple(int(c) for c in np.random.default_rng(k).integers(64, 256, 3))
+                cv2.rectangle(canvas, (x1, y1), (x2 - 1, y2 - 1), colour, 2)
+                cv2.putText(canvas, f"{scorer.models.classes[k]} {score:.2f}", (x1, max(y1 - 3, 10)),
+                            cv2.FONT_HERSHEY_SIMPLEX, 0.4, colour, 1, cv2.LINE_AA)
+                lines.append(f"{path.name} {scorer.models.classes[k]} {score:.3f} "
+                             f"{x1} {y1} {x2} {y2}")
+                drawn += 1
+        target = out / f"{path.stem}_detections.jpg"
+        ok, encoded = cv2.imencode(".jpg", canvas)
+        if not ok:
+            raise SppError("could not encode the output image", target)
+        atomic_write_bytes(target, encoded.tobytes())
+    atomic_write_bytes(out / "detections.txt", "".join(f"{line}\n" for line in lines).encode())
+    return StageResult(None, summary=(
+        f"{drawn} detections with score >= 0 on {len(images)} image(s) -> {out}"))
