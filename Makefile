@@ -4,6 +4,7 @@
 #
 #   make all                                   embedded synthetic dataset, ZF-5 from scratch (CPU minutes)
 #   make all RUN=voc DATASET=voc2007 VOC_ROOT=/path/VOCdevkit CONFIG=voc2007-zf5   the paper's setting
+#   SPP_FLAGS="--set finetune.iters=500 --device cuda" adds options to every stage
 #
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -13,11 +14,13 @@ RUN ?= synth
 DATASET ?= synth
 SYNTH_ROOT ?= data/synth
 VOC_ROOT ?= $(if $(filter synth,$(DATASET)),$(SYNTH_ROOT),)
-CONFIG ?=
+# The preset every stage builds its config from (stages/configs/<name>.toml, or a TOML path).
+CONFIG ?= $(if $(filter synth,$(DATASET)),synth,voc2007-zf5)
+CONFIG_FILE := $(firstword $(wildcard $(CONFIG) stages/configs/$(CONFIG).toml))
 TRAIN ?= trainval
 TEST ?= test
 R := data/runs/$(RUN)
-ARGS := --run $(RUN) --dataset $(DATASET) $(if $(VOC_ROOT),--voc-root $(VOC_ROOT)) $(if $(CONFIG),--config $(CONFIG))
+ARGS := --run $(RUN) --dataset $(DATASET) $(if $(VOC_ROOT),--voc-root $(VOC_ROOT)) --config $(CONFIG) $(SPP_FLAGS)
 # Table 9 rows: SVMs on pool5, fc7 (no fine-tuning), ftfc7, ftfc7 + box regression; at 1 and at all scales.
 SVM_FEATURES := pool5 fc7 ftfc7
 N_SCALES := 5
@@ -49,7 +52,7 @@ all: install $(R)/table9.json
 $(SYNTH_ROOT)/VOC2007/ImageSets/Main/test.txt: | install
 	$(SPP) data synth --out $(SYNTH_ROOT)
 
-DATA_DEP := $(if $(filter synth,$(DATASET)),$(SYNTH_ROOT)/VOC2007/ImageSets/Main/test.txt,)
+DATA_DEP := $(if $(filter synth,$(DATASET)),$(SYNTH_ROOT)/VOC2007/ImageSets/Main/test.txt,) $(CONFIG_FILE)
 
 # -- stages --------------------------------------------------------------------------------------------------
 $(R)/00_pretrain/MANIFEST.json: $(DATA_DEP) | install
