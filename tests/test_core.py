@@ -218,3 +218,14 @@ def test_dataset_fingerprint_follows_annotation_content(tiny_devkit):
     path.write_text(path.read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
     assert VocDataset(tiny_devkit).fingerprint("train") != before
     assert json.dumps(before)
+
+
+def test_manifest_outputs_with_a_relative_run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = Run("data/runs/r")  # relative, as `make all` uses it
+    folder = run.stage_dir("pretrain")
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"w")
+    manifest = run.write_manifest("pretrain", None, config={}, inputs={}, outputs={"model": folder / "model.pt"})
+    assert manifest.data["outputs"]["model"] == "model.pt"
+    assert manifest.output("model").read_bytes() == b"w"

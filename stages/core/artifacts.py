@@ -211,7 +211,11 @@ class Run:
         rel_outputs = {}
         for name, out in outputs.items():
             out = Path(out)
-            rel_outputs[name] = str(out.relative_to(folder) if out.is_absolute() else out)
+            # An absolute path, or one that starts with the stage folder as given (relative to the working
+            # directory), is made relative to the folder; a bare relative name already is.
+            if out.is_absolute() or out.parts[:len(folder.parts)] == folder.parts:
+                out = out.resolve().relative_to(folder.resolve())
+            rel_outputs[name] = str(out)
             if not (folder / rel_outputs[name]).exists():
                 raise SppError(f"stage '{stage}' declared output {name!r} but did not write it", folder / out)
         body = {

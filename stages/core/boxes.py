@@ -21,7 +21,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)), dtype=np.float64)
-    return _tv_box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    return _tv_box_iou(torch.from_numpy(np.ascontiguousarray(a)), torch.from_numpy(np.ascontiguousarray(b))).numpy()
 
 
 def box_area(boxes: np.ndarray) -> np.ndarray:
