@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .core import boxes as B
 from .core.artifacts import Run, StageResult, atomic_write_bytes
 from .core.errors import SppError
+from .core.nets import resolve_device
 from .core.variants import detect_tag, scale_tag, svm_tag
 from .core.voc import VocDataset, load_image_rgb, resolve_voc_root, write_comp4
 
@@ -110,21 +111,13 @@ class _Scorer:
                               nms_iou=d.nms_iou, max_per_image=d.max_per_image, regress=regress)
 
 
-def pick_device(cfg) -> torch.device:
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise SppError("--device cuda asked for, but no CUDA device is available")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
     from .core.features import features_for
     from .proposals import load_proposals
 
     start = time.perf_counter()
     run_dir = Run(cfg.run_dir)
-    device = pick_device(cfg)
+    device = resolve_device(cfg.device)
     n_scales = len(cfg.features.scales)
     use_bbox = bool(cfg.detect.bbox)
     tag = detect_tag(split, feature, one_scale, n_scales, use_bbox)
@@ -218,7 +211,7 @@ def run_on_images(cfg, images: list[Path], out: Path, feature: str = "ftfc7", on
     from .proposals import selective_search
 
     run_dir = Run(cfg.run_dir)
-    device = pick_device(cfg)
+    device = resolve_device(cfg.device)
     scorer = _Scorer(cfg, run_dir, feature, one_scale, bool(cfg.detect.bbox), device)
     model, _ = nets.load_checkpoint(run_dir.require("pretrain").output("model"), expect_backbone=cfg.model.backbone)
     backbone = model.backbone.to(device).eval()
