@@ -218,6 +218,16 @@ def test_huge_lr_is_caught_as_non_finite(tmp_path, tree):
         pretrain.run(cfg)
 
 
+def test_adamw_option_trains_and_an_unknown_optimizer_is_refused(tmp_path, tree):
+    cfg = tiny_cfg(tmp_path, tree, pretrain__optimizer="adamw")
+    pretrain.run(cfg)
+    state = torch.load(Run(cfg.run_dir).stage_dir("pretrain") / pretrain.RESUME_FILE, weights_only=True)
+    assert all("exp_avg" in s for s in state["optimizer"]["state"].values())
+    with pytest.raises(SppError, match="unknown pretrain.optimizer 'adam'"):
+        pretrain.run(tiny_cfg(tmp_path, tree, run="other", pretrain__optimizer="adam"))
+    assert not Run(tmp_path / "other").stage_dir("pretrain").exists()
+
+
 def test_other_datasets_need_a_classification_set(tmp_path):
     cfg = build_config("voc2007-zf5", {"runs_root": str(tmp_path), "device": "cpu", "pretrain.epochs": 1})
     with pytest.raises(SppError, match="--data"):

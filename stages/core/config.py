@@ -61,6 +61,7 @@ class PretrainConfig:
     workers: int = 2
     init: str = ""  # start from this local weights file instead of scratch
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (torchvision's ImageNet default)
+    optimizer: str = "sgd"  # "sgd" (paper: momentum + weight decay) | "adamw" (for budgets too short for SGD)
 
 
 @dataclass(frozen=True)
