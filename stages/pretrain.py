@@ -7,6 +7,7 @@ epochs done and the final val accuracy in its meta) and the stage manifest.
 - Multi-size training [P §2.4]: epoch ``e`` trains at ``sizes[e % len(sizes)]`` px (random resized crop, flip);
   the SPP layer makes fc6 independent of the input size. Validation uses the largest size (resize + centre crop).
 - SGD with momentum and weight decay; the LR is divided by 10 at each epoch of ``lr_steps`` [P §3.1].
+  ``optimizer = "adamw"`` is the option for budgets of a few hundred steps (see ``make_optimizer``).
 - Pixels reach the net exactly as the detector feeds it (``nets.preprocess``: BGR - 128 for ZF-5, mean/std for
   torchvision trunks), so the conv layers learned here see the same input statistics at detection time.
 - Resumable: ``checkpoint_last.pt`` (model, optimizer, epoch, every rank's RNG states, history) is written
