@@ -120,7 +120,7 @@ def run(cfg: Config, split: str) -> StageResult:
     inputs = {"model": model_record, "dataset": dataset_fp}
     if run_dir.is_up_to_date(STAGE, split, config_record, inputs):
         manifest = read_manifest(run_dir.manifest_path(STAGE, split))
-        if all(path.exists() for path in feature_paths(manifest)):  # a deleted file is not up to date
+        if all(read_header(path) is not None for path in feature_paths(manifest)):  # deleted or truncated: redo
             return StageResult(manifest, summary=_summary(split, manifest.metrics), skipped=True)
     run_dir.invalidate(STAGE, split)
 

@@ -95,6 +95,12 @@ def select_windows(roi: ImageRois, fg_iou: float = 0.5,
     return np.flatnonzero(fg), cls[fg] + 1, np.flatnonzero(bg)
 
 
+def has_windows(roi: ImageRois, fg_iou: float = 0.5, bg_iou: tuple[float, float] = (0.1, 0.5)) -> bool:
+    """Does the image have any foreground or background window (an image without objects and proposals has none)?"""
+    fg_rows, _, bg_rows = select_windows(roi, fg_iou, bg_iou)
+    return len(fg_rows) + len(bg_rows) > 0
+
+
 def make_entries(roidb: list[ImageRois], fg_iou: float, bg_iou: tuple[float, float], flip: bool) -> list[Entry]:
     """One entry per image, plus one per mirrored image when ``flip`` (labels are flip-invariant)."""
     entries = []
@@ -521,7 +527,10 @@ def run(cfg: Config) -> StageResult:
     # Windows of the training images, split into train / held-out images.
     proposals = load_proposals(run_dir, split)
     roidb = build_roidb(dataset, split, proposals)
-    _, holdout_ids = split_holdout([r.image_id for r in roidb], ft.holdout_fraction, cfg.seed)
+    # Held-out images are drawn among those with windows: an image with none (no objects and no proposals)
+    # could not give a held-out batch; it stays with the training images, where it is simply never drawn.
+    with_windows = [r.image_id for r in roidb if has_windows(r, ft.fg_iou, ft.bg_iou)]
+    _, holdout_ids = split_holdout(with_windows, ft.holdout_fraction, cfg.seed)
     holdout_set = set(holdout_ids)
     train_rois = [r for r in roidb if r.image_id not in holdout_set]
     holdout_rois = [r for r in roidb if r.image_id in holdout_set]

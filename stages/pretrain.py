@@ -203,8 +203,7 @@ def _init_kind(path: Path) -> str:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise SppError(f"not a torch weights file ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
-                       path) from None
+        raise SppError(f"not a torch weights file ({nets.load_failure(exc)})", path) from None
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return "state_dict"
     if isinstance(obj, dict) and obj.get("format") == nets.CHECKPOINT_FORMAT:

@@ -222,6 +222,14 @@ class _Journal:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _readable(path: Path) -> bool:
+    try:
+        ProposalStore(path).close()
+    except SppError:
+        return False
+    return True
+
+
 def _previous_output(path: Path, params: dict) -> "ProposalStore | None":
     """An existing ``proposals.h5`` made with the same parameters (its images need no recomputing)."""
     if not path.exists():
@@ -378,7 +386,8 @@ def run(cfg, split: str, boxes_file: Path | None = None) -> StageResult:
     inputs = {"dataset": dataset.fingerprint(split)}
     if run_dir.is_up_to_date("proposals", split, config, inputs):
         manifest = read_manifest(run_dir.manifest_path("proposals", split))
-        return StageResult(manifest, summary=format_summary(split, manifest.metrics), skipped=True)
+        if _readable(manifest.output("proposals")):  # a deleted or truncated file is not up to date
+            return StageResult(manifest, summary=format_summary(split, manifest.metrics), skipped=True)
 
     run_dir.invalidate("proposals", split)
     folder = run_dir.stage_dir("proposals", split)
@@ -564,12 +573,16 @@ class ProposalStore:
                 self.method = str(handle.attrs.get("method", ""))
                 self.params: dict = json.loads(handle.attrs.get("params", "{}"))
         except FileNotFoundError:
-            raise SppError("missing proposals file; rerun `spp proposals`", self.path) from None
+            raise SppError(f"missing proposals file; {self._rerun_hint()}", self.path) from None
         except (OSError, ValueError, KeyError) as exc:
-            raise SppError(f"unreadable proposals file ({exc})", self.path) from None
+            raise SppError(f"corrupt or truncated proposals file ({exc}); {self._rerun_hint()}", self.path) from None
         self._index = set(self.image_ids)
         self._handle: h5py.File | None = None
         self._pid: int | None = None
+
+    def _rerun_hint(self) -> str:
+        # The file lives in <run>/01_proposals/<split>/.
+        return f"rerun `spp proposals --split {self.path.parent.name}` to rebuild it"
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -9,6 +9,7 @@ values (``torch.load(weights_only=True)``) plus the architecture needed to rebui
 from __future__ import annotations
 
 import io
+import pickle
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -213,12 +214,23 @@ def _load_weights(body: nn.Sequential, name: str, weights: str, cut: int | None)
         raise SppError(f"weights do not fit the {name} trunk ({detail})", source) from None
 
 
+def load_failure(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line. A file that needs more than tensors and plain
+    values (pickled classes or functions, which could run code) is said to be refused; torch's own message
+    suggests ``weights_only=False``, which is exactly what must not be done with a file of unknown origin."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in text.lower():
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        return ("refused: it holds pickled Python objects" + (f" ({found.group(1)})" if found else "")
+                + " besides tensors; only weights are loaded (torch.load weights_only=True)")
+    return f"{type(exc).__name__}: {text[:200]}"
+
+
 def _read_state_file(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is one user-facing line
-        raise SppError(f"unreadable weights file ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
-                       path) from None
+        raise SppError(f"unreadable weights file ({load_failure(exc)})", path) from None
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         obj = obj.get("state_dict", {})
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -421,8 +433,7 @@ def load_checkpoint(path: str | Path, expect_backbone: str | None = None,
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file is one user-facing line
-        raise SppError(f"unreadable checkpoint ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
-                       path) from None
+        raise SppError(f"unreadable checkpoint ({load_failure(exc)})", path) from None
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise SppError("not an sppnet checkpoint", path)
     if obj.get("version") != CHECKPOINT_VERSION:

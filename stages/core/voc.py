@@ -5,7 +5,8 @@ float boxes (see ``boxes.py``): ``x1 = xmin - 1, x2 = xmax`` on the way in, the 
 
 A dataset root is a VOCdevkit folder that holds ``VOC2007/``. The class list is VOC's 20 classes, unless
 ``VOC2007/classes.txt`` exists (the embedded synthetic dataset writes one).
-XML is parsed with defusedxml (no entity expansion); image ids that could escape the folder are refused.
+XML is parsed with defusedxml (no DTDs, so no entity expansion); image ids and split names that could escape the
+folder are refused.
 """
 from __future__ import annotations
 
@@ -107,7 +108,10 @@ class VocDataset:
 
     # -- split lists ----------------------------------------------------------------------------------------
     def split_path(self, split: str) -> Path:
-        return self.root / "ImageSets" / "Main" / f"{split}.txt"
+        folder = self.root / "ImageSets" / "Main"
+        if not _SAFE_ID.match(split) or ".." in split:  # a split name, like an image id, is a plain file stem
+            raise InputError(f"invalid split name {split!r} (splits are file stems in ImageSets/Main)", folder)
+        return folder / f"{split}.txt"
 
     def image_ids(self, split: str) -> list[str]:
         path = self.split_path(split)
@@ -154,7 +158,13 @@ class VocDataset:
 
     def load_image(self, image_id: str) -> np.ndarray:
         """RGB uint8 [H, W, 3]; checks that the pixels match the annotated size."""
-        image = load_image_rgb(self.image_path(image_id))
+        image_path = self.image_path(image_id)
+        if not image_path.exists():
+            others = sorted(p.name for p in image_path.parent.glob(f"{image_id}.*"))
+            if others:
+                raise InputError(f"missing image (there is {others[0]}, but the VOC layout names every image "
+                                 "<id>.jpg; any format PIL reads may be stored under that name)", image_path)
+        image = load_image_rgb(image_path)
         path = self.annotation_path(image_id)
         if path.exists():
             ann = self.annotation(image_id)
@@ -189,7 +199,11 @@ def load_image_rgb(path: Path) -> np.ndarray:
         from PIL import Image
         with Image.open(path) as pil:
             pil.load()
-            image = np.asarray(pil.convert("RGB"))
+            if pil.mode.startswith("I;16") or pil.mode == "I":  # 16-bit grey: PIL's convert("RGB") would clip
+                grey = (np.asarray(pil).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+                image = np.repeat(grey[:, :, None], 3, axis=2)
+            else:
+                image = np.asarray(pil.convert("RGB"))
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for corrupt files
         decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
         if decoded is None:
