@@ -76,7 +76,7 @@ def cli() -> None:
 # -- datasets ---------------------------------------------------------------------------------------------------
 @cli.group()
 def data() -> None:
-    """Datasets: generate the embedded default."""
+    """Datasets: generate the embedded default; cut a classification set from a detection split."""
 
 
 @data.command("synth")
@@ -91,6 +91,28 @@ def data_synth(out, seed, images):
 
     summary = synth.generate(Path(out), seed=seed, images=images)
     click.echo(summary)
+
+
+@data.command("crops")
+@click.option("--dataset", type=click.Choice(["synth", "voc2007"]), default="voc2007", show_default=True)
+@click.option("--voc-root", default=None, type=click.Path(file_okay=False),
+              help="Folder holding VOC2007/ (default data/synth, or $SPP_VOC_ROOT / data/VOCdevkit).")
+@click.option("--split", default="train", show_default=True, help="Detection split whose objects are cut out.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="ImageFolder tree to write (train/<class>/*.jpg, val/<class>/*.jpg, CROPS.json).")
+@click.option("--context", type=float, default=0.1, show_default=True,
+              help="Grow each box by this fraction of its width/height on every side.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Fraction of the split's images (not crops) whose crops go to val/.")
+@click.option("--short-side", type=int, default=96, show_default=True, help="Crop shorter side after resizing, px.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val division of images.")
+@_errors_as_one_line
+def data_crops(dataset, voc_root, split, out, context, val_fraction, short_side, seed):
+    """Ground-truth object crops (non-difficult, with context) of a split as an ImageFolder set for pretrain."""
+    from stages import crops
+
+    click.echo(crops.write_crops(Path(out), dataset=dataset, voc_root=voc_root, split=split, context=context,
+                                 val_fraction=val_fraction, seed=seed, short_side=short_side))
 
 
 # -- stages -----------------------------------------------------------------------------------------------------
