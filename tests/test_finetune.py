@@ -294,7 +294,7 @@ def tiny_run(tmp_path_factory):
     # fc6 of a trained net sees) and He-initialised fc6/fc7 that pass the signal on; no dropout on 32 units.
     net = nets.build_sppnet("zf5", fc_dim=32, num_classes=5, dropout=0.0, class_names=tuple("abcde"))
     with torch.no_grad():
-        net.backbone.body.conv5.weight.mul_(1 / 75)
+        net.backbone.body.conv5.weight.mul_(nets.ZF5_PIXEL_STD / 75)  # undo conv1's input-scale init, then / 75
     for layer in (net.head.fc6, net.head.fc7):
         torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
     folder = run.stage_dir("pretrain")

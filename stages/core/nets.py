@@ -36,6 +36,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # (the paper's floor(x/S) + 1 rule is the same idea). That rule is stated in centres and the stride, not in the
 # receptive-field size, so every stride-16 trunk keeps offset = 6.5 and gets its own offset0 (its cell-0 centre).
 WINDOW_OFFSET = 6.5
+ZF5_PIXEL_STD = 64.0  # rough std of BGR-128 pixel values, for conv1's init
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,10 @@ def _zf5_body() -> nn.Sequential:
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(module.bias)
+    # He init assumes unit-variance inputs; BGR-128 pixels have a std of about 64. Without this, conv1's output
+    # (and every step on its weights) is ~64x too large and from-scratch training sits at chance far longer.
+    with torch.no_grad():
+        body.conv1.weight /= ZF5_PIXEL_STD
     return body
 
 
