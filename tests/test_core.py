@@ -20,6 +20,24 @@ def test_iou_of_nested_boxes_is_a_quarter():
     assert B.box_iou([[0, 0, 10, 10]], [[0, 0, 5, 5]])[0, 0] == pytest.approx(0.25)
 
 
+def test_box_iou_matches_torchvision_on_random_and_degenerate_boxes():
+    import torch
+    from torchvision.ops import box_iou as tv_box_iou
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 50, (200, 2))
+    a = np.hstack([xy, xy + rng.uniform(0, 30, (200, 2))])
+    a[:5, 2:] = a[:5, :2]  # zero-area boxes: IoU 0 with every box of positive area
+    b = a[::-1][:150] + rng.normal(0, 3, (150, 4))
+    b[:, 2:] = np.maximum(b[:, 2:], b[:, :2] + 0.5)  # valid boxes (x2 > x1), overlapping a in every way
+    ours = B.box_iou(a, b)
+    ref = tv_box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    assert ours.shape == (200, 150) and ours.dtype == np.float64
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-15)
+    assert (ours[:5] == 0).all() and 0 < ours.max() <= 1
+    assert B.box_iou(np.zeros((0, 4)), b).shape == (0, 150)
+
+
 def test_voc_conversion_gives_the_devkit_plus_one_iou():
     # Devkit: boxes (1,1,10,10) and (6,1,15,10): iw = 10-6+1 = 5, ih = 10; union = 100+100-50 -> 1/3.
     a, b = voc_to_boxes([[1, 1, 10, 10]]), voc_to_boxes([[6, 1, 15, 10]])

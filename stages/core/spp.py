@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_pool
 
 if TYPE_CHECKING:  # nets.py imports this module; the spec is only read through its attributes here
     from .nets import BackboneSpec
@@ -171,6 +170,8 @@ def _roi_pool_level(fmap: torch.Tensor, cells: torch.Tensor, n: int) -> torch.Te
     ``roi_end - roi_start + 1`` is the inclusive cell count, the ``w`` of the bin formula."""
     rois = torch.cat([torch.zeros(len(cells), 1, dtype=fmap.dtype, device=fmap.device),
                       cells.to(device=fmap.device, dtype=fmap.dtype)], dim=1)
+    from torchvision.ops import roi_pool  # lazily: torchvision's import costs 1.6 s per process
+
     return roi_pool(fmap[None], rois, output_size=(n, n), spatial_scale=1.0)
 
 
