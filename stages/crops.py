@@ -27,7 +27,7 @@ import numpy as np
 
 from .core.artifacts import atomic_write_json
 from .core.errors import SppError
-from .core.voc import Annotation, VocDataset, resolve_voc_root
+from .core.voc import Annotation, VocDataset, encode_jpeg, resolve_voc_root
 
 CROPS_VERSION = 1
 INFO_NAME = "CROPS.json"
@@ -69,14 +69,6 @@ def divide_images(image_ids: list[str], val_fraction: float, seed: int) -> tuple
     val = sorted(ordered[i] for i in order[:n_val])
     train = sorted(ordered[i] for i in order[n_val:])
     return train, val
-
-
-def _jpeg(image_rgb: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY,
-                                                                                    JPEG_QUALITY])
-    if not ok:
-        raise SppError("OpenCV could not encode a JPEG")
-    return data.tobytes()
 
 
 def _objects(ann: Annotation) -> list[int]:
@@ -164,7 +156,7 @@ def write_crops(out: Path, dataset: str = "voc2007", voc_root: str | Path | None
                     crop = resize_short_side(image[top:bottom, left:right], short_side)
                     name = voc.classes[int(ann.labels[k])]
                     # Plain writes in the staging folder; the tree is swapped in only when complete.
-                    (stage / half / name / f"{image_id}_{k}.jpg").write_bytes(_jpeg(crop))
+                    (stage / half / name / f"{image_id}_{k}.jpg").write_bytes(encode_jpeg(crop, JPEG_QUALITY))
                     counts[half] += 1
                     per_class[half][name] += 1
         (out / INFO_NAME).unlink(missing_ok=True)  # not a finished tree while folders are swapped

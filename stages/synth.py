@@ -36,7 +36,7 @@ import numpy as np
 
 from .core.artifacts import atomic_write_json
 from .core.errors import SppError
-from .core.voc import Annotation, annotation_xml
+from .core.voc import Annotation, annotation_xml, encode_jpeg
 
 GENERATOR_VERSION = 1
 CLASSES: tuple[str, ...] = ("disc", "box", "triangle", "star", "ring", "cross")
@@ -456,14 +456,6 @@ def render_crop(seed: int, split: str, label: int, index: int) -> np.ndarray:
 
 
 # -- writing ------------------------------------------------------------------------------------------------------
-def _jpeg(image_rgb: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY,
-                                                                                    JPEG_QUALITY])
-    if not ok:
-        raise SppError("OpenCV could not encode a JPEG")
-    return data.tobytes()
-
-
 def _write(path: Path, data: bytes) -> None:
     # Plain writes inside the staging folder (fsync per file would dominate the run time); the folder is
     # swapped in only when complete, which is what keeps a half-written dataset from ever being read.
@@ -485,7 +477,7 @@ def _write_detection_set(stage: Path, seed: int, plans: list[ImagePlan]) -> dict
             labels=np.array([o.label for o in scene.objects], dtype=np.int64),
             difficult=np.array([o.difficult for o in scene.objects], dtype=bool),
         )
-        _write(voc / "JPEGImages" / f"{plan.image_id}.jpg", _jpeg(scene.image))
+        _write(voc / "JPEGImages" / f"{plan.image_id}.jpg", encode_jpeg(scene.image, JPEG_QUALITY))
         _write(voc / "Annotations" / f"{plan.image_id}.xml", annotation_xml(ann, CLASSES))
         stats["objects"] += len(scene.objects)
         stats["difficult"] += int(ann.difficult.sum())
@@ -507,7 +499,8 @@ def _write_classification_set(stage: Path, seed: int, per_class: dict[str, int])
             folder = stage / "classification" / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for index in range(count):
-                _write(folder / f"{name}_{index:05d}.jpg", _jpeg(render_crop(seed, split, label, index)))
+                crop = render_crop(seed, split, label, index)
+                _write(folder / f"{name}_{index:05d}.jpg", encode_jpeg(crop, JPEG_QUALITY))
 
 
 def _swap_in(stage: Path, out: Path, names: tuple[str, ...]) -> None:

@@ -48,3 +48,13 @@ def tiny_devkit(tmp_path: Path) -> Path:
         images[f"img{k}"] = (img, [("red", (13, 11, 50, 40), False), ("green", (56, 46, 75, 60), k == 2)])
     return write_devkit(tmp_path / "devkit", images, {"train": ["img0", "img1"], "test": ["img2"],
                                                       "trainval": ["img0", "img1"]}, classes=("red", "green"))
+
+
+def jittered_and_random_proposals(rng, objects, width: int = 96, height: int = 72) -> np.ndarray:
+    """Proposals for a test image, VOC 1-based inclusive float64: 3 jittered copies of each GT box (regression
+    samples, foreground) and 25 random boxes (mostly negatives), clipped to the image."""
+    jitter = [np.array(b, float) + rng.integers(-3, 4, 4) for _, b, _ in objects for _ in range(3)]
+    x1, y1 = rng.integers(1, 60, 25), rng.integers(1, 40, 25)
+    rand = np.stack([x1, y1, np.minimum(x1 + rng.integers(20, 40, 25), width),
+                     np.minimum(y1 + rng.integers(20, 30, 25), height)], 1)
+    return np.clip(np.vstack(jitter + [rand]), 1, [width, height, width, height]).astype(np.float64)

@@ -29,7 +29,7 @@ from stages.core.errors import InputError, SppError
 from stages.core.features import features_for, read_header
 from stages.core.voc import VocDataset
 
-from conftest import write_devkit
+from conftest import jittered_and_random_proposals, write_devkit
 from test_pretrain import make_tree
 
 
@@ -396,11 +396,7 @@ def test_images_without_proposals_flow_through_finetune_svm_bbox_and_detect(tmp_
         img[40:66, 50:90] = (40, 200, 60)
         objects = [("red", (x0 + 1, y0 + 1, x0 + 36, y0 + 30), False), ("green", (51, 41, 90, 66), False)]
         images[f"im{k}"] = (img, objects)
-        jitter = [np.array(b, float) + rng.integers(-3, 4, 4) for _, b, _ in objects for _ in range(3)]
-        x1, y1 = rng.integers(1, 60, 25), rng.integers(1, 40, 25)
-        rand = np.stack([x1, y1, np.minimum(x1 + rng.integers(20, 40, 25), 96),
-                         np.minimum(y1 + rng.integers(20, 30, 25), 72)], 1)
-        boxes_voc[f"im{k}"] = np.clip(np.vstack(jitter + [rand]), 1, [96, 72, 96, 72]).astype(np.float64)
+        boxes_voc[f"im{k}"] = jittered_and_random_proposals(rng, objects)
     # Training: an image with no objects and no proposals has no window at all. Test: objects, no proposals.
     images["empty"], boxes_voc["empty"] = ((rng.random((72, 96, 3)) * 60).astype(np.uint8), []), np.zeros((0, 4))
     images["bare"], boxes_voc["bare"] = images["im1"], np.zeros((0, 4))

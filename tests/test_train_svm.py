@@ -212,7 +212,7 @@ def test_svm_model_file_round_trip(tmp_path):
 def build_tiny_run(tmp_path, n_images=4, **sets):
     """A run with proposals (imported boxes), a random ZF-5 'pretrained' and 'fine-tuned' checkpoint (fc 32-d) and
     the conv5 cache of trainval at two scales. Returns (cfg, dataset)."""
-    from conftest import write_devkit
+    from conftest import jittered_and_random_proposals, write_devkit
     from stages import extract_features, proposals
     from stages.core import nets
     from stages.core.artifacts import Run
@@ -232,11 +232,7 @@ def build_tiny_run(tmp_path, n_images=4, **sets):
             objects.append(("red", (60, 4, 92, 30), False))
         images[f"im{k}"] = (img, objects)
         # Proposals: jittered copies of the GT (regression samples) and random boxes (negatives), 1-based inclusive.
-        jitter = [np.array(b, float) + rng.integers(-3, 4, 4) for _, b, _ in objects for _ in range(3)]
-        x1, y1 = rng.integers(1, 60, 25), rng.integers(1, 40, 25)
-        rand = np.stack([x1, y1, np.minimum(x1 + rng.integers(20, 40, 25), 96),
-                         np.minimum(y1 + rng.integers(20, 30, 25), 72)], 1)
-        boxes_voc[f"im{k}"] = np.clip(np.vstack(jitter + [rand]), 1, [96, 72, 96, 72]).astype(np.float64)
+        boxes_voc[f"im{k}"] = jittered_and_random_proposals(rng, objects)
     devkit = write_devkit(tmp_path / "devkit", images, {"trainval": list(images)}, classes=("red", "green"))
     np.savez(tmp_path / "boxes.npz", **boxes_voc)
     overrides = {"runs_root": str(tmp_path / "runs"), "run": "r", "data.dataset": "voc2007",

@@ -184,6 +184,16 @@ class VocDataset:
         return digest.hexdigest()
 
 
+def encode_jpeg(image_rgb: np.ndarray, quality: int = 90) -> bytes:
+    """RGB uint8 [H, W, 3] -> JPEG bytes (OpenCV), for the datasets sppnet writes itself."""
+    import cv2
+
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise SppError("OpenCV could not encode a JPEG")
+    return data.tobytes()
+
+
 def load_image_rgb(path: Path) -> np.ndarray:
     """Decode any image OpenCV reads (JPEG, PNG, grey, CMYK JPEG) as RGB uint8 [H, W, 3]; one-line error else."""
     import cv2
