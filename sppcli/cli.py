@@ -269,14 +269,20 @@ def table9(**common):
 @click.option("--windows", type=int, default=2000, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
+@click.option("--fc-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+              help="fc6/fc7 precision in every mode (bfloat16: ~2x on CPUs with AVX512-BF16/AMX and on GPUs).")
+@click.option("--threads", type=int, default=None, help="CPU threads for the kernels [default: all cores].")
+@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="cpu: process CPU time (with --threads 1, for a machine shared with other jobs).")
 @_errors_as_one_line
-def bench(backbone, n_images, windows, repeats, json_out, **common):
+def bench(backbone, n_images, windows, repeats, json_out, fc_dtype, threads, clock, **common):
     """Time R-CNN mode vs SPP 1-scale vs SPP 5-scale per image (conv, pool, fc), with FLOP rates."""
     from stages import bench as stage
 
     cfg = _config(**common, extra={"model.backbone": backbone})
     click.echo(stage.run(cfg, n_images=n_images, windows=windows, repeats=repeats,
-                         json_out=Path(json_out) if json_out else None))
+                         json_out=Path(json_out) if json_out else None, fc_dtype=fc_dtype, threads=threads,
+                         clock=clock))
 
 
 def main() -> None:

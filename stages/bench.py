@@ -513,6 +513,8 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
     if n_images < 1 or windows < 1 or repeats < 1 or (rcnn_windows is not None and rcnn_windows < 1):
         raise SppError(f"bench needs at least one image, window, repeat and R-CNN window (got images={n_images}, "
                        f"windows={windows}, repeats={repeats}, rcnn_windows={rcnn_windows})")
+    if threads is not None and threads < 0:
+        raise SppError(f"bench threads must be at least 1 (or 0 for all cores), got {threads}")
     if fc_dtype not in ("float32", "bfloat16"):
         raise SppError(f"unknown fc dtype {fc_dtype!r} (known: float32, bfloat16)")
     device = nets.resolve_device(cfg.device)

@@ -97,15 +97,18 @@ class _Scorer:
         if len(boxes) == 0:
             return [(np.zeros((0, 4)), np.zeros(0)) for _ in self.models.classes]
         maps = fc.load_maps(cache, image_id, self.scales_subset, device=self.device)
-        pooled = fc.pool_windows(maps, boxes, fc.feature_pyramid(self.nets, cfg.model.pyramid),
-                                 rule=cfg.features.scale_rule)
+        # Pool and score each distinct (scale, conv5 rectangle) once; every window then takes its twin's row.
+        distinct = fc.distinct_windows(maps, boxes, rule=cfg.features.scale_rule)
+        pooled = fc.pool_windows(maps, boxes[distinct.rows], fc.feature_pyramid(self.nets, cfg.model.pyramid),
+                                 scale_index=distinct.scale_index, rule=cfg.features.scale_rule)
         feats = fc.head_features(pooled, self.feature, self.nets, cfg.detect.batch_windows)
-        scores = (feats * self.models.feature_scale) @ self.models.weights + self.models.bias
+        distinct_scores = (feats * self.models.feature_scale) @ self.models.weights + self.models.bias
+        scores = distinct_scores[torch.as_tensor(distinct.inverse, device=distinct_scores.device)]
         regress = None
         if self.models.bbox is not None:
             def regress(k: int, rows: np.ndarray) -> np.ndarray:
-                return apply_bbox(self.models.bbox, k, pooled[torch.as_tensor(rows, device=pooled.device)],
-                                  boxes[rows], image_wh)
+                own = torch.as_tensor(distinct.inverse[rows], device=pooled.device)
+                return apply_bbox(self.models.bbox, k, pooled[own], boxes[rows], image_wh)
         d = cfg.detect
         return detect_windows(boxes, scores.double().cpu().numpy(), image_wh, score_thresh=d.score_thresh,
                               nms_iou=d.nms_iou, max_per_image=d.max_per_image, regress=regress)

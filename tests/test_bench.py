@@ -249,6 +249,24 @@ def test_bench_takes_dataset_images_and_tops_up_proposals(tmp_path, tiny_devkit)
 def test_bench_rejects_empty_requests(tmp_path):
     with pytest.raises(SppError):
         bench.run(_tiny_cfg(tmp_path), n_images=1, windows=0, repeats=1)
+    with pytest.raises(SppError, match="threads"):
+        bench.run(_tiny_cfg(tmp_path), n_images=1, windows=5, repeats=1, threads=-1)
+
+
+def test_bench_cli_passes_precision_threads_and_clock(monkeypatch):
+    """The CLI's --fc-dtype/--threads/--clock reach bench.run (the one-thread CPU-time table of BENCHMARKS.md)."""
+    from click.testing import CliRunner
+
+    from sppcli.cli import cli
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda cfg, **kwargs: seen.update(kwargs) or "report")
+    result = CliRunner().invoke(cli, ["bench", "--images", "2", "--fc-dtype", "bfloat16", "--threads", "1",
+                                      "--clock", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (seen["n_images"], seen["fc_dtype"], seen["threads"], seen["clock"]) == (2, "bfloat16", 1, "cpu")
+    bad = CliRunner().invoke(cli, ["bench", "--clock", "sundial"])
+    assert bad.exit_code != 0 and "sundial" in bad.output
 
 
 @pytest.mark.gpu

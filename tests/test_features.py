@@ -214,6 +214,31 @@ def test_pooled_equals_pool_windows_on_the_maps(extracted, devkit):
         cache.maps("nope")
 
 
+def test_distinct_windows_pool_once_and_expand_to_the_same_features(extracted):
+    from stages.core import fcfeatures
+
+    cfg, _, _ = extracted
+    cache = features_for(Run(cfg.run_dir), "train")
+    pyramid = (1, 2, 3, 6)
+    height, width = cache.image_hw("img1")
+    boxes = random_boxes(np.random.default_rng(5), height, width)
+    # Sub-pixel shifts land on the same conv5 cells (16 px each): these rows are repeats of the first 20.
+    boxes = np.concatenate([boxes, np.minimum(boxes[:20] + 0.25, [width, height, width, height])])
+    maps = fcfeatures.load_maps(cache, "img1")
+    distinct = fcfeatures.distinct_windows(maps, boxes)
+    assert len(distinct.rows) < len(boxes) - 15 and len(distinct.inverse) == len(boxes)
+    scale_index, cells = fcfeatures.window_cells(maps, boxes)
+    keys = np.column_stack([scale_index, cells])
+    assert len(np.unique(keys[distinct.rows], axis=0)) == len(distinct.rows)  # no two picked rows share a key
+    assert np.array_equal(keys[distinct.rows][distinct.inverse], keys)  # every window maps to its own key
+    assert np.array_equal(distinct.scale_index, scale_index[distinct.rows])
+    every = fcfeatures.pool_windows(maps, boxes, pyramid)
+    once = fcfeatures.pool_windows(maps, boxes[distinct.rows], pyramid, scale_index=distinct.scale_index)
+    assert torch.equal(once[torch.from_numpy(distinct.inverse)], every)
+    nothing = fcfeatures.distinct_windows(maps, np.zeros((0, 4)))
+    assert len(nothing.rows) == len(nothing.inverse) == 0
+
+
 def test_cache_survives_pickling_for_worker_processes(extracted):
     import pickle
 

@@ -117,6 +117,31 @@ def window_cells(maps: ImageMaps, boxes: np.ndarray, rule: str = "code") -> tupl
     return scale_index, cells
 
 
+@dataclass(frozen=True)
+class DistinctWindows:
+    """Windows that pool identical features, collapsed: ``rows`` picks one window per distinct (scale, conv5 cell
+    rectangle), ``scale_index`` is the chosen scale of each picked window, and ``inverse`` maps every input window
+    to its position in ``rows`` (``per_window = per_distinct[inverse]``)."""
+
+    rows: np.ndarray  # int64 [U]
+    scale_index: np.ndarray  # int64 [U]
+    inverse: np.ndarray  # int64 [N]
+
+
+def distinct_windows(maps: ImageMaps, boxes: np.ndarray, rule: str = "code") -> DistinctWindows:
+    """Collapse windows on the same (best scale, conv5 cell rectangle): SPP pooling reads only that rectangle, so
+    their pooled features, fc activations and scores are identical, and computing them once is exact (on VOC07
+    selective-search proposals at 688 px about one window in five is such a repeat)."""
+    scale_index, cells = window_cells(maps, boxes, rule)
+    if len(scale_index) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return DistinctWindows(empty, empty, empty)
+    keys = np.column_stack([scale_index, cells])
+    _, rows, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    rows = rows.astype(np.int64)
+    return DistinctWindows(rows, scale_index[rows], inverse.reshape(-1).astype(np.int64))
+
+
 def pool_windows(maps: ImageMaps, boxes: np.ndarray, pyramid: Sequence[int], scale_index: np.ndarray | None = None,
                  rule: str = "code") -> torch.Tensor:
     """SPP-pooled conv5 features [N, C*bins] float32 on the maps' device (best scale unless ``scale_index``)."""
