@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from .core import nets
 from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, sha256_file, sha256_json
-from .core.config import Config
+from .core.config import CHOICES, Config
 from .core.errors import InputError, SppError
 from .core.voc import load_image_rgb, resolve_voc_root
 
@@ -50,7 +50,7 @@ STAGE = "pretrain"
 MODEL_FILE = "model.pt"
 RESUME_FILE = "checkpoint_last.pt"
 RESUME_FORMAT = "sppnet-pretrain-resume/1"
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = CHOICES["pretrain.optimizer"]
 # fc8 width when there is no classification data to size it (epochs = 0 from an ImageNet trunk): ImageNet's
 # 1000 [SPEC §1]. Fine-tuning replaces fc8 anyway.
 UNTRAINED_FC8_CLASSES = 1000

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from .core import boxes as box_ops
 from .core import fcfeatures
 from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, timed
+from .core.config import CHOICES
 from .core.errors import SppError
 from .core.features import features_for
 from .core.nets import resolve_device
@@ -47,7 +48,7 @@ from .core.voc import VocDataset, resolve_voc_root
 from .proposals import load_proposals
 
 SVM_FILE = "svm.npz"
-PRUNING_MODES = ("dedup", "overlap70", "none")
+PRUNING_MODES = CHOICES["svm.pruning"]
 OVERLAP_PRUNE_IOU = 0.7  # "removed if it overlaps another negative by more than 70%" [P §4.1]
 FC_BATCH = 4096  # windows per fc forward
 

@@ -76,6 +76,16 @@ def test_config_rejects_unknown_keys_and_wrong_types():
     assert cfg.features.scales == (688,) and cfg.svm.C == 1.0
     with pytest.raises(Exception):
         cfg.seed = 3  # frozen
+    with pytest.raises(SppError, match="config svm.pruning: 'overlap' is not one of dedup, overlap70, none"):
+        merge(Config(), {"svm": {"pruning": "overlap"}})
+    assert merge(Config(), {"detect": {"fc_dtype": "bfloat16"}}).detect.fc_dtype == "bfloat16"
+
+
+def test_a_refused_set_is_not_saved_in_the_run_config(tmp_path):
+    resolve_config(None, {"run": "r", "runs_root": str(tmp_path)}, ["pretrain.optimizer=adamw"])
+    with pytest.raises(SppError, match="pretrain.optimizer: 'adam' is not one of sgd, adamw"):
+        resolve_config(None, {"run": "r", "runs_root": str(tmp_path)}, ["pretrain.optimizer=adam"])
+    assert resolve_config(None, {"run": "r", "runs_root": str(tmp_path)}, []).pretrain.optimizer == "adamw"
 
 
 def test_presets_load_and_sets_parse():

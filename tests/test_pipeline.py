@@ -66,6 +66,26 @@ def test_every_stage_end_to_end(tmp_path: Path):
     comp4 = read_manifest(run.manifest_path("detect", "test-ftfc7-s2-bb")).output("comp4_dir")
     assert sorted(p.name for p in comp4.iterdir()) == sorted(f"comp4_det_test_{c}.txt" for c in classes)
 
+    # detect.fc_dtype=bfloat16 reruns detect (a config change) and keeps the float32 detections: same kept windows
+    # but for near-ties, scores within 1e-2 of the float32 ones.
+    float32 = dict(np.load(run.stage_dir("detect", "test-ftfc7-s2-bb") / "detections.npz"))
+    out = _spp(runner, "detect", *common, "--feature", "ftfc7", "--bbox", "--set", "detect.fc_dtype=bfloat16")
+    assert "up to date" not in out
+    bf16 = np.load(run.stage_dir("detect", "test-ftfc7-s2-bb") / "detections.npz")
+    keys = {(i, k, *np.round(b, 2)): s for i, k, s, b in zip(float32["image_index"], float32["label"],
+                                                              float32["score"], float32["boxes"])}
+    matched = [(keys[(i, k, *np.round(b, 2))], s) for i, k, s, b in zip(bf16["image_index"], bf16["label"],
+                                                                        bf16["score"], bf16["boxes"])
+               if (i, k, *np.round(b, 2)) in keys]
+    assert len(matched) >= 0.9 * len(keys) > 0
+    assert np.abs(np.subtract(*np.array(matched).T)).max() < 1e-2
+    result = runner.invoke(cli, ["detect", *common, "--feature", "ftfc7", "--set", "detect.fc_dtype=float16"])
+    assert result.exit_code == 1 and "detect.fc_dtype: 'float16' is not one of float32, bfloat16" in result.output
+    # The bad value is refused before it is saved: the run's config still says bfloat16.
+    assert json.loads((run.root / "config.json").read_text())["detect"]["fc_dtype"] == "bfloat16"
+    # The run keeps its config: float32 again for what follows.
+    _spp(runner, "detect", *common, "--feature", "ftfc7", "--bbox", "--set", "detect.fc_dtype=float32")
+
     # A second run of a finished stage is skipped, and a changed upstream makes it stale with a clear message.
     assert "up to date" in _spp(runner, "train-bbox", *common)
     result = runner.invoke(cli, ["finetune", *common, "--set", "finetune.iters=13"])

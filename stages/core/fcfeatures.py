@@ -168,7 +168,9 @@ def head_features(pooled: torch.Tensor, feature: str, nets_by_kind: dict, batch:
     head.eval()
     try:
         with torch.inference_mode():
-            parts = [head.features(pooled[i:i + batch], layer) for i in range(0, len(pooled), max(1, batch))]
+            dtype = head.fc6.weight.dtype  # a bfloat16 head (detect.fc_dtype) takes bfloat16 input
+            parts = [head.features(pooled[i:i + batch].to(dtype), layer)
+                     for i in range(0, len(pooled), max(1, batch))]
     finally:
         head.train(was_training)
     if not parts:
