@@ -105,8 +105,11 @@ $(foreach s,$(SCALE_TAGS),$(eval $(call detect_rule,ftfc7,$(s),-bb)))
 $(R)/05_bbox/%/MANIFEST.json: $(TRAIN_INPUTS)
 	$(SPP) train-bbox $(ARGS) $(call scale_flag,$*)
 
-EVALS := $(foreach f,$(SVM_FEATURES),$(foreach s,$(SCALE_TAGS),$(R)/07_eval/$(TEST)-$(f)-$(s)/MANIFEST.json)) \
-	$(foreach s,$(SCALE_TAGS),$(R)/07_eval/$(TEST)-ftfc7-$(s)-bb/MANIFEST.json)
+# The fine-tuned rows first: Make starts prerequisites in this order, so with parallel jobs fine-tuning (the
+# longest stage after pretraining) starts the moment the trainval features exist, and pool5/fc7 fill the other slot.
+EVALS := $(foreach s,$(SCALE_TAGS),$(R)/07_eval/$(TEST)-ftfc7-$(s)-bb/MANIFEST.json) \
+	$(foreach f,$(filter ftfc7,$(SVM_FEATURES)) $(filter-out ftfc7,$(SVM_FEATURES)),\
+	$(foreach s,$(SCALE_TAGS),$(R)/07_eval/$(TEST)-$(f)-$(s)/MANIFEST.json))
 
 $(R)/table9.json: $(EVALS)
 	$(SPP) table9 $(ARGS)
