@@ -17,22 +17,20 @@ The released algorithm [S:spp_train.m, the same as R:rcnn_train.m]:
   whose objective is ``0.5|w|^2 + 0.5 (b/10)^2 + C [2 sum_pos hinge + sum_neg hinge]`` (``svm_objective``).
 
 Features of an image are computed once for all classes; every class's candidates are scored with one matmul, and
-the classes due for a retrain are fitted in a thread pool (liblinear runs without the GIL). Only the caches of
+the classes due for a retrain are fitted in parallel, each fit in a process of its own (``core.svm.svm_fitter``:
+liblinear's random generator is process-wide, so threads would make the SVMs vary from run to run). Only the caches of
 hard negatives are held, never all negatives of all images. A killed run leaves no manifest and restarts clean.
 """
 from __future__ import annotations
 
 import io
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.svm import LinearSVC
 from tqdm import tqdm
 
 from .core import boxes as box_ops
@@ -43,6 +41,7 @@ from .core.errors import SppError
 from .core.features import features_for
 from .core.nets import resolve_device
 from .core.roidb import build_roidb
+from .core.svm import SvmFit, SvmSolver, fit_linear_svm, svm_fitter, svm_objective
 from .core.variants import svm_tag
 from .core.voc import VocDataset, resolve_voc_root
 from .proposals import load_proposals
@@ -51,65 +50,6 @@ SVM_FILE = "svm.npz"
 PRUNING_MODES = CHOICES["svm.pruning"]
 OVERLAP_PRUNE_IOU = 0.7  # "removed if it overlaps another negative by more than 70%" [P §4.1]
 FC_BATCH = 4096  # windows per fc forward
-
-
-# ------------------------------------------------------------------------------------------------ the solver
-@dataclass(frozen=True)
-class SvmSolver:
-    """liblinear's ``-s 3 -c C -w1 pos_weight -B bias_multiplier`` [S:spp_train.m update_model]."""
-
-    C: float = 1e-3
-    pos_weight: float = 2.0
-    bias_multiplier: float = 10.0
-    tol: float = 1e-4
-    max_iter: int = 20000
-    seed: int = 0
-
-    @classmethod
-    def from_config(cls, svm_cfg, seed: int = 0) -> "SvmSolver":
-        return cls(C=svm_cfg.C, pos_weight=svm_cfg.pos_weight, bias_multiplier=svm_cfg.bias_multiplier,
-                   tol=svm_cfg.tol, max_iter=svm_cfg.max_iter, seed=seed)
-
-
-@dataclass(frozen=True)
-class SvmFit:
-    w: np.ndarray  # float32 [D]
-    b: float
-    n_iter: int
-    converged: bool
-
-
-def svm_objective(w: np.ndarray, b: float, X_pos: np.ndarray, X_neg: np.ndarray, C: float = 1e-3,
-                  pos_weight: float = 2.0, bias_multiplier: float = 10.0) -> dict[str, float]:
-    """The primal objective liblinear minimises (SPEC §5), in float64, split as the released code prints it:
-    ``reg = 0.5 |w|^2 + 0.5 (b/B)^2``, ``pos = C * pos_weight * sum max(0, 1 - z)``, ``neg = C * sum max(0, 1 + z)``."""
-    w = np.asarray(w, dtype=np.float64).reshape(-1)
-    z_pos = np.asarray(X_pos, dtype=np.float64).reshape(-1, len(w)) @ w + b
-    z_neg = np.asarray(X_neg, dtype=np.float64).reshape(-1, len(w)) @ w + b
-    reg = 0.5 * float(w @ w) + 0.5 * (float(b) / bias_multiplier) ** 2
-    pos = C * pos_weight * float(np.maximum(0.0, 1.0 - z_pos).sum())
-    neg = C * float(np.maximum(0.0, 1.0 + z_neg).sum())
-    return {"total": reg + pos + neg, "reg": reg, "pos": pos, "neg": neg}
-
-
-def fit_linear_svm(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver = SvmSolver()) -> SvmFit:
-    """Fit one class: positives labelled +1, negatives -1, with liblinear's dual coordinate descent.
-
-    sklearn's ``intercept_scaling`` is liblinear's ``-B``: a constant feature B whose weight w_B is regularised
-    like the others, and ``intercept_ = B * w_B``, the released code's ``b = w(end) * bias_mult``.
-    """
-    if len(X_pos) == 0 or len(X_neg) == 0:
-        raise ValueError(f"an SVM needs positives and negatives (got {len(X_pos)} and {len(X_neg)})")
-    X = np.concatenate([X_pos, X_neg]).astype(np.float64, copy=False)
-    y = np.concatenate([np.ones(len(X_pos)), -np.ones(len(X_neg))])
-    model = LinearSVC(penalty="l2", loss="hinge", dual=True, C=solver.C,
-                      class_weight={1: solver.pos_weight, -1: 1.0}, fit_intercept=True,
-                      intercept_scaling=solver.bias_multiplier, tol=solver.tol, max_iter=solver.max_iter,
-                      random_state=solver.seed)
-    model.fit(X, y)
-    n_iter = int(np.max(model.n_iter_))
-    # classes_ is sorted (-1, 1): coef_ scores the +1 class.
-    return SvmFit(model.coef_[0].astype(np.float32), float(model.intercept_[0]), n_iter, n_iter < solver.max_iter)
 
 
 # ------------------------------------------------------------------------------------------------ pruning
@@ -217,7 +157,9 @@ class HardNegativeMiner:
     """The mining schedule over a stream of images, for all classes at once. Pure: no files, no networks.
 
     ``fit(class_index, X_pos, X_neg) -> SvmFit`` trains one class; ``objective(w, b, X_pos, X_neg) -> dict``
-    evaluates it (both injectable, so the schedule is testable with hand-made solvers).
+    evaluates it (both injectable, so the schedule is testable with hand-made solvers). With ``workers`` > 1 the
+    classes due together call ``fit`` from that many threads at once, so it must be safe for that: liblinear in
+    threads is not (see ``core.svm``), ``core.svm.svm_fitter`` is.
     """
 
     def __init__(self, positives: Sequence[np.ndarray], fit: FitFn, schedule: MiningSchedule = MiningSchedule(),
@@ -478,13 +420,12 @@ def run(cfg, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
         def objective(w, b, X_pos, X_neg):
             return svm_objective(w, b, X_pos, X_neg, solver.C, solver.pos_weight, solver.bias_multiplier)
 
-        with warnings.catch_warnings():
-            # Convergence is recorded per fit (n_iter < max_iter) and reported; no per-fit warning spam.
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        workers = cfg.svm.workers or os.cpu_count() or 1
+        with svm_fitter(solver, workers) as fit:  # classes due together are fitted in parallel processes
             miner = mine_hard_negatives(
                 negative_stream(ctx, image_ids, active, scale, cfg.svm.neg_iou, cfg.svm.pruning), positives,
-                fit=lambda k, X_pos, X_neg: fit_linear_svm(X_pos, X_neg, solver), schedule=schedule,
-                objective=objective, workers=cfg.svm.workers or os.cpu_count() or 1)
+                fit=lambda k, X_pos, X_neg: fit(X_pos, X_neg), schedule=schedule, objective=objective,
+                workers=workers)
 
         b = miner.b.copy()
         b[~miner.trained] = -np.inf  # no positives (or no negatives): no detector, so no detections

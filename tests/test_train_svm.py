@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from stages import train_svm as T
+from stages.core.svm import svm_fitter
 
 
 # -- objective and solver ------------------------------------------------------------------------------------------
@@ -172,22 +173,28 @@ def test_mining_scores_with_the_model_from_before_the_image_and_skips_cached_key
 
 
 def test_mining_with_real_svms_is_the_same_with_parallel_workers():
+    """Big enough that the three classes' fits overlap in time: liblinear's random generator is process-wide, so
+    fits in threads gave different SVMs from run to run (seen on the embedded set); svm_fitter uses processes."""
     rng = np.random.default_rng(3)
-    dim = 6
+    dim = 48
 
     def stream():
         for i in range(5):
-            feats = rng.normal(0, 1, (30, dim)).astype(np.float32) * 5
-            yield T.ImageNegatives(i, feats, np.arange(30), rng.random((30, 3)) < 0.7)
+            feats = rng.normal(0, 1, (400, dim)).astype(np.float32) * 5
+            yield T.ImageNegatives(i, feats, np.arange(400), rng.random((400, 3)) < 0.7)
 
-    positives = [(rng.normal(2, 1, (10, dim)) * 5).astype(np.float32) for _ in range(3)]
+    positives = [(rng.normal(0.3, 1, (40, dim)) * 5).astype(np.float32) for _ in range(3)]
     images = list(stream())
+    solver = T.SvmSolver(seed=0)
+    schedule = T.MiningSchedule(retrain_limit=300)
 
     def fit(k, X_pos, X_neg):
-        return T.fit_linear_svm(X_pos, X_neg, T.SvmSolver(seed=0))
+        return T.fit_linear_svm(X_pos, X_neg, solver)
 
-    serial = T.mine_hard_negatives(images, positives, fit, T.MiningSchedule(retrain_limit=20), workers=1)
-    parallel = T.mine_hard_negatives(images, positives, fit, T.MiningSchedule(retrain_limit=20), workers=3)
+    serial = T.mine_hard_negatives(images, positives, fit, schedule, workers=1)
+    with svm_fitter(solver, workers=3) as pooled:
+        parallel = T.mine_hard_negatives(images, positives, lambda k, X_pos, X_neg: pooled(X_pos, X_neg), schedule,
+                                         workers=3)
     np.testing.assert_array_equal(serial.W, parallel.W)
     np.testing.assert_array_equal(serial.b, parallel.b)
     assert all(len(c.retrains) >= 2 for c in serial.caches)  # first image + last image at least

@@ -1,0 +1,135 @@
+"""The per-class linear SVM of ``spp train-svm``: liblinear's solver through scikit-learn, its objective, and a
+pool of processes that fits several classes at once.
+
+Processes, not threads: scikit-learn's liblinear draws its coordinate order from one process-wide Mersenne
+Twister (``sklearn/svm/src/newrand``), re-seeded at the start of every fit. Two fits running in threads of one
+process share it, so each one's draws depend on the other's timing and the SVMs change from run to run. One fit at
+a time per process keeps every fit a function of its inputs and seed; a forked child per fit keeps them parallel
+without copying the (up to GBs of) training features.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.svm import LinearSVC
+
+
+@dataclass(frozen=True)
+class SvmSolver:
+    """liblinear's ``-s 3 -c C -w1 pos_weight -B bias_multiplier`` [S:spp_train.m update_model]."""
+
+    C: float = 1e-3
+    pos_weight: float = 2.0
+    bias_multiplier: float = 10.0
+    tol: float = 1e-4
+    max_iter: int = 20000
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, svm_cfg, seed: int = 0) -> "SvmSolver":
+        return cls(C=svm_cfg.C, pos_weight=svm_cfg.pos_weight, bias_multiplier=svm_cfg.bias_multiplier,
+                   tol=svm_cfg.tol, max_iter=svm_cfg.max_iter, seed=seed)
+
+
+@dataclass(frozen=True)
+class SvmFit:
+    w: np.ndarray  # float32 [D]
+    b: float
+    n_iter: int
+    converged: bool
+
+
+def svm_objective(w: np.ndarray, b: float, X_pos: np.ndarray, X_neg: np.ndarray, C: float = 1e-3,
+                  pos_weight: float = 2.0, bias_multiplier: float = 10.0) -> dict[str, float]:
+    """The primal objective liblinear minimises (SPEC §5), in float64, split as the released code prints it:
+    ``reg = 0.5 |w|^2 + 0.5 (b/B)^2``, ``pos = C * pos_weight * sum max(0, 1 - z)``, ``neg = C * sum max(0, 1 + z)``."""
+    w = np.asarray(w, dtype=np.float64).reshape(-1)
+    z_pos = np.asarray(X_pos, dtype=np.float64).reshape(-1, len(w)) @ w + b
+    z_neg = np.asarray(X_neg, dtype=np.float64).reshape(-1, len(w)) @ w + b
+    reg = 0.5 * float(w @ w) + 0.5 * (float(b) / bias_multiplier) ** 2
+    pos = C * pos_weight * float(np.maximum(0.0, 1.0 - z_pos).sum())
+    neg = C * float(np.maximum(0.0, 1.0 + z_neg).sum())
+    return {"total": reg + pos + neg, "reg": reg, "pos": pos, "neg": neg}
+
+
+def fit_linear_svm(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver = SvmSolver()) -> SvmFit:
+    """Fit one class: positives labelled +1, negatives -1, with liblinear's dual coordinate descent.
+
+    sklearn's ``intercept_scaling`` is liblinear's ``-B``: a constant feature B whose weight w_B is regularised
+    like the others, and ``intercept_ = B * w_B``, the released code's ``b = w(end) * bias_mult``.
+    """
+    if len(X_pos) == 0 or len(X_neg) == 0:
+        raise ValueError(f"an SVM needs positives and negatives (got {len(X_pos)} and {len(X_neg)})")
+    X = np.concatenate([X_pos, X_neg]).astype(np.float64, copy=False)
+    y = np.concatenate([np.ones(len(X_pos)), -np.ones(len(X_neg))])
+    model = LinearSVC(penalty="l2", loss="hinge", dual=True, C=solver.C,
+                      class_weight={1: solver.pos_weight, -1: 1.0}, fit_intercept=True,
+                      intercept_scaling=solver.bias_multiplier, tol=solver.tol, max_iter=solver.max_iter,
+                      random_state=solver.seed)
+    with warnings.catch_warnings():
+        # Convergence is returned (n_iter < max_iter) and reported per class, not warned per fit.
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(X, y)
+    n_iter = int(np.max(model.n_iter_))
+    # classes_ is sorted (-1, 1): coef_ scores the +1 class.
+    return SvmFit(model.coef_[0].astype(np.float32), float(model.intercept_[0]), n_iter, n_iter < solver.max_iter)
+
+
+def _fit_and_send(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver, send) -> None:
+    """Body of a forked fitting process: fit, send ``("ok", SvmFit)`` or ``("error", exception)``, exit."""
+    try:
+        send.send(("ok", fit_linear_svm(X_pos, X_neg, solver)))
+    except BaseException as exc:  # noqa: BLE001 - handed to the parent, which re-raises it
+        send.send(("error", exc))
+    finally:
+        send.close()
+
+
+def fit_in_fork(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver) -> SvmFit:
+    """``fit_linear_svm`` in a forked child: it sees the arrays through fork's copy-on-write (nothing is pickled
+    or copied but the small result), and its liblinear generator is its own."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_fit_and_send, args=(X_pos, X_neg, solver, send), daemon=True)
+    with warnings.catch_warnings():
+        # Python >= 3.12 warns about fork in a threaded process; the child runs only numpy and liblinear, which
+        # take no lock another thread could hold (no torch, no OpenMP).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child.start()
+    send.close()
+    try:
+        status, payload = receive.recv()
+    except EOFError:
+        child.join()
+        raise RuntimeError(f"the SVM fitting process died (exit code {child.exitcode})") from None
+    finally:
+        receive.close()
+    child.join()
+    if status == "error":
+        raise payload
+    return payload
+
+
+@contextmanager
+def svm_fitter(solver: SvmSolver, workers: int = 1) -> Iterator[Callable[[np.ndarray, np.ndarray], SvmFit]]:
+    """``fit(X_pos, X_neg) -> SvmFit`` for ``solver``, safe to call from several threads at once: with
+    ``workers`` > 1 each call forks a process of its own (the calling thread only waits; ``fit_in_fork``), else it
+    runs in the calling thread. The results are the same either way, to the bit. Where fork does not exist
+    (Windows) the fits run one at a time in the caller, whatever ``workers`` says."""
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        lock = threading.Lock()  # one liblinear fit at a time in this process (see the module doc)
+
+        def fit_here(X_pos: np.ndarray, X_neg: np.ndarray) -> SvmFit:
+            with lock:
+                return fit_linear_svm(X_pos, X_neg, solver)
+
+        yield fit_here
+        return
+    yield lambda X_pos, X_neg: fit_in_fork(X_pos, X_neg, solver)
