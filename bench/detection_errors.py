@@ -1,0 +1,62 @@
+"""What a run's top detections hit: the analysis behind README's "why box regression does not help here".
+
+For each class, the 2 x (number of non-difficult objects) highest-scoring detections of a variant are sorted into
+- correct: IoU >= 0.5 with an object of the class,
+- localisation: IoU 0.1-0.5 with an object of the class (what box regression can fix),
+- other class: IoU >= 0.1 with an object of another class only,
+- background: the rest.
+
+    .venv/bin/python bench/detection_errors.py data/runs/synth test-ftfc7-s1 test-ftfc7-s1-bb \
+        [--voc-root data/synth] [--split test]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.core.boxes import box_iou  # noqa: E402
+from stages.core.voc import VocDataset  # noqa: E402
+
+
+def breakdown(dataset: VocDataset, split: str, detections: Path) -> collections.Counter:
+    data = np.load(detections)
+    image_ids = [str(i) for i in data["image_ids"]]
+    annotations = {image_id: dataset.annotation(image_id) for image_id in image_ids}
+    counts: collections.Counter = collections.Counter()
+    for k in range(len(dataset.classes)):
+        rows = np.flatnonzero(data["label"] == k)
+        objects = sum(int(((a.labels == k) & ~a.difficult).sum()) for a in annotations.values())
+        for row in rows[np.argsort(-data["score"][rows], kind="stable")][:2 * objects]:
+            ann = annotations[image_ids[int(data["image_index"][row])]]
+            box = data["boxes"][row][None]
+            same = ann.boxes[ann.labels == k]
+            iou_same = box_iou(box, same).max() if len(same) else 0.0
+            iou_any = box_iou(box, ann.boxes).max() if len(ann.boxes) else 0.0
+            counts["correct" if iou_same >= 0.5 else "localisation" if iou_same >= 0.1
+                   else "other class" if iou_any >= 0.1 else "background"] += 1
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", type=Path, help="a run directory, e.g. data/runs/synth")
+    parser.add_argument("variants", nargs="+", help="06_detect folders, e.g. test-ftfc7-s1-bb")
+    parser.add_argument("--voc-root", type=Path, default=Path("data/synth"))
+    args = parser.parse_args()
+    dataset = VocDataset(args.voc_root)
+    for variant in args.variants:
+        counts = breakdown(dataset, "test", args.run / "06_detect" / variant / "detections.npz")
+        total = sum(counts.values())
+        shares = ", ".join(f"{name} {counts[name] / total:.0%}"
+                           for name in ("correct", "localisation", "other class", "background"))
+        print(f"{variant}: {total} detections: {shares}")
+
+
+if __name__ == "__main__":
+    main()
