@@ -203,6 +203,18 @@ def test_mining_with_real_svms_is_the_same_with_parallel_workers():
         assert (X_neg @ serial.W[:, k] + serial.b[k] >= -1.2 - 1e-5).all()
 
 
+def test_forked_fit_equals_the_fit_here_and_hands_back_its_errors():
+    from stages.core.svm import fit_in_fork
+
+    rng = np.random.default_rng(1)
+    X_pos = rng.normal(1, 1, (20, 5)).astype(np.float32)
+    X_neg = rng.normal(-1, 1, (200, 5)).astype(np.float32)
+    here, there = T.fit_linear_svm(X_pos, X_neg), fit_in_fork(X_pos, X_neg, T.SvmSolver())
+    assert np.array_equal(here.w, there.w) and here.b == there.b and here.n_iter == there.n_iter
+    with pytest.raises(ValueError, match="needs positives and negatives"):
+        fit_in_fork(X_pos, X_neg[:0], T.SvmSolver())
+
+
 def test_svm_model_file_round_trip(tmp_path):
     model = T.SvmModel(np.arange(6, dtype=np.float32).reshape(3, 2), np.array([0.5, -np.inf], np.float32), "ftfc7",
                        0.25, 80.0, ("a", "b"), (480, 688), (1, 2, 3, 6), np.array([True, False]))

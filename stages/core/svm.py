@@ -1,5 +1,5 @@
-"""The per-class linear SVM of ``spp train-svm``: liblinear's solver through scikit-learn, its objective, and a
-pool of processes that fits several classes at once.
+"""The per-class linear SVM of ``spp train-svm``: liblinear's solver through scikit-learn, its objective, and
+``svm_fitter``, which fits several classes at once and still gives the same SVMs on every run.
 
 Processes, not threads: scikit-learn's liblinear draws its coordinate order from one process-wide Mersenne
 Twister (``sklearn/svm/src/newrand``), re-seeded at the start of every fit. Two fits running in threads of one
@@ -19,6 +19,8 @@ from typing import Callable, Iterator
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
+
+from .errors import SppError
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,8 @@ def fit_in_fork(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver) -> SvmF
         status, payload = receive.recv()
     except EOFError:
         child.join()
-        raise RuntimeError(f"the SVM fitting process died (exit code {child.exitcode})") from None
+        hint = " (killed: out of memory? set svm.workers=1 to fit one class at a time)" if child.exitcode == -9 else ""
+        raise SppError(f"the SVM fitting process died with exit code {child.exitcode}{hint}") from None
     finally:
         receive.close()
     child.join()
