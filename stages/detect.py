@@ -88,6 +88,8 @@ class _Scorer:
         self.models = load_class_models(self.svm_manifest.output("svm"),
                                         self.bbox_manifest.output("bbox") if self.bbox_manifest else None, device)
         self.nets, self.net_manifests = fcfeatures.load_feature_nets(run, feature, cfg, device=device)
+        if cfg.detect.fc_dtype not in FC_DTYPES:  # the config checks it; a hand-built one may not have been
+            raise SppError(f"unknown detect.fc_dtype {cfg.detect.fc_dtype!r} (known: {', '.join(FC_DTYPES)})")
         for net in self.nets.values():  # fresh copies loaded for this stage: converting in place is safe
             net.head.to(FC_DTYPES[cfg.detect.fc_dtype])
         self.scales_subset = (cfg.features.one_scale,) if one_scale else None

@@ -41,7 +41,8 @@ from .core.errors import SppError
 from .core.features import features_for
 from .core.nets import resolve_device
 from .core.roidb import build_roidb
-from .core.svm import SvmFit, SvmSolver, fit_linear_svm, svm_fitter, svm_objective
+from .core.svm import SvmFit, SvmSolver, fit_linear_svm, svm_fitter, svm_objective  # noqa: F401 (fit_linear_svm:
+# the solver keeps its old import path here for scripts)
 from .core.variants import svm_tag
 from .core.voc import VocDataset, resolve_voc_root
 from .proposals import load_proposals
