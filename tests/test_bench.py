@@ -253,7 +253,7 @@ def test_bench_rejects_empty_requests(tmp_path):
         bench.run(_tiny_cfg(tmp_path), n_images=1, windows=5, repeats=1, threads=-1)
 
 
-def test_bench_cli_passes_precision_threads_and_clock(monkeypatch):
+def test_bench_cli_passes_precision_threads_and_clock(monkeypatch, tmp_path):
     """The CLI's --fc-dtype/--threads/--clock reach bench.run (the one-thread CPU-time table of BENCHMARKS.md)."""
     from click.testing import CliRunner
 
@@ -261,11 +261,11 @@ def test_bench_cli_passes_precision_threads_and_clock(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(bench, "run", lambda cfg, **kwargs: seen.update(kwargs) or "report")
-    result = CliRunner().invoke(cli, ["bench", "--images", "2", "--fc-dtype", "bfloat16", "--threads", "1",
-                                      "--clock", "cpu"])
+    result = CliRunner().invoke(cli, ["bench", "--runs-root", str(tmp_path), "--images", "2", "--fc-dtype",
+                                      "bfloat16", "--threads", "1", "--clock", "cpu"])
     assert result.exit_code == 0, result.output
     assert (seen["n_images"], seen["fc_dtype"], seen["threads"], seen["clock"]) == (2, "bfloat16", 1, "cpu")
-    bad = CliRunner().invoke(cli, ["bench", "--clock", "sundial"])
+    bad = CliRunner().invoke(cli, ["bench", "--runs-root", str(tmp_path), "--clock", "sundial"])
     assert bad.exit_code != 0 and "sundial" in bad.output
 
 
