@@ -6,8 +6,7 @@ For each class, the 2 x (number of non-difficult objects) highest-scoring detect
 - other class: IoU >= 0.1 with an object of another class only,
 - background: the rest.
 
-    .venv/bin/python bench/detection_errors.py data/runs/synth test-ftfc7-s1 test-ftfc7-s1-bb \
-        [--voc-root data/synth] [--split test]
+    .venv/bin/python bench/detection_errors.py data/runs/synth test-ftfc7-s1 test-ftfc7-s1-bb [--voc-root data/synth]
 """
 from __future__ import annotations
 
@@ -24,7 +23,7 @@ from stages.core.boxes import box_iou  # noqa: E402
 from stages.core.voc import VocDataset  # noqa: E402
 
 
-def breakdown(dataset: VocDataset, split: str, detections: Path) -> collections.Counter:
+def breakdown(dataset: VocDataset, detections: Path) -> collections.Counter:
     data = np.load(detections)
     image_ids = [str(i) for i in data["image_ids"]]
     annotations = {image_id: dataset.annotation(image_id) for image_id in image_ids}
@@ -51,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     dataset = VocDataset(args.voc_root)
     for variant in args.variants:
-        counts = breakdown(dataset, "test", args.run / "06_detect" / variant / "detections.npz")
+        counts = breakdown(dataset, args.run / "06_detect" / variant / "detections.npz")
         total = sum(counts.values())
         shares = ", ".join(f"{name} {counts[name] / total:.0%}"
                            for name in ("correct", "localisation", "other class", "background"))

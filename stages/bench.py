@@ -210,11 +210,11 @@ def spp_window_features(backbone: nets.Backbone, head: nets.SppHead, image: np.n
                 scaled = spp.scale_boxes(boxes[chosen], image_hw, short_side)
                 cells[chosen] = spp.boxes_to_cells(scaled, tuple(maps[k].shape[-2:]), spec)
         keys = np.concatenate([scale_index[:, None], cells], axis=1)
-        # Rows sorted by scale (np.unique sorts its rows; a stable sort otherwise), so each scale's pooled block is
-        # a contiguous slice and one concatenation assembles them; ``inverse`` restores the input order.
-        if dedup and len(keys):
-            keys, inverse = np.unique(keys, axis=0, return_inverse=True)
-            inverse = inverse.reshape(-1)
+        # Rows sorted by scale (distinct_cells sorts its keys; a stable sort otherwise), so each scale's pooled
+        # block is a contiguous slice and one concatenation assembles them; ``inverse`` restores the input order.
+        if dedup:
+            rows, inverse = spp.distinct_cells(scale_index, cells)
+            keys = keys[rows]
         else:
             order = np.argsort(keys[:, 0], kind="stable")
             keys, inverse = keys[order], np.empty_like(order)

@@ -17,13 +17,11 @@ from tqdm import tqdm
 
 from .core import boxes as B
 from .core.artifacts import Run, StageResult, atomic_write_bytes
+from .core.config import CHOICES
 from .core.errors import SppError
 from .core.nets import resolve_device
 from .core.variants import detect_tag, scale_tag, svm_tag
 from .core.voc import VocDataset, load_image_rgb, resolve_voc_root, write_comp4
-
-# detect.fc_dtype -> the fc6/fc7 weight type; bfloat16 moves scores by ~1e-2 of their range (README, speed)
-FC_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -88,10 +86,13 @@ class _Scorer:
         self.models = load_class_models(self.svm_manifest.output("svm"),
                                         self.bbox_manifest.output("bbox") if self.bbox_manifest else None, device)
         self.nets, self.net_manifests = fcfeatures.load_feature_nets(run, feature, cfg, device=device)
-        if cfg.detect.fc_dtype not in FC_DTYPES:  # the config checks it; a hand-built one may not have been
-            raise SppError(f"unknown detect.fc_dtype {cfg.detect.fc_dtype!r} (known: {', '.join(FC_DTYPES)})")
-        for net in self.nets.values():  # fresh copies loaded for this stage: converting in place is safe
-            net.head.to(FC_DTYPES[cfg.detect.fc_dtype])
+        known = CHOICES["detect.fc_dtype"]  # merge() checks it; a hand-built config may not have been through it
+        if cfg.detect.fc_dtype not in known:
+            raise SppError(f"unknown detect.fc_dtype {cfg.detect.fc_dtype!r} (known: {', '.join(known)})")
+        # fc6/fc7 weight type (bfloat16 moves scores by ~1e-2 of their range, BENCHMARKS.md). The nets are fresh
+        # copies loaded for this stage, so converting them in place is safe.
+        for net in self.nets.values():
+            net.head.to(getattr(torch, cfg.detect.fc_dtype))
         self.scales_subset = (cfg.features.one_scale,) if one_scale else None
         self._fc = fcfeatures
 

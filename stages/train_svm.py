@@ -34,15 +34,15 @@ import numpy as np
 from tqdm import tqdm
 
 from .core import boxes as box_ops
-from .core import fcfeatures
+from .core import fcfeatures, spp
 from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, timed
 from .core.config import CHOICES
 from .core.errors import SppError
 from .core.features import features_for
 from .core.nets import resolve_device
 from .core.roidb import build_roidb
-from .core.svm import SvmFit, SvmSolver, fit_linear_svm, svm_fitter, svm_objective  # noqa: F401 (fit_linear_svm:
-# the solver keeps its old import path here for scripts)
+# fit_linear_svm is not used here; it keeps its import path from before core/svm.py for scripts and tests.
+from .core.svm import SvmFit, SvmSolver, fit_linear_svm, svm_fitter, svm_objective  # noqa: F401
 from .core.variants import svm_tag
 from .core.voc import VocDataset, resolve_voc_root
 from .proposals import load_proposals
@@ -58,12 +58,7 @@ def dedup_windows(cells: np.ndarray, scale_index: np.ndarray) -> np.ndarray:
     """Rows (ascending) of the first window of each unique (conv5 cell rectangle, scale index): windows that pool
     identical features [S:spp_features_convX_to_poolX.m ``dedup``; MATLAB's ``unique(..., 'rows')`` keeps the
     first occurrence]."""
-    keys = np.column_stack([np.asarray(cells, dtype=np.int64).reshape(-1, 4),
-                            np.asarray(scale_index, dtype=np.int64).reshape(-1)])
-    if len(keys) == 0:
-        return np.zeros(0, dtype=np.int64)
-    _, first = np.unique(keys, axis=0, return_index=True)
-    return np.sort(first).astype(np.int64)
+    return np.sort(spp.distinct_cells(scale_index, cells)[0])
 
 
 def prune_overlapping(boxes: np.ndarray, threshold: float = OVERLAP_PRUNE_IOU) -> np.ndarray:

@@ -133,13 +133,8 @@ def distinct_windows(maps: ImageMaps, boxes: np.ndarray, rule: str = "code") -> 
     their pooled features, fc activations and scores are identical, and computing them once is exact (on VOC07
     selective-search proposals at 688 px about one window in five is such a repeat)."""
     scale_index, cells = window_cells(maps, boxes, rule)
-    if len(scale_index) == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return DistinctWindows(empty, empty, empty)
-    keys = np.column_stack([scale_index, cells])
-    _, rows, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    rows = rows.astype(np.int64)
-    return DistinctWindows(rows, scale_index[rows], inverse.reshape(-1).astype(np.int64))
+    rows, inverse = spp.distinct_cells(scale_index, cells)
+    return DistinctWindows(rows, scale_index[rows], inverse)
 
 
 def pool_windows(maps: ImageMaps, boxes: np.ndarray, pyramid: Sequence[int], scale_index: np.ndarray | None = None,

@@ -121,6 +121,19 @@ def boxes_to_cells(scaled_boxes, fmap_hw: tuple[int, int], spec: BackboneSpec) -
 # ------------------------------------------------------------------------------------------------ pooling
 
 
+def distinct_cells(scale_index, cells) -> tuple[np.ndarray, np.ndarray]:
+    """Windows on the same (scale index, conv5 cell rectangle) pool identical features. Returns ``(rows,
+    inverse)``: ``rows`` picks the first window of each distinct key, in ascending key order (scale first, so each
+    scale's picks are contiguous), and ``inverse`` maps every window to its key's position in ``rows``
+    (``per_window = per_distinct[inverse]``). The released code's ``dedup`` [S:spp_features_convX_to_poolX.m]."""
+    keys = np.column_stack([np.asarray(scale_index, dtype=np.int64).reshape(-1),
+                            np.asarray(cells, dtype=np.int64).reshape(-1, 4)])
+    if len(keys) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    _, rows, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    return rows.astype(np.int64), inverse.reshape(-1).astype(np.int64)
+
+
 def _bin_edges(extent: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact integer bins of an ``n``-level over windows ``extent`` cells long: (start [M,n], end [M,n]), end exclusive."""
     i = np.arange(n, dtype=np.int64)
