@@ -50,7 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     dataset = VocDataset(args.voc_root)
     for variant in args.variants:
-        counts = breakdown(dataset, args.run / "06_detect" / variant / "detections.npz")
+        path = args.run / "06_detect" / variant / "detections.npz"
+        if not path.is_file():
+            sys.exit(f"{path}: no such file (run `spp detect` for variant {variant} first)")
+        counts = breakdown(dataset, path)
         total = sum(counts.values())
         shares = ", ".join(f"{name} {counts[name] / total:.0%}"
                            for name in ("correct", "localisation", "other class", "background"))

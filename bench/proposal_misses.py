@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--flags-from", default="test", help="split whose difficult flags are real (default test)")
     args = parser.parse_args()
     dataset = VocDataset(args.voc_root)
+    if not args.proposals.is_file():
+        sys.exit(f"{args.proposals}: no such file (a proposals.h5 written by `spp proposals`)")
 
     best, sides, flagged = [], [], []
     with h5py.File(args.proposals, "r") as handle:
