@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
 import click
 
-from stages.core.errors import SppError
+from stages.core.errors import SppError, disk_full_message
 
 FEATURES = ("pool5", "fc6", "fc7", "ftfc6", "ftfc7")
 
@@ -43,6 +44,14 @@ def _errors_as_one_line(func):
         except KeyboardInterrupt:
             click.echo("interrupted: finished work is kept; rerun the same command to resume", err=True)
             sys.exit(130)
+        except (OSError, RuntimeError) as err:
+            message = disk_full_message(err)
+            if message is None:
+                raise
+            click.echo(f"error: {message}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)  # HDF5 can crash closing a file whose write failed: skip the interpreter's clean-up
     return wrapper
 
 

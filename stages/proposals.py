@@ -63,7 +63,8 @@ import numpy as np
 
 from .core.artifacts import Run, StageResult, atomic_write_bytes, atomic_write_json, read_manifest, sha256_file
 from .core.config import ProposalConfig
-from .core.errors import InputError, SppError
+from .core.errors import InputError, SppError, require_free_space
+from .core.features import keep_inherited_handles
 from .core.voc import Annotation, VocDataset, resolve_voc_root, voc_to_boxes
 
 SCHEMA = 1
@@ -510,6 +511,7 @@ def _consolidate(output: Path, split: str, params: dict, image_ids: list[str], a
             group = handle.create_group("boxes")
             for image_id in image_ids:
                 boxes = np.asarray(boxes_of(image_id), dtype=np.float32).reshape(-1, 4)
+                require_free_space(tmp, boxes.nbytes + 4096, f"the proposals of image {image_id}")
                 ann = annotations[image_id]
                 dataset = group.create_dataset(image_id, data=boxes, compression="gzip" if len(boxes) else None,
                                                shuffle=bool(len(boxes)))
@@ -592,6 +594,7 @@ class ProposalStore:
 
     def _file(self) -> h5py.File:
         if self._handle is None or self._pid != os.getpid():
+            keep_inherited_handles([self._handle])  # a forked child neither uses nor closes the parent's handle
             self._handle = h5py.File(self.path, "r")
             self._pid = os.getpid()
         return self._handle

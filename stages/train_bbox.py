@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .core import boxes as box_ops
 from .core import fcfeatures, spp
 from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, timed
-from .core.errors import SppError
+from .core.errors import SppError, require_free_space
 from .core.features import features_for
 from .core.nets import resolve_device
 from .core.roidb import best_gt, build_roidb
@@ -184,6 +184,7 @@ class SampleSpill:
         self.dim, self.counts = int(dim), np.zeros(num_classes, dtype=np.int64)
 
     def append(self, class_index: int, rows: np.ndarray) -> None:
+        require_free_space(self.path, 4 * self.dim * len(rows), "box-regression samples")
         name = str(int(class_index))
         if name not in self.file:
             self.file.create_dataset(name, shape=(0, self.dim), maxshape=(None, self.dim), dtype=np.float32,

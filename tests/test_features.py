@@ -248,6 +248,30 @@ def test_cache_survives_pickling_for_worker_processes(extracted):
     assert torch.equal(clone.maps("img2")[0], cache.maps("img2")[0])
 
 
+def test_a_forked_child_opens_its_own_handle_and_leaves_the_inherited_one_open(extracted):
+    """A forked worker (finetune's loaders) reads through a handle of its own and never closes the parent's:
+    closing it would run HDF5's close of the parent's file in the child."""
+    import multiprocessing
+
+    cfg, _, _ = extracted
+    cache = features_for(Run(cfg.run_dir), "train")
+    cache.maps("img2")  # opens the parent's handle
+    expected = features_for(Run(cfg.run_dir), "train").maps("img0")[0]
+    receive, send = multiprocessing.get_context("fork").Pipe(duplex=False)
+
+    def child() -> None:
+        open_files = lambda: len(h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE))  # noqa: E731
+        before = open_files()
+        same = torch.equal(cache.maps("img0")[0], expected)  # not in the inherited memory cache: reopens
+        send.send((before, open_files(), same))
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    before, after, same = receive.recv()
+    process.join()
+    assert same and after == before + 1  # a new handle beside the inherited one, which stays open
+    assert torch.equal(cache.maps("img0")[0], expected)  # and the parent's handle still works
+
 # -- damaged files --------------------------------------------------------------------------------------------
 def test_truncated_or_damaged_file_is_one_line_error_naming_the_stage(extracted, tmp_path):
     cfg, _, result = extracted

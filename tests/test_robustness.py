@@ -197,6 +197,68 @@ def test_an_error_keeps_the_finished_images_and_the_rerun_completes_the_rest(tin
     assert result.extra["computed_ids"] == ["img1", "img2"] and result.manifest.metrics["images_resumed"] == 1
 
 
+def test_a_full_disk_stops_before_writing_keeps_finished_images_and_is_one_cli_line(tiny_devkit, tmp_path,
+                                                                                      monkeypatch):
+    """HDF5 cannot survive a write that fails for lack of space (closing the file afterwards can crash the
+    process), so writers check the free space first: the stage stops with one line naming the file, the images
+    already written are kept, and the rerun with space completes the rest."""
+    import shutil
+
+    from stages.core import errors
+
+    voc = tiny_devkit / "VOC2007"
+    (voc / "ImageSets" / "Main" / "all.txt").write_text("img0\nimg1\nimg2\n")
+    sets = {"runs_root": str(tmp_path), "data.dataset": "voc2007", "data.voc_root": str(tiny_devkit),
+            "proposals.workers": 1, "proposals.min_side": 8, "device": "cpu", "features.scales": [64],
+            "model.fc_dim": 32}
+    cfg = build_config(None, sets)
+    run = Run(cfg.run_dir)
+    proposals.run(cfg, "all")
+    fake_checkpoint(run, "pretrain")
+
+    real_usage = shutil.disk_usage
+    checks = []
+
+    def one_image_of_space(path):  # room for the first image's maps, then the disk is full
+        usage = real_usage(path)
+        checks.append(path)
+        free = errors.DISK_MARGIN_BYTES + (1 << 20) if len(checks) == 1 else errors.DISK_MARGIN_BYTES
+        return usage._replace(free=free)
+
+    monkeypatch.setattr(errors.shutil, "disk_usage", one_image_of_space)
+    partial = run.stage_dir("features", "all")
+    with pytest.raises(errors.DiskFull, match=r"features.*partial\.h5: not enough disk space for the conv5 maps of "
+                                              r"image img1: .* MiB to write"):
+        extract_features.run(cfg, "all")
+    monkeypatch.setattr(errors.shutil, "disk_usage", real_usage)
+    assert [p.name for p in partial.glob("*.partial.h5")]  # the finished image is kept
+    result = extract_features.run(cfg, "all")
+    assert result.extra["computed_ids"] == ["img1", "img2"] and result.manifest.metrics["images_resumed"] == 1
+
+    # Through the CLI: one line, exit 1; proposals' own write is checked the same way.
+    monkeypatch.setattr(errors, "DISK_MARGIN_BYTES", 1 << 62)
+    args = ["proposals", "--runs-root", str(tmp_path), "--run", "other", "--dataset", "voc2007", "--voc-root",
+            str(tiny_devkit), "--split", "all", "--set", "proposals.workers=1", "--set", "proposals.min_side=8"]
+    line = one_line_error(CliRunner().invoke(cli, args))
+    assert re.fullmatch(r"error: \S+proposals\.h5\.tmp: not enough disk space for the proposals of image img0: .*", line)
+    assert not list((tmp_path / "other").rglob("*.h5"))
+
+
+def test_disk_full_errors_from_the_os_and_from_hdf5_read_as_one_line():
+    import errno as errno_module
+
+    from stages.core.errors import disk_full_message
+
+    assert disk_full_message(OSError(errno_module.ENOSPC, "No space left on device", "/runs/a/out.pt")) == (
+        "/runs/a/out.pt: no space left on device; free some space and rerun the same command (finished work is kept)")
+    hdf5 = RuntimeError("Can't decrement id ref count (file write failed: time = Sat Nov 21 20:19:28 2026\n, "
+                        "filename = '/runs/a/x.h5', file descriptor = 3, errno = 28, error message = 'No space left "
+                        "on device', buf = 0x1)")
+    assert disk_full_message(hdf5).startswith("/runs/a/x.h5: no space left on device;")
+    assert disk_full_message(OSError(errno_module.EACCES, "Permission denied")) is None
+    assert disk_full_message(RuntimeError("something else")) is None
+
+
 # -- truncated HDF5 files ---------------------------------------------------------------------------------------------
 def test_truncated_hdf5_is_one_line_naming_the_command_and_that_command_rebuilds_it(tiny_devkit, tmp_path):
     cfg = build_config(None, {"runs_root": str(tmp_path), "data.dataset": "voc2007", "data.voc_root": str(tiny_devkit),

@@ -36,7 +36,7 @@ import torch
 from . import nets, spp
 from .artifacts import Run
 from .boxes import flip_boxes
-from .errors import SppError
+from .errors import SppError, require_free_space
 
 SCHEMA_VERSION = 1
 FEATURES_FILE = "features.h5"
@@ -193,6 +193,9 @@ class FeatureWriter:
                     maps: dict[str, np.ndarray]) -> None:
         """Write one image's maps (``map_name`` -> float16 [C,h,w]) and then, flushed, its ``complete`` mark."""
         assert self.file is not None, "open() first"
+        # float16 before compression: an upper bound. Checked first because HDF5 cannot survive a failed write.
+        require_free_space(self.partial, sum(2 * np.asarray(m).size for m in maps.values()),
+                           f"the conv5 maps of image {image_id}")
         if image_id in self.file:  # an incomplete leftover (open() drops those; be safe)
             del self.file[image_id]
         group = self.file.create_group(image_id)
@@ -264,6 +267,16 @@ def read_header(path: Path) -> dict[str, Any] | None:
 
 
 # -- reader -------------------------------------------------------------------------------------------------------
+_INHERITED_HANDLES: list = []
+
+
+def keep_inherited_handles(handles) -> None:
+    """In a forked child, keep the HDF5 handles it inherited alive (never used, never closed): closing one in the
+    child would run HDF5's close of the parent's file from a copy of its state (and flock locks are shared with
+    the parent's open file). Call before dropping the references that would close them."""
+    _INHERITED_HANDLES.extend(handle for handle in handles if handle is not None)
+
+
 class FeatureCache:
     """Read side of the conv5 cache: maps per image (lazily, with a small LRU) and SPP-pooled window features.
 
@@ -324,6 +337,7 @@ class FeatureCache:
     # -- HDF5 handles (one set per process) -------------------------------------------------------------------
     def _handle(self, number: int) -> h5py.File:
         if self._pid != os.getpid():  # forked: inherited HDF5 handles must not be used
+            keep_inherited_handles(self._handles)
             self._handles = [None] * len(self.paths)
             self._lru = OrderedDict()
             self._lock = threading.Lock()

@@ -9,6 +9,7 @@ without copying the (up to GBs of) training features.
 """
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import threading
 import warnings
@@ -94,17 +95,26 @@ def _fit_and_send(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver, send)
         send.close()
 
 
+_FORK_LOCK = threading.Lock()  # gc.freeze/unfreeze are process-wide: one fork at a time
+
+
 def fit_in_fork(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver) -> SvmFit:
     """``fit_linear_svm`` in a forked child: it sees the arrays through fork's copy-on-write (nothing is pickled
     or copied but the small result), and its liblinear generator is its own."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_fit_and_send, args=(X_pos, X_neg, solver, send), daemon=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _FORK_LOCK:
         # Python >= 3.12 warns about fork in a threaded process; the child runs only numpy and liblinear, which
         # take no lock another thread could hold (no torch, no OpenMP).
         warnings.simplefilter("ignore", DeprecationWarning)
-        child.start()
+        # Frozen objects are never collected: the child must not finalize what it inherited (an open HDF5 file
+        # would be closed, and flushed, from the child; h5py's lock may be held by another parent thread).
+        gc.freeze()
+        try:
+            child.start()
+        finally:
+            gc.unfreeze()
     send.close()
     try:
         status, payload = receive.recv()
