@@ -369,6 +369,11 @@ def test_conv_mode_trains_the_backbone_too(tiny_run):
     pretrained, _ = nets.load_checkpoint(Run(cfg.run_dir).stage_dir("pretrain") / "model.pt")
     assert meta["conv_finetuned"] is True and model.head.fc8.out_features == 3
     assert not torch.equal(model.backbone.body.conv1.weight, pretrained.backbone.body.conv1.weight)
+    # Its fc layers expect its own conv5: SVMs / detection on the cached (pretrained) conv5 are refused.
+    from stages.core import fcfeatures
+    with pytest.raises(SppError, match=r"model\.pt: this model was fine-tuned with --conv, so ftfc7 computed from"):
+        fcfeatures.load_feature_nets(Run(cfg.run_dir), "ftfc7", cfg, device="cpu")
+    assert fcfeatures.load_feature_nets(Run(cfg.run_dir), "fc7", cfg, device="cpu")[0]["pretrained"] is not None
 
 
 def test_stage_input_errors(tiny_run, tmp_path):

@@ -62,7 +62,13 @@ def load_feature_nets(run: Run, feature: str, cfg, device: torch.device | str | 
     nets = {}
     for kind in required_nets(feature):
         manifest = manifests[NET_STAGES[kind]]
-        net, _meta = load_checkpoint(manifest.output("model"), expect_backbone=expect_backbone or cfg.model.backbone)
+        net, meta = load_checkpoint(manifest.output("model"), expect_backbone=expect_backbone or cfg.model.backbone)
+        if meta.get("conv_finetuned"):
+            # Its fc layers were trained on its own conv5, not on the pretrained conv5 the cache holds.
+            raise SppError(f"this model was fine-tuned with --conv, so {feature} computed from the conv5 cache (made "
+                           "by the pretrained conv layers) would be wrong; re-extracting the cache with fine-tuned "
+                           "conv layers is not supported yet: fine-tune without --conv for SVMs and detection",
+                           manifest.output("model"))
         nets[kind] = net.to(device).eval()
     return nets, manifests
 
