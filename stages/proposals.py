@@ -27,6 +27,8 @@ k in {150, 300, 450} at GraphSegmentation's default min_size 100. Here, as in th
   not depend on the worker count or on which images a worker handled before.
 - Filter: a box is dropped when its width OR its height is below ``proposals.min_side`` (20). SPEC §3 says
   "narrower"; R-CNN's ``FilterBoxesWidth`` keeps ``nr >= minLen & nc >= minLen`` (both sides), which we follow.
+  ``proposals.min_side_applies_to=width`` takes SPEC's word literally (only the width counts): more boxes, and
+  the thin ones it keeps raise recall on small objects.
   Then duplicates are removed (first kept) and at most ``proposals.max_boxes`` are kept, in rank order.
 - ``proposals.max_image_side`` > 0 runs SS on the image shrunk so its longest side is that many pixels and maps
   the boxes back (``k``/``min_size`` stay in shrunk pixels). VOC images are at most 500 px, so 500 is a no-op there;
@@ -122,14 +124,19 @@ def raw_selective_search(image: np.ndarray, ks: Iterable[int], sigma: float, see
     return rects_to_boxes(rects if rects is not None else np.zeros((0, 4)))[::-1].copy()
 
 
-def filter_boxes(boxes: np.ndarray, width: int, height: int, min_side: float, max_boxes: int) -> np.ndarray:
-    """Clip to the image, drop empty boxes and boxes with width or height < ``min_side``, drop duplicates (the
-    first is kept), keep the first ``max_boxes`` (0 = all). The order of the survivors is kept."""
+def filter_boxes(boxes: np.ndarray, width: int, height: int, min_side: float, max_boxes: int,
+                 min_side_applies_to: str = "both") -> np.ndarray:
+    """Clip to the image, drop empty boxes and boxes with width or height < ``min_side`` (only width with
+    ``min_side_applies_to="width"``), drop duplicates (the first is kept), keep the first ``max_boxes`` (0 = all).
+    The order of the survivors is kept."""
     boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    boxes = boxes[(widths > 0) & (heights > 0) & (widths >= min_side) & (heights >= min_side)]
+    if min_side_applies_to not in ("both", "width"):
+        raise ValueError(f"min_side_applies_to must be 'both' or 'width', got {min_side_applies_to!r}")
+    big_enough = (widths >= min_side) & ((heights >= min_side) if min_side_applies_to == "both" else True)
+    boxes = boxes[(widths > 0) & (heights > 0) & big_enough]
     if len(boxes):
         _, first = np.unique(boxes, axis=0, return_index=True)
         boxes = boxes[np.sort(first)]
@@ -154,7 +161,7 @@ def selective_search(image: np.ndarray, params: ProposalConfig, seed: int = 0) -
         boxes[:, 1::2] = boxes[:, 1::2] * height / small_h
     else:
         boxes = raw_selective_search(image, params.ks, params.sigma, seed)
-    return filter_boxes(boxes, width, height, params.min_side, params.max_boxes)
+    return filter_boxes(boxes, width, height, params.min_side, params.max_boxes, params.min_side_applies_to)
 
 
 # -- worker side --------------------------------------------------------------------------------------------------
@@ -363,6 +370,8 @@ def recall_metrics(best: np.ndarray, difficult: np.ndarray, thresholds: Iterable
 def _params(cfg, boxes_file: Path | None) -> dict:
     """Everything the stored boxes depend on (not the worker count): decides whether old results are reusable."""
     common = {"schema": SCHEMA, "min_side": cfg.proposals.min_side, "max_boxes": cfg.proposals.max_boxes}
+    if cfg.proposals.min_side_applies_to != "both":  # recorded only when not the default: older results stay valid
+        common["min_side_applies_to"] = cfg.proposals.min_side_applies_to
     if boxes_file is not None:
         return {"method": METHOD_FILE, "boxes_file": str(boxes_file.resolve()), "sha256": sha256_file(boxes_file),
                 **common}
@@ -487,7 +496,8 @@ def _import_boxes(path: Path, annotations: dict[str, Annotation], params_cfg: Pr
 
     def boxes_of(image_id: str) -> np.ndarray:
         ann = annotations[image_id]
-        return filter_boxes(raw[image_id], ann.width, ann.height, params_cfg.min_side, params_cfg.max_boxes)
+        return filter_boxes(raw[image_id], ann.width, ann.height, params_cfg.min_side, params_cfg.max_boxes,
+                            params_cfg.min_side_applies_to)
 
     tmp, metrics = _consolidate(folder / OUTPUT_NAME, split, params, kept, annotations, boxes_of)
     os.replace(tmp, folder / OUTPUT_NAME)

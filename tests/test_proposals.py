@@ -82,6 +82,11 @@ def test_filter_boxes_min_side_clip_dedupe_cap_keep_order():
     np.testing.assert_array_equal(capped, out[:2])
     # min_side 0 still drops empty boxes.
     assert len(proposals.filter_boxes(np.array([[3, 3, 3, 9]]), 10, 10, 0, 0)) == 0
+    # SPEC's literal "narrower": only the width counts, so the 50 x 19 box stays (the clipped 10 x 5 does not).
+    by_width = proposals.filter_boxes(boxes, width=100, height=100, min_side=20, max_boxes=0,
+                                      min_side_applies_to="width")
+    np.testing.assert_array_equal(by_width, [[0, 0, 50, 19], [5, 5, 25, 25], [0, 0, 30, 40], [40, 40, 100, 100],
+                                             [10, 10, 60, 60]])
 
 
 def test_best_overlaps_and_recall_hand_computed():

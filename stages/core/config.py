@@ -34,6 +34,8 @@ class ProposalConfig:
     ks: tuple[int, ...] = (50, 100)  # graph-segmentation k (= minSize) of SS fast mode [SPEC §3]
     sigma: float = 0.8
     min_side: int = 20  # drop boxes narrower/shorter than this many pixels [SPEC §3]
+    # "both": width and height must reach min_side (R-CNN's FilterBoxesWidth); "width": SPEC §3's literal "narrower"
+    min_side_applies_to: str = "both"
     max_boxes: int = 2000  # keep at most this many per image (SS order = hierarchical grouping rank)
     max_image_side: int = 500  # SS runs on an image resized to this longest side (boxes mapped back); 0 = off
     workers: int = 0  # processes; 0 = all cores
@@ -194,6 +196,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 # once with the known words and never reaches a run's saved config.json.
 CHOICES: dict[str, tuple[str, ...]] = {
     "features.scale_rule": ("code", "paper"),
+    "proposals.min_side_applies_to": ("both", "width"),
     "pretrain.optimizer": ("sgd", "adamw"),
     "svm.pruning": ("dedup", "overlap70", "none"),
     "detect.fc_dtype": ("float32", "bfloat16"),
