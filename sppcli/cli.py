@@ -33,6 +33,14 @@ def _run_options(func):
     return func
 
 
+def _conv_from_option(func):
+    return click.option("--conv-from", type=click.Choice(["pretrain", "finetune"]), default="pretrain",
+                        show_default=True,
+                        help="Whose conv layers make the conv5 maps: the pretrained ones, or those of a model "
+                             "fine-tuned with `spp finetune --conv` (for its ftfc6/ftfc7 SVMs, boxes, detections)."
+                        )(func)
+
+
 def _errors_as_one_line(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -159,14 +167,15 @@ def proposals(split, boxes_file, workers, **common):
 @_run_options
 @click.option("--split", required=True)
 @click.option("--scales", default=None, help="Comma-separated shorter sides, e.g. 688 or 480,576,688,874,1200.")
+@_conv_from_option
 @_errors_as_one_line
-def extract_features(split, scales, **common):
+def extract_features(split, scales, conv_from, **common):
     """conv5 maps of every image at every scale into HDF5 (float16, chunked), resumable, torchrun-sharded."""
     from stages import extract_features as stage
 
     extra = {"features.scales": [int(s) for s in scales.split(",")] if scales else None}
     cfg = _config(**common, extra=extra)
-    _report(stage.run(cfg, split))
+    _report(stage.run(cfg, split, conv_from=conv_from))
 
 
 @cli.command()
@@ -204,13 +213,14 @@ def train_svm(feature, one_scale, **common):
 @cli.command("train-bbox")
 @_run_options
 @click.option("--one-scale", is_flag=True)
+@_conv_from_option
 @_errors_as_one_line
-def train_bbox(one_scale, **common):
+def train_bbox(one_scale, conv_from, **common):
     """Per-class ridge box regressors on pooled conv5 features (R-CNN targets)."""
     from stages import train_bbox as stage
 
     cfg = _config(**common)
-    _report(stage.run(cfg, one_scale=one_scale))
+    _report(stage.run(cfg, one_scale=one_scale, conv_from=conv_from))
 
 
 @cli.command()

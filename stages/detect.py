@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from .core import boxes as B
-from .core.artifacts import Run, StageResult, atomic_write_bytes
+from .core import fcfeatures
+from .core.artifacts import FINETUNED_CONV_SUFFIX, Run, StageResult, atomic_write_bytes
 from .core.config import CHOICES
 from .core.errors import SppError
 from .core.nets import resolve_device
@@ -77,12 +78,13 @@ class _Scorer:
     """Window features -> SVM scores (and box regression) for one variant, on one device."""
 
     def __init__(self, cfg, run: Run, feature: str, one_scale: bool, use_bbox: bool, device: torch.device):
-        from .core import fcfeatures
-
         n_scales = len(cfg.features.scales)
         self.cfg, self.feature, self.one_scale, self.device = cfg, feature, one_scale, device
         self.svm_manifest = run.require("svm", svm_tag(feature, one_scale, n_scales))
-        self.bbox_manifest = run.require("bbox", scale_tag(one_scale, n_scales)) if use_bbox else None
+        # Box regressors read pool5 from the same conv layers as the feature (train-bbox --conv-from).
+        self.conv_from = fcfeatures.conv_source(run, feature)
+        bbox_tag = scale_tag(one_scale, n_scales) + (FINETUNED_CONV_SUFFIX if self.conv_from == "finetune" else "")
+        self.bbox_manifest = run.require("bbox", bbox_tag) if use_bbox else None
         self.models = load_class_models(self.svm_manifest.output("svm"),
                                         self.bbox_manifest.output("bbox") if self.bbox_manifest else None, device)
         self.nets, self.net_manifests = fcfeatures.load_feature_nets(run, feature, cfg, device=device)
@@ -123,7 +125,6 @@ class _Scorer:
 
 
 def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
-    from .core.features import features_for
     from .proposals import load_proposals
 
     start = time.perf_counter()
@@ -135,7 +136,7 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> Sta
     dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
     scorer = _Scorer(cfg, run_dir, feature, one_scale, use_bbox, device)
     proposals_manifest = run_dir.require("proposals", split)
-    features_manifest = run_dir.require("features", split)
+    cache, features_manifest = fcfeatures.cache_for(run_dir, split, feature)
     inputs = {"proposals": proposals_manifest, "features": features_manifest, "svm": scorer.svm_manifest,
               **scorer.net_manifests}
     if scorer.bbox_manifest is not None:
@@ -147,7 +148,6 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> Sta
         return StageResult(read_manifest(run_dir.manifest_path("detect", tag)), skipped=True)
 
     proposals = load_proposals(run_dir, split)
-    cache = features_for(run_dir, split)
     out_dir = run_dir.stage_dir("detect", tag)
     run_dir.invalidate("detect", tag)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -224,7 +224,8 @@ def run_on_images(cfg, images: list[Path], out: Path, feature: str = "ftfc7", on
     run_dir = Run(cfg.run_dir)
     device = resolve_device(cfg.device)
     scorer = _Scorer(cfg, run_dir, feature, one_scale, bool(cfg.detect.bbox), device)
-    model, _ = nets.load_checkpoint(run_dir.require("pretrain").output("model"), expect_backbone=cfg.model.backbone)
+    conv_stage = "finetune" if scorer.conv_from == "finetune" else "pretrain"
+    model, _ = nets.load_checkpoint(run_dir.require(conv_stage).output("model"), expect_backbone=cfg.model.backbone)
     backbone = model.backbone.to(device).eval()
     scales = (cfg.features.one_scale,) if one_scale else tuple(cfg.features.scales)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ from stages.core import nets
 from stages.core.artifacts import Manifest, Run, StageResult, read_manifest, sha256_file
 from stages.core.config import Config
 from stages.core.errors import InputError, SppError
-from stages.core.features import (SCHEMA_VERSION, FeatureWriter, feature_paths, map_name, read_header,
+from stages.core.features import (SCHEMA_VERSION, FeatureWriter, feature_paths, features_tag, map_name, read_header,
                                   shard_file_name, wait_for_files)
 from stages.core.voc import VocDataset, resolve_voc_root
 
@@ -76,11 +76,19 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-def model_input(cfg: Config, run: Run) -> tuple[Manifest | dict, Path | str, bool]:
+def model_input(cfg: Config, run: Run, conv_from: str = "pretrain") -> tuple[Manifest | dict, Path | str, bool]:
     """What the conv5 maps are computed with: (input record, weights/checkpoint path, is_checkpoint).
 
     The pretrain stage's checkpoint when that stage exists (stale or missing -> one-line error naming the command);
-    otherwise ``model.weights`` (a local file, fingerprinted by sha256, or torchvision's named weights)."""
+    otherwise ``model.weights`` (a local file, fingerprinted by sha256, or torchvision's named weights).
+    ``conv_from="finetune"``: the checkpoint of ``spp finetune --conv`` (its conv layers are its own)."""
+    if conv_from == "finetune":
+        manifest = run.require("finetune")
+        if not manifest.metrics.get("conv"):
+            raise SppError("this model was fine-tuned without --conv: its conv layers are the pretrained ones, "
+                           "whose maps `spp extract-features` (without --conv-from) already stores",
+                           manifest.output("model"))
+        return manifest, manifest.output("model"), True
     if run.manifest_path("pretrain").exists() or not cfg.model.weights:
         manifest = run.require("pretrain")
         return manifest, manifest.output("model"), True
@@ -99,7 +107,9 @@ def load_backbone(cfg: Config, source: Path | str, is_checkpoint: bool) -> nets.
     return nets.build_backbone(cfg.model.backbone, str(source))
 
 
-def run(cfg: Config, split: str) -> StageResult:
+def run(cfg: Config, split: str, conv_from: str = "pretrain") -> StageResult:
+    """conv5 maps of ``split`` into ``02_features/<split>/`` (``<split>+ftconv/`` with ``conv_from="finetune"``:
+    the conv layers of a model fine-tuned with --conv)."""
     start = time.perf_counter()
     run_dir = Run(cfg.run_dir)
     rank, world_size = process_shard()
@@ -109,7 +119,8 @@ def run(cfg: Config, split: str) -> StageResult:
     if not scales or min(scales) < 1 or len(set(scales)) != len(scales):
         raise SppError(f"features.scales must be distinct positive shorter sides, got {list(scales)}")
     store_flip = bool(cfg.features.flip and split == cfg.data.train_split)
-    model_record, model_source, is_checkpoint = model_input(cfg, run_dir)
+    tag = features_tag(split, conv_from)
+    model_record, model_source, is_checkpoint = model_input(cfg, run_dir, conv_from)
     dataset_fp = dataset.fingerprint(split)
     # Only what changes the file's contents (batching, one_scale and the scale rule do not).
     config_record = {"features": {"scales": list(scales), "flip": store_flip,
@@ -118,14 +129,14 @@ def run(cfg: Config, split: str) -> StageResult:
     if not is_checkpoint:
         config_record["model"]["weights"] = cfg.model.weights
     inputs = {"model": model_record, "dataset": dataset_fp}
-    if run_dir.is_up_to_date(STAGE, split, config_record, inputs):
-        manifest = read_manifest(run_dir.manifest_path(STAGE, split))
+    if run_dir.is_up_to_date(STAGE, tag, config_record, inputs):
+        manifest = read_manifest(run_dir.manifest_path(STAGE, tag))
         if all(read_header(path) is not None for path in feature_paths(manifest)):  # deleted or truncated: redo
-            return StageResult(manifest, summary=_summary(split, manifest.metrics), skipped=True)
-    run_dir.invalidate(STAGE, split)
+            return StageResult(manifest, summary=_summary(tag, manifest.metrics), skipped=True)
+    run_dir.invalidate(STAGE, tag)
 
     checkpoint_sha = sha256_file(Path(model_source)) if is_checkpoint else model_record["sha256"]
-    folder = run_dir.stage_dir(STAGE, split)
+    folder = run_dir.stage_dir(STAGE, tag)
     header = {"schema": SCHEMA_VERSION, "backbone": cfg.model.backbone, "checkpoint_sha256": checkpoint_sha,
               "dataset_fingerprint": dataset_fp, "split": split, "scales": list(scales), "flip": store_flip,
               "compression": int(cfg.features.compression), "rank": rank, "world_size": world_size}
@@ -135,7 +146,7 @@ def run(cfg: Config, split: str) -> StageResult:
                            cfg.features.compression)
     mine = list(enumerate(image_ids))[rank::world_size]
     metrics = extract_shard(backbone, device, dataset, mine, writer, scales, store_flip,
-                            max(1, cfg.features.batch_images), desc=f"features {split}"
+                            max(1, cfg.features.batch_images), desc=f"features {tag}"
                             + (f" rank {rank}/{world_size}" if world_size > 1 else ""))
     if rank != 0:
         # Rank 0 writes the one manifest once every shard is finished; this rank's work is on disk.
@@ -152,9 +163,9 @@ def run(cfg: Config, split: str) -> StageResult:
     total["checkpoint_sha256"] = checkpoint_sha
     outputs = ({"features": shard_paths[0]} if world_size == 1
                else {f"features.rank{r}": p for r, p in enumerate(shard_paths)})
-    manifest = run_dir.write_manifest(STAGE, split, config=config_record, inputs=inputs, outputs=outputs,
+    manifest = run_dir.write_manifest(STAGE, tag, config=config_record, inputs=inputs, outputs=outputs,
                                       metrics=total, wall_time_s=time.perf_counter() - start)
-    return StageResult(manifest, summary=_summary(split, total), extra={"computed_ids": metrics["computed_ids"]})
+    return StageResult(manifest, summary=_summary(tag, total), extra={"computed_ids": metrics["computed_ids"]})
 
 
 def _shard_ready(path: Path, header: dict) -> bool:

@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from .core import boxes as box_ops
 from .core import fcfeatures, spp
-from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, timed
+from .core.artifacts import FINETUNED_CONV_SUFFIX, Run, StageResult, atomic_write_bytes, read_manifest, timed
 from .core.errors import SppError, require_free_space
-from .core.features import features_for
+from .core.features import features_for, features_tag
 from .core.nets import resolve_device
 from .core.roidb import best_gt, build_roidb
 from .core.variants import scale_tag
@@ -243,10 +243,10 @@ def train_class(read_chunks: Callable[[], Iterable[np.ndarray]], targets: np.nda
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-def _config_record(cfg, one_scale: bool, scales: tuple[int, ...]) -> dict:
+def _config_record(cfg, one_scale: bool, scales: tuple[int, ...], conv_from: str) -> dict:
     return {"one_scale": one_scale, "scales": list(scales), "train_split": cfg.data.train_split,
             "bbox": cfg.section("bbox"), "scale_rule": cfg.features.scale_rule, "pyramid": list(cfg.model.pyramid),
-            "backbone": cfg.model.backbone}
+            "backbone": cfg.model.backbone, "conv_from": conv_from}
 
 
 def _summary(metrics: dict) -> str:
@@ -261,16 +261,18 @@ def _summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg, one_scale: bool = False) -> StageResult:
-    """Train the box regressors; writes ``05_bbox/s<n>/bbox.npz`` and its manifest."""
-    tag = scale_tag(one_scale, len(cfg.features.scales))
+def run(cfg, one_scale: bool = False, conv_from: str = "pretrain") -> StageResult:
+    """Train the box regressors; writes ``05_bbox/s<n>/bbox.npz`` and its manifest. ``conv_from="finetune"``:
+    on pool5 of the conv layers of ``spp finetune --conv`` (``05_bbox/s<n>+ftconv/``), for its ftfc7 detections."""
+    tag = scale_tag(one_scale, len(cfg.features.scales)) + (FINETUNED_CONV_SUFFIX if conv_from == "finetune" else "")
     run_dir = Run(cfg.run_dir)
     split = cfg.data.train_split
     scales = (int(cfg.features.one_scale),) if one_scale else tuple(int(s) for s in cfg.features.scales)
     dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
-    inputs = {"features": run_dir.require("features", split), "proposals": run_dir.require("proposals", split),
+    inputs = {"features": run_dir.require("features", features_tag(split, conv_from)),
+              "proposals": run_dir.require("proposals", split),
               "dataset": {"split": split, "fingerprint": dataset.fingerprint(split)}}
-    config = _config_record(cfg, one_scale, scales)
+    config = _config_record(cfg, one_scale, scales, conv_from)
     if run_dir.is_up_to_date("bbox", tag, config, inputs):
         manifest = read_manifest(run_dir.manifest_path("bbox", tag))
         return StageResult(manifest, summary=_summary(manifest.metrics), skipped=True)
@@ -281,7 +283,7 @@ def run(cfg, one_scale: bool = False) -> StageResult:
 
     with timed() as clock:
         device = resolve_device(cfg.device)
-        cache = features_for(run_dir, split)
+        cache = features_for(run_dir, split, conv_from)
         fcfeatures.scales_for(cache, scales)
         proposals = load_proposals(run_dir, split)
         pyramid = tuple(int(n) for n in cfg.model.pyramid)

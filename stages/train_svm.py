@@ -38,7 +38,6 @@ from .core import fcfeatures, spp
 from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, timed
 from .core.config import CHOICES
 from .core.errors import SppError
-from .core.features import features_for
 from .core.nets import resolve_device
 from .core.roidb import build_roidb
 # fit_linear_svm is not used here; it keeps its import path from before core/svm.py for scripts and tests.
@@ -385,7 +384,8 @@ def run(cfg, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
     split = cfg.data.train_split
     scales = (int(cfg.features.one_scale),) if one_scale else tuple(int(s) for s in cfg.features.scales)
     dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
-    inputs = {"features": run_dir.require("features", split), "proposals": run_dir.require("proposals", split),
+    cache, features_manifest = fcfeatures.cache_for(run_dir, split, feature)  # --conv models: their own conv5
+    inputs = {"features": features_manifest, "proposals": run_dir.require("proposals", split),
               **fcfeatures.feature_net_inputs(run_dir, feature),
               "dataset": {"split": split, "fingerprint": dataset.fingerprint(split)}}
     config = _config_record(cfg, feature, one_scale, scales)
@@ -396,7 +396,6 @@ def run(cfg, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
 
     with timed() as clock:
         device = resolve_device(cfg.device)
-        cache = features_for(run_dir, split)
         fcfeatures.scales_for(cache, scales)
         nets, _ = fcfeatures.load_feature_nets(run_dir, feature, cfg, device, expect_backbone=cache.backbone)
         ctx = _Context(dataset, split, load_proposals(run_dir, split), cache, feature, nets, scales,

@@ -369,11 +369,34 @@ def test_conv_mode_trains_the_backbone_too(tiny_run):
     pretrained, _ = nets.load_checkpoint(Run(cfg.run_dir).stage_dir("pretrain") / "model.pt")
     assert meta["conv_finetuned"] is True and model.head.fc8.out_features == 3
     assert not torch.equal(model.backbone.body.conv1.weight, pretrained.backbone.body.conv1.weight)
-    # Its fc layers expect its own conv5: SVMs / detection on the cached (pretrained) conv5 are refused.
+    # Its fc layers expect its own conv5: ftfc7 reads a cache made by its conv layers, fc7 the pretrained one.
+    from stages import extract_features
     from stages.core import fcfeatures
-    with pytest.raises(SppError, match=r"model\.pt: this model was fine-tuned with --conv, so ftfc7 computed from"):
-        fcfeatures.load_feature_nets(Run(cfg.run_dir), "ftfc7", cfg, device="cpu")
-    assert fcfeatures.load_feature_nets(Run(cfg.run_dir), "fc7", cfg, device="cpu")[0]["pretrained"] is not None
+    from stages.core.errors import StageInputMissing
+    from stages.core.features import features_for
+    from stages.core.voc import VocDataset
+
+    run = Run(cfg.run_dir)
+    assert fcfeatures.conv_source(run, "ftfc7") == "finetune" and fcfeatures.conv_source(run, "fc7") == "pretrain"
+    with pytest.raises(StageInputMissing, match=r"run `spp extract-features --split trainval --conv-from finetune`"):
+        fcfeatures.cache_for(run, "trainval", "ftfc7")
+    extract_features.run(cfg, "trainval", conv_from="finetune")
+    cache, manifest = fcfeatures.cache_for(run, "trainval", "ftfc7")
+    assert manifest.folder.name == "trainval+ftconv"
+    assert fcfeatures.cache_for(run, "trainval", "fc7")[1].folder.name == "trainval"
+    image = VocDataset(cfg.data.voc_root).load_image("im2")
+    with torch.inference_mode():
+        direct = model.backbone.eval()(nets.preprocess(image, 128, model.backbone.spec)[None])[0]
+    assert torch.allclose(cache.maps("im2", scales_subset=(128,))[0], direct, rtol=1e-2, atol=1e-2)  # float16
+    assert not torch.allclose(features_for(run, "trainval").maps("im2", scales_subset=(128,))[0], direct,
+                              rtol=1e-2, atol=1e-2)
+    assert fcfeatures.load_feature_nets(run, "ftfc7", cfg, device="cpu")[0]["finetuned"] is not None
+    # A model fine-tuned without --conv has no conv layers of its own to extract with.
+    plain = _stage_cfg(tiny_run, "e2e")
+    if not Run(plain.run_dir).manifest_path("finetune").exists():
+        finetune.run(plain)
+    with pytest.raises(SppError, match=r"model\.pt: this model was fine-tuned without --conv"):
+        extract_features.run(plain, "trainval", conv_from="finetune")
 
 
 def test_stage_input_errors(tiny_run, tmp_path):

@@ -93,6 +93,28 @@ def test_every_stage_end_to_end(tmp_path: Path):
     result = runner.invoke(cli, ["detect", *common, "--feature", "ftfc7", "--bbox"])
     assert result.exit_code == 1 and "stale input" in result.output and "\n" == result.output[-1]
 
+    # --conv (beyond the paper): ftfc7 of a model whose conv layers were fine-tuned too is computed from conv5 maps
+    # of those conv layers (a cache of their own), and its box regressors from their pool5; pool5 / fc7 keep the
+    # pretrained maps.
+    _spp(runner, "finetune", *common, "--conv", "--set", "finetune.iters=4", "--set", "finetune.lr_steps=[3]",
+         "--set", "finetune.eval_every=2")
+    result = runner.invoke(cli, ["train-svm", *common, "--feature", "ftfc7"])
+    assert result.exit_code == 1 and "run `spp extract-features --split trainval --conv-from finetune`" in result.output
+    for split in ("trainval", "test"):
+        _spp(runner, "extract-features", *common, "--split", split, "--conv-from", "finetune")
+    _spp(runner, "train-svm", *common, "--feature", "ftfc7")
+    result = runner.invoke(cli, ["detect", *common, "--feature", "ftfc7", "--bbox"])
+    assert result.exit_code == 1 and "spp train-bbox (variant s2+ftconv)" in result.output
+    _spp(runner, "train-bbox", *common, "--conv-from", "finetune")
+    _spp(runner, "detect", *common, "--feature", "ftfc7", "--bbox")
+    inputs = run.require("detect", "test-ftfc7-s2-bb").data["inputs"]
+    assert inputs["features"]["manifest"] == "02_features/test+ftconv/MANIFEST.json"
+    assert inputs["bbox"]["manifest"] == "05_bbox/s2+ftconv/MANIFEST.json"
+    assert run.require("svm", "ftfc7-s2").data["inputs"]["features"]["manifest"] == (
+        "02_features/trainval+ftconv/MANIFEST.json")
+    assert "up to date" in _spp(runner, "train-svm", *common, "--feature", "pool5")  # still the pretrained maps
+    assert "up to date" in _spp(runner, "train-bbox", *common)
+
     # detect on arbitrary image files draws the boxes
     image = devkit / "VOC2007" / "JPEGImages" / f"{synth_test_id(devkit)}.jpg"
     out = _spp(runner, "detect", *common, "--feature", "pool5", "--no-bbox", "--images", str(image),

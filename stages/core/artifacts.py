@@ -25,6 +25,11 @@ MANIFEST_SCHEMA = 1
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
+# Tag suffix of what was computed from the conv layers of a model fine-tuned with ``spp finetune --conv``
+# (``02_features/<split>+ftconv``, ``05_bbox/s<n>+ftconv``); without it, from the pretrained conv layers.
+FINETUNED_CONV_SUFFIX = "+ftconv"
+CONV_SOURCES = ("pretrain", "finetune")
+
 # Stage name -> (folder, the command that produces it). The folder prefix orders the run directory.
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("00_pretrain", "spp pretrain"),
@@ -152,6 +157,8 @@ class Run:
         return self.stage_dir(stage, tag) / MANIFEST_NAME
 
     def command_for(self, stage: str, tag: str | None) -> str:
+        if stage == "features" and tag and tag.endswith(FINETUNED_CONV_SUFFIX):
+            return f"spp extract-features --split {tag[:-len(FINETUNED_CONV_SUFFIX)]} --conv-from finetune"
         return STAGES[stage][1].format(tag=tag or "")
 
     def require(self, stage: str, tag: str | None = None) -> Manifest:

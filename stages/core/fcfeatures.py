@@ -51,6 +51,22 @@ def feature_net_inputs(run: Run, feature: str) -> dict[str, Manifest]:
     return {NET_STAGES[kind]: run.require(NET_STAGES[kind]) for kind in required_nets(feature)}
 
 
+def conv_source(run: Run, feature: str) -> str:
+    """Whose conv layers the conv5 maps of ``feature`` must come from: "finetune" for ftfc6/ftfc7 of a model
+    fine-tuned with --conv (its fc layers were trained on its own conv5), else "pretrain"."""
+    if required_nets(feature) == ("finetuned",) and run.require("finetune").metrics.get("conv"):
+        return "finetune"
+    return "pretrain"
+
+
+def cache_for(run: Run, split: str, feature: str):
+    """The conv5 cache ``feature`` is computed from (see ``conv_source``) and its manifest."""
+    from .features import FeatureCache, feature_paths, features_tag
+
+    manifest = run.require("features", features_tag(split, conv_source(run, feature)))
+    return FeatureCache(feature_paths(manifest)), manifest
+
+
 def load_feature_nets(run: Run, feature: str, cfg, device: torch.device | str | None = None,
                       expect_backbone: str | None = None) -> tuple[dict, dict[str, Manifest]]:
     """The nets a feature needs, in eval mode on ``device`` (default ``cfg.device``), and their manifests.
@@ -63,12 +79,9 @@ def load_feature_nets(run: Run, feature: str, cfg, device: torch.device | str | 
     for kind in required_nets(feature):
         manifest = manifests[NET_STAGES[kind]]
         net, meta = load_checkpoint(manifest.output("model"), expect_backbone=expect_backbone or cfg.model.backbone)
-        if meta.get("conv_finetuned"):
-            # Its fc layers were trained on its own conv5, not on the pretrained conv5 the cache holds.
-            raise SppError(f"this model was fine-tuned with --conv, so {feature} computed from the conv5 cache (made "
-                           "by the pretrained conv layers) would be wrong; re-extracting the cache with fine-tuned "
-                           "conv layers is not supported yet: fine-tune without --conv for SVMs and detection",
-                           manifest.output("model"))
+        if bool(meta.get("conv_finetuned")) != (conv_source(run, feature) == "finetune"):  # manifest vs file
+            raise SppError("the model file does not match its manifest (fine-tuned with --conv or not); rerun "
+                           "`spp finetune`", manifest.output("model"))
         nets[kind] = net.to(device).eval()
     return nets, manifests
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import nets, spp
-from .artifacts import Run
+from .artifacts import CONV_SOURCES, FINETUNED_CONV_SUFFIX, Run
 from .boxes import flip_boxes
 from .errors import SppError, require_free_space
 
@@ -501,9 +501,17 @@ def feature_paths(manifest) -> list[Path]:
     return [manifest.output(name) for _, name in shards]
 
 
-def features_for(run: Run, split: str) -> FeatureCache:
-    """The finished, fresh feature cache of a split (one-line error naming the command when it is not there)."""
-    return FeatureCache(feature_paths(run.require("features", split)))
+def features_tag(split: str, conv_from: str = "pretrain") -> str:
+    """The features stage's tag: the split, plus ``+ftconv`` for maps of the conv layers fine-tuned by --conv."""
+    if conv_from not in CONV_SOURCES:
+        raise SppError(f"conv5 maps come from 'pretrain' or 'finetune', not {conv_from!r}")
+    return split + (FINETUNED_CONV_SUFFIX if conv_from == "finetune" else "")
+
+
+def features_for(run: Run, split: str, conv_from: str = "pretrain") -> FeatureCache:
+    """The finished, fresh feature cache of a split, made by the pretrained conv layers or (``conv_from=
+    "finetune"``) by those of a --conv fine-tuned model; one-line error naming the command when it is not there."""
+    return FeatureCache(feature_paths(run.require("features", features_tag(split, conv_from))))
 
 
 def wait_for_files(paths: Sequence[Path], ready, poll_s: float = 2.0, timeout_s: float | None = None,
