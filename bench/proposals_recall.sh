@@ -2,7 +2,7 @@
 # Selective-search proposals on VOC2007 val (500 images): recall@0.5/0.7, boxes/image and images/s with 1 and
 # with 2 worker processes. Each run starts cold (its run folder is removed first) and records the machine load.
 #
-#   bench/proposals_recall.sh                                   # the paper's setting (max_boxes 2000)
+#   bench/proposals_recall.sh                                   # the default: SPEC §3, no cap
 #   bench/proposals_recall.sh --set proposals.max_image_side=300  # extra options go to both `spp proposals` runs
 #
 # Env: VOC_ROOT (folder holding VOC2007/), RUNS_ROOT (/tmp/props), SPLIT (val), WORKERS ("1 2"), TAG (run suffix).

@@ -110,7 +110,12 @@ def test_selective_search_finds_drawn_rectangle_inside_image():
     assert boxes.dtype == np.float64 and boxes.shape[1] == 4 and 0 < len(boxes) <= 2000
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
     assert (boxes[:, 2] <= 160).all() and (boxes[:, 3] <= 120).all()
-    assert ((boxes[:, 2] - boxes[:, 0]) >= 20).all() and ((boxes[:, 3] - boxes[:, 1]) >= 20).all()
+    assert ((boxes[:, 2] - boxes[:, 0]) >= 20).all()  # SPEC's "narrower than 20 px" dropped
+    assert ((boxes[:, 3] - boxes[:, 1]) < 20).any()  # shorter ones are kept by default...
+    both = proposals.selective_search(image, ProposalConfig(max_boxes=2000, min_side_applies_to="both"), seed=0)
+    assert (np.minimum(both[:, 2] - both[:, 0], both[:, 3] - both[:, 1]) >= 20).all()  # ...and dropped by "both"
+    short = (boxes[:, 3] - boxes[:, 1]) < 20
+    np.testing.assert_array_equal(both, boxes[~short])  # the same boxes in the same order otherwise
     assert len(np.unique(boxes, axis=0)) == len(boxes)
     np.testing.assert_array_equal(boxes, np.round(boxes))  # pixel edges when not downscaled
     xmin, ymin, xmax, ymax = objects[-1][1]  # the top rectangle: a perfect segment
@@ -199,6 +204,10 @@ def test_existing_file_is_reused_and_changed_params_recompute(tmp_path):
     result = proposals.run(changed, "val")
     assert result.manifest.metrics["images_computed"] == 3
     boxes = np.concatenate(list(stored(changed).values()))
+    assert ((boxes[:, 2] - boxes[:, 0]) >= 30).all()
+    both = make_cfg(tmp_path, devkit, **{"proposals.min_side": 30, "proposals.min_side_applies_to": "both"})
+    assert proposals.run(both, "val").manifest.metrics["images_computed"] == 3
+    boxes = np.concatenate(list(stored(both).values()))
     assert ((boxes[:, 2:] - boxes[:, :2]) >= 30).all()
 
 
