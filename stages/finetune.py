@@ -537,8 +537,10 @@ def run(cfg: Config) -> StageResult:
 
     if ft.conv:
         flip_used = ft.flip
+        if ft.conv_images < 1:
+            raise SppError(f"finetune.conv_images must be at least 1, got {ft.conv_images}")
         pooler, live_batch = _live_poolers(model, dataset, spec, cfg.features.scales, pyramid,
-                                           cfg.features.scale_rule, device)
+                                           cfg.features.scale_rule, device, ft.conv_images)
         model.to(device)
         backbone = model.backbone
     else:
@@ -607,7 +609,7 @@ def run(cfg: Config) -> StageResult:
 
 
 def _live_poolers(model: nn.Module, dataset: VocDataset, spec, scales: tuple[int, ...], pyramid: tuple[int, ...],
-                  rule: str, device: torch.device):
+                  rule: str, device: torch.device, images_per_batch: int = 2):
     """--conv: (held-out pooler, training batch maker), both running the backbone on the image itself."""
     from .core import nets, spp
 
@@ -632,20 +634,29 @@ def _live_poolers(model: nn.Module, dataset: VocDataset, spec, scales: tuple[int
         return pool_at(image, boxes, index)
 
     def live_batch(entries: list[Entry], n_fg: int, n_bg: int, rng: np.random.Generator):
-        """One random image (or mirror) at one random scale: up to n_fg foreground windows, the rest background."""
-        while True:
-            entry = entries[int(rng.integers(len(entries)))]
-            fg_take = min(n_fg, len(entry.fg_labels))
-            bg_take = min(n_fg + n_bg - fg_take, len(entry.bg_boxes))
-            if fg_take + bg_take:
-                break
-        fg_pick = rng.choice(len(entry.fg_labels), size=fg_take, replace=False)
-        bg_pick = rng.choice(len(entry.bg_boxes), size=bg_take, replace=False)
-        boxes = np.concatenate([entry.fg_boxes[fg_pick], entry.bg_boxes[bg_pick]])
-        labels = np.concatenate([entry.fg_labels[fg_pick], np.zeros(bg_take, np.int64)])
-        image, boxes = image_and_boxes(entry, boxes)
-        scale = int(rng.integers(len(scales)))
-        pooled = pool_at(image, boxes, np.full(len(boxes), scale, np.int64))
-        return pooled.float(), torch.from_numpy(labels).to(device)
+        """Windows of ``images_per_batch`` random images (or mirrors), each at one random scale. Each image gives
+        up to its share of the ``n_fg`` foreground windows and ``n_bg / n_fg`` background windows per foreground
+        one, so the batch keeps the cached path's foreground fraction even when an image has only a few
+        foreground windows (filling up with background instead taught the net to call everything background)."""
+        with_fg = [e for e in entries if len(e.fg_labels)] if n_fg else []
+        pool = with_fg or [e for e in entries if len(e.bg_boxes)]
+        if not pool:
+            raise SppError("no training image has a foreground or background window to fine-tune on")
+        fg_share = math.ceil(n_fg / images_per_batch)
+        bg_per_fg = n_bg / n_fg if n_fg else 0.0
+        features, labels = [], []
+        for _ in range(images_per_batch):
+            entry = pool[int(rng.integers(len(pool)))]
+            fg_take = min(fg_share, len(entry.fg_labels)) if with_fg else 0
+            bg_want = round(fg_take * bg_per_fg) if with_fg else math.ceil(n_bg / images_per_batch)
+            bg_take = min(bg_want, len(entry.bg_boxes))
+            fg_pick = rng.choice(len(entry.fg_labels), size=fg_take, replace=False)
+            bg_pick = rng.choice(len(entry.bg_boxes), size=bg_take, replace=False)
+            boxes = np.concatenate([entry.fg_boxes[fg_pick], entry.bg_boxes[bg_pick]]).reshape(-1, 4)
+            image, boxes = image_and_boxes(entry, boxes)
+            scale = int(rng.integers(len(scales)))
+            features.append(pool_at(image, boxes, np.full(len(boxes), scale, np.int64)).float())
+            labels.append(np.concatenate([entry.fg_labels[fg_pick], np.zeros(bg_take, np.int64)]))
+        return torch.cat(features), torch.from_numpy(np.concatenate(labels)).to(device)
 
     return pooler, live_batch

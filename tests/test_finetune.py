@@ -399,6 +399,30 @@ def test_conv_mode_trains_the_backbone_too(tiny_run):
         extract_features.run(plain, "trainval", conv_from="finetune")
 
 
+def test_conv_batches_keep_the_foreground_fraction_when_images_have_few_foreground_windows(tiny_run):
+    """--conv draws windows from a few images per batch; an image with 3 foreground windows gives them and 9
+    background ones (96/32 per foreground window), not 3 + 125 (which taught the net to call all background)."""
+    from stages.core.voc import VocDataset
+
+    cfg = _stage_cfg(tiny_run, "e2e")
+    model = nets.build_sppnet("zf5", fc_dim=32, num_classes=3, dropout=0.0, class_names=("a", "b", "c"))
+    dataset = VocDataset(cfg.data.voc_root)
+    _, live_batch = finetune._live_poolers(model, dataset, model.backbone.spec, (64, 96), (1, 2), "code", "cpu",
+                                           images_per_batch=2)
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 30, (200, 2))
+    background = np.hstack([corners, corners + rng.uniform(8, 30, (200, 2))])
+    few = finetune.Entry("im1", 80, 64, False, np.array([[10., 10, 40, 40], [12, 10, 42, 40], [10, 12, 40, 42]]),
+                         np.array([1, 1, 2]), background)
+    empty = finetune.Entry("im2", 80, 64, False, np.zeros((0, 4)), np.zeros(0, np.int64), few.bg_boxes[:50])
+    features, labels = live_batch([few, empty], 32, 96, rng)
+    assert features.shape == (24, 256 * 5) and labels.shape == (24,)  # two draws of `few`: 2 x (3 + 9)
+    assert (labels > 0).sum() == 6 and sorted(labels[labels > 0].tolist()) == [1, 1, 1, 1, 2, 2]
+    # Without foreground anywhere (fg_fraction 0): background only, the batch split between the images.
+    features, labels = live_batch([empty], 0, 96, rng)
+    assert features.shape[0] == 96 and (labels == 0).all()
+
+
 def test_stage_input_errors(tiny_run, tmp_path):
     from stages.core.config import build_config
     from stages.core.errors import StageInputMissing

@@ -92,7 +92,8 @@ class FinetuneConfig:
     eval_every: int = 2000
     flip: bool = True
     conv: bool = False  # also fine-tune the conv layers through SPP (beyond the paper)
-    conv_lr_factor: float = 0.1  # --conv: conv-layer LR = lr * this (pretrained trunk, one image per step)
+    conv_lr_factor: float = 0.1  # --conv: conv-layer LR = lr * this (pretrained trunk)
+    conv_images: int = 2  # --conv: images per mini-batch (as Fast R-CNN), each at one random scale
     holdout_batches: int = 500  # fixed held-out batches per evaluation (released code: test_iter 500)
     pool_memory_mb: int = 2048  # float16 pooled training windows held at once (released: 500-iteration chunks)
     checkpoint_every_s: float = 600.0  # write a resume point at most this often (0: at every chunk end)
