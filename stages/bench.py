@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .core import nets, rcnn, spp
+from .core import fcfeatures, nets, rcnn, spp
 from .core.artifacts import Run, atomic_write_json
 from .core.errors import SppError, StageInputMissing
 
@@ -202,13 +202,8 @@ def spp_window_features(backbone: nets.Backbone, head: nets.SppHead, image: np.n
         maps = [backbone(nets.preprocess(image, s, spec, device=device)[None]
                          .contiguous(memory_format=memory_format))[0] for s in scales]
     with phase("pool"):
-        scale_index = spp.choose_scale(boxes, image_hw, scales, rule) if len(boxes) else np.zeros(0, np.int64)
-        cells = np.zeros((len(boxes), 4), dtype=np.int64)
-        for k, short_side in enumerate(scales):
-            chosen = np.flatnonzero(scale_index == k)
-            if len(chosen):
-                scaled = spp.scale_boxes(boxes[chosen], image_hw, short_side)
-                cells[chosen] = spp.boxes_to_cells(scaled, tuple(maps[k].shape[-2:]), spec)
+        scale_index, cells = fcfeatures.window_cells(fcfeatures.ImageMaps("", image_hw, tuple(scales), maps, spec),
+                                                     boxes, rule)
         keys = np.concatenate([scale_index[:, None], cells], axis=1)
         # Rows sorted by scale (distinct_cells sorts its keys; a stable sort otherwise), so each scale's pooled
         # block is a contiguous slice and one concatenation assembles them; ``inverse`` restores the input order.
