@@ -28,9 +28,11 @@ the same as drawing every batch independently; only the reading order changes. T
 once (float16, ``holdout_batches x batch_size x D``).
 
 ``--conv`` (beyond the paper) also trains the conv layers through the SPP layer: each step runs the backbone on
-one randomly chosen (possibly mirrored) training image at a random scale of ``features.scales`` and pools up to
-``batch_size`` of its windows (25% foreground where it has them) on the live map with ``spp.pool_windows``, whose
-max pooling passes gradients back like RoI pooling. The held-out batches are then pooled from live maps at every
+``finetune.conv_images`` randomly chosen (possibly mirrored) training images, each at a random scale of
+``features.scales``, and pools from each its share of the foreground windows plus three background windows per
+foreground one (so 25% foreground, as the cached path) on the live map with ``spp.pool_windows``, whose max
+pooling passes gradients back like RoI pooling. Its ftfc6/ftfc7 are then computed from conv5 maps of its own conv
+layers: ``spp extract-features --conv-from finetune`` (and ``spp train-bbox --conv-from finetune``). The held-out batches are then pooled from live maps at every
 evaluation. Conv LR = ``lr * conv_lr_factor``; batch-norm statistics (torchvision trunks) stay frozen.
 
 A resume point (``resume.pt``: weights, optimiser, best snapshot, history and random-generator states) is written
@@ -255,7 +257,7 @@ def classification_error(head: nn.Module, features: torch.Tensor, labels: torch.
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
-    """Keep batch-norm running statistics fixed: one image per step is no batch to estimate them from."""
+    """Keep batch-norm running statistics fixed: two images per step are no batch to estimate them from."""
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
