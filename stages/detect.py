@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from .core import boxes as B
 from .core import fcfeatures
-from .core.artifacts import FINETUNED_CONV_SUFFIX, Run, StageResult, atomic_write_bytes
+from .core.artifacts import Run, StageResult, atomic_write_bytes
 from .core.config import CHOICES
 from .core.errors import SppError
 from .core.nets import resolve_device
-from .core.variants import detect_tag, scale_tag, svm_tag
+from .core.variants import bbox_tag, detect_tag, svm_tag
 from .core.voc import VocDataset, load_image_rgb, resolve_voc_root, write_comp4
 
 
@@ -83,8 +83,7 @@ class _Scorer:
         self.svm_manifest = run.require("svm", svm_tag(feature, one_scale, n_scales))
         # Box regressors read pool5 from the same conv layers as the feature (train-bbox --conv-from).
         self.conv_from = fcfeatures.conv_source(run, feature)
-        bbox_tag = scale_tag(one_scale, n_scales) + (FINETUNED_CONV_SUFFIX if self.conv_from == "finetune" else "")
-        self.bbox_manifest = run.require("bbox", bbox_tag) if use_bbox else None
+        self.bbox_manifest = run.require("bbox", bbox_tag(one_scale, n_scales, self.conv_from)) if use_bbox else None
         self.models = load_class_models(self.svm_manifest.output("svm"),
                                         self.bbox_manifest.output("bbox") if self.bbox_manifest else None, device)
         self.nets, self.net_manifests = fcfeatures.load_feature_nets(run, feature, cfg, device=device)

@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 from .core import boxes as box_ops
 from .core import fcfeatures, spp
-from .core.artifacts import FINETUNED_CONV_SUFFIX, Run, StageResult, atomic_write_bytes, read_manifest, timed
+from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, timed
 from .core.errors import SppError, require_free_space
 from .core.features import features_for, features_tag
 from .core.nets import resolve_device
 from .core.roidb import best_gt, build_roidb
-from .core.variants import scale_tag
+from .core.variants import bbox_tag
 from .core.voc import VocDataset, resolve_voc_root
 from .proposals import load_proposals
 from .train_svm import training_images
@@ -264,7 +264,7 @@ def _summary(metrics: dict) -> str:
 def run(cfg, one_scale: bool = False, conv_from: str = "pretrain") -> StageResult:
     """Train the box regressors; writes ``05_bbox/s<n>/bbox.npz`` and its manifest. ``conv_from="finetune"``:
     on pool5 of the conv layers of ``spp finetune --conv`` (``05_bbox/s<n>+ftconv/``), for its ftfc7 detections."""
-    tag = scale_tag(one_scale, len(cfg.features.scales)) + (FINETUNED_CONV_SUFFIX if conv_from == "finetune" else "")
+    tag = bbox_tag(one_scale, len(cfg.features.scales), conv_from)
     run_dir = Run(cfg.run_dir)
     split = cfg.data.train_split
     scales = (int(cfg.features.one_scale),) if one_scale else tuple(int(s) for s in cfg.features.scales)

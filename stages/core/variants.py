@@ -8,6 +8,13 @@ def scale_tag(one_scale: bool, n_scales: int) -> str:
     return "s1" if one_scale else f"s{n_scales}"
 
 
+def bbox_tag(one_scale: bool, n_scales: int, conv_from: str = "pretrain") -> str:
+    """Folder tag of a train-bbox run: ``s5``, or ``s5+ftconv`` on the conv layers of ``spp finetune --conv``."""
+    from .artifacts import FINETUNED_CONV_SUFFIX
+
+    return scale_tag(one_scale, n_scales) + (FINETUNED_CONV_SUFFIX if conv_from == "finetune" else "")
+
+
 def svm_tag(feature: str, one_scale: bool, n_scales: int) -> str:
     """Folder tag of a train-svm run, e.g. ``ftfc7-s5``."""
     if feature not in FEATURES:
