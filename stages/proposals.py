@@ -65,9 +65,9 @@ import h5py
 import numpy as np
 
 from .core.artifacts import Run, StageResult, atomic_write_bytes, atomic_write_json, read_manifest, sha256_file
-from .core.config import ProposalConfig
+from .core.config import CHOICES, ProposalConfig
 from .core.errors import InputError, SppError, require_free_space
-from .core.features import keep_inherited_handles
+from .core.handles import keep_inherited_handles
 from .core.voc import Annotation, VocDataset, resolve_voc_root, voc_to_boxes
 
 SCHEMA = 1
@@ -134,7 +134,7 @@ def filter_boxes(boxes: np.ndarray, width: int, height: int, min_side: float, ma
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
     widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    if min_side_applies_to not in ("both", "width"):
+    if min_side_applies_to not in CHOICES["proposals.min_side_applies_to"]:
         raise ValueError(f"min_side_applies_to must be 'both' or 'width', got {min_side_applies_to!r}")
     big_enough = (widths >= min_side) & ((heights >= min_side) if min_side_applies_to == "both" else True)
     boxes = boxes[(widths > 0) & (heights > 0) & big_enough]
@@ -371,7 +371,8 @@ def recall_metrics(best: np.ndarray, difficult: np.ndarray, thresholds: Iterable
 def _params(cfg, boxes_file: Path | None) -> dict:
     """Everything the stored boxes depend on (not the worker count): decides whether old results are reusable."""
     common = {"schema": SCHEMA, "min_side": cfg.proposals.min_side, "max_boxes": cfg.proposals.max_boxes}
-    if cfg.proposals.min_side_applies_to != "both":  # recorded only when not the default: older results stay valid
+    if cfg.proposals.min_side_applies_to != "both":  # recorded only when not "both", the only filter before the
+        # option existed, so proposals made then stay valid
         common["min_side_applies_to"] = cfg.proposals.min_side_applies_to
     if boxes_file is not None:
         return {"method": METHOD_FILE, "boxes_file": str(boxes_file.resolve()), "sha256": sha256_file(boxes_file),

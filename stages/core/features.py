@@ -37,6 +37,7 @@ from . import nets, spp
 from .artifacts import CONV_SOURCES, FINETUNED_CONV_SUFFIX, Run
 from .boxes import flip_boxes
 from .errors import SppError, require_free_space
+from .handles import keep_inherited_handles
 
 SCHEMA_VERSION = 1
 FEATURES_FILE = "features.h5"
@@ -267,16 +268,6 @@ def read_header(path: Path) -> dict[str, Any] | None:
 
 
 # -- reader -------------------------------------------------------------------------------------------------------
-_INHERITED_HANDLES: list = []
-
-
-def keep_inherited_handles(handles) -> None:
-    """In a forked child, keep the HDF5 handles it inherited alive (never used, never closed): closing one in the
-    child would run HDF5's close of the parent's file from a copy of its state (and flock locks are shared with
-    the parent's open file). Call before dropping the references that would close them."""
-    _INHERITED_HANDLES.extend(handle for handle in handles if handle is not None)
-
-
 class FeatureCache:
     """Read side of the conv5 cache: maps per image (lazily, with a small LRU) and SPP-pooled window features.
 
@@ -508,10 +499,15 @@ def features_tag(split: str, conv_from: str = "pretrain") -> str:
     return split + (FINETUNED_CONV_SUFFIX if conv_from == "finetune" else "")
 
 
+def cache_of(manifest) -> FeatureCache:
+    """The feature cache a finished extract-features manifest describes."""
+    return FeatureCache(feature_paths(manifest))
+
+
 def features_for(run: Run, split: str, conv_from: str = "pretrain") -> FeatureCache:
     """The finished, fresh feature cache of a split, made by the pretrained conv layers or (``conv_from=
     "finetune"``) by those of a --conv fine-tuned model; one-line error naming the command when it is not there."""
-    return FeatureCache(feature_paths(run.require("features", features_tag(split, conv_from))))
+    return cache_of(run.require("features", features_tag(split, conv_from)))
 
 
 def wait_for_files(paths: Sequence[Path], ready, poll_s: float = 2.0, timeout_s: float | None = None,
