@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from stages.core.artifacts import CONV_SOURCES
+from stages.core.config import CHOICES
 from stages.core.errors import SppError, disk_full_message
 
 FEATURES = ("pool5", "fc6", "fc7", "ftfc6", "ftfc7")
@@ -34,7 +36,7 @@ def _run_options(func):
 
 
 def _conv_from_option(func):
-    return click.option("--conv-from", type=click.Choice(["pretrain", "finetune"]), default="pretrain",
+    return click.option("--conv-from", type=click.Choice(CONV_SOURCES), default="pretrain",
                         show_default=True,
                         help="Whose conv layers make the conv5 maps: the pretrained ones, or those of a model "
                              "fine-tuned with `spp finetune --conv` (for its ftfc6/ftfc7 SVMs, boxes, detections)."
@@ -288,7 +290,7 @@ def table9(**common):
 @click.option("--windows", type=int, default=2000, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
-@click.option("--fc-dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True,
+@click.option("--fc-dtype", type=click.Choice(CHOICES["detect.fc_dtype"]), default="float32", show_default=True,
               help="fc6/fc7 precision in every mode (bfloat16: ~2x on CPUs with AVX512-BF16/AMX and on GPUs).")
 @click.option("--threads", type=int, default=None, help="CPU threads for the kernels [default: all cores].")
 @click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from .core import fcfeatures, nets, rcnn, spp
 from .core.artifacts import Run, atomic_write_json
+from .core.config import CHOICES
 from .core.errors import SppError, StageInputMissing
 
 CPU_RCNN_WINDOWS = 128  # R-CNN windows timed per image on a CPU (then scaled linearly); all of them on a GPU
@@ -510,8 +511,8 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
                        f"windows={windows}, repeats={repeats}, rcnn_windows={rcnn_windows})")
     if threads is not None and threads < 0:
         raise SppError(f"bench threads must be at least 1 (or 0 for all cores), got {threads}")
-    if fc_dtype not in ("float32", "bfloat16"):
-        raise SppError(f"unknown fc dtype {fc_dtype!r} (known: float32, bfloat16)")
+    if fc_dtype not in CHOICES["detect.fc_dtype"]:
+        raise SppError(f"unknown fc dtype {fc_dtype!r} (known: {', '.join(CHOICES['detect.fc_dtype'])})")
     device = nets.resolve_device(cfg.device)
     if rcnn_windows is None:
         rcnn_windows = CPU_RCNN_WINDOWS if device.type == "cpu" else windows

@@ -124,6 +124,7 @@ class _Scorer:
 
 
 def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
+    from .core.features import cache_of
     from .proposals import load_proposals
 
     start = time.perf_counter()
@@ -135,7 +136,7 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> Sta
     dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
     scorer = _Scorer(cfg, run_dir, feature, one_scale, use_bbox, device)
     proposals_manifest = run_dir.require("proposals", split)
-    cache, features_manifest = fcfeatures.cache_for(run_dir, split, feature)
+    features_manifest = fcfeatures.features_manifest(run_dir, split, feature)
     inputs = {"proposals": proposals_manifest, "features": features_manifest, "svm": scorer.svm_manifest,
               **scorer.net_manifests}
     if scorer.bbox_manifest is not None:
@@ -147,6 +148,7 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> Sta
         return StageResult(read_manifest(run_dir.manifest_path("detect", tag)), skipped=True)
 
     proposals = load_proposals(run_dir, split)
+    cache = cache_of(features_manifest)
     out_dir = run_dir.stage_dir("detect", tag)
     run_dir.invalidate("detect", tag)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -31,9 +31,9 @@ once (float16, ``holdout_batches x batch_size x D``).
 ``finetune.conv_images`` randomly chosen (possibly mirrored) training images, each at a random scale of
 ``features.scales``, and pools from each its share of the foreground windows plus three background windows per
 foreground one (so 25% foreground, as the cached path) on the live map with ``spp.pool_windows``, whose max
-pooling passes gradients back like RoI pooling. Its ftfc6/ftfc7 are then computed from conv5 maps of its own conv
-layers: ``spp extract-features --conv-from finetune`` (and ``spp train-bbox --conv-from finetune``). The held-out batches are then pooled from live maps at every
-evaluation. Conv LR = ``lr * conv_lr_factor``; batch-norm statistics (torchvision trunks) stay frozen.
+pooling passes gradients back like RoI pooling. The held-out batches are then pooled from live maps at every
+evaluation. Such a model's ftfc6/ftfc7 are computed from conv5 maps of its own conv layers (``spp
+extract-features --conv-from finetune``, and ``spp train-bbox --conv-from finetune`` for its box regressors). Conv LR = ``lr * conv_lr_factor``; batch-norm statistics (torchvision trunks) stay frozen.
 
 A resume point (``resume.pt``: weights, optimiser, best snapshot, history and random-generator states) is written
 at chunk ends at most every ``checkpoint_every_s`` seconds; a rerun with the same config and inputs continues from

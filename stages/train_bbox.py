@@ -31,7 +31,7 @@ from .core import boxes as box_ops
 from .core import fcfeatures, spp
 from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, timed
 from .core.errors import SppError, require_free_space
-from .core.features import features_for, features_tag
+from .core.features import cache_of, features_tag
 from .core.nets import resolve_device
 from .core.roidb import best_gt, build_roidb
 from .core.variants import bbox_tag
@@ -283,7 +283,7 @@ def run(cfg, one_scale: bool = False, conv_from: str = "pretrain") -> StageResul
 
     with timed() as clock:
         device = resolve_device(cfg.device)
-        cache = features_for(run_dir, split, conv_from)
+        cache = cache_of(inputs["features"])
         fcfeatures.scales_for(cache, scales)
         proposals = load_proposals(run_dir, split)
         pyramid = tuple(int(n) for n in cfg.model.pyramid)

@@ -38,6 +38,7 @@ from .core import fcfeatures, spp
 from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, timed
 from .core.config import CHOICES
 from .core.errors import SppError
+from .core.features import cache_of
 from .core.nets import resolve_device
 from .core.roidb import build_roidb
 # fit_linear_svm is not used here; it keeps its import path from before core/svm.py for scripts and tests.
@@ -384,8 +385,7 @@ def run(cfg, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
     split = cfg.data.train_split
     scales = (int(cfg.features.one_scale),) if one_scale else tuple(int(s) for s in cfg.features.scales)
     dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
-    cache, features_manifest = fcfeatures.cache_for(run_dir, split, feature)  # --conv models: their own conv5
-    inputs = {"features": features_manifest, "proposals": run_dir.require("proposals", split),
+    inputs = {"features": fcfeatures.features_manifest(run_dir, split, feature),  # --conv models: their own conv5 "proposals": run_dir.require("proposals", split),
               **fcfeatures.feature_net_inputs(run_dir, feature),
               "dataset": {"split": split, "fingerprint": dataset.fingerprint(split)}}
     config = _config_record(cfg, feature, one_scale, scales)
@@ -396,6 +396,7 @@ def run(cfg, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
 
     with timed() as clock:
         device = resolve_device(cfg.device)
+        cache = cache_of(inputs["features"])
         fcfeatures.scales_for(cache, scales)
         nets, _ = fcfeatures.load_feature_nets(run_dir, feature, cfg, device, expect_backbone=cache.backbone)
         ctx = _Context(dataset, split, load_proposals(run_dir, split), cache, feature, nets, scales,

@@ -373,17 +373,18 @@ def test_conv_mode_trains_the_backbone_too(tiny_run):
     from stages import extract_features
     from stages.core import fcfeatures
     from stages.core.errors import StageInputMissing
-    from stages.core.features import features_for
+    from stages.core.features import cache_of, features_for
     from stages.core.voc import VocDataset
 
     run = Run(cfg.run_dir)
     assert fcfeatures.conv_source(run, "ftfc7") == "finetune" and fcfeatures.conv_source(run, "fc7") == "pretrain"
     with pytest.raises(StageInputMissing, match=r"run `spp extract-features --split trainval --conv-from finetune`"):
-        fcfeatures.cache_for(run, "trainval", "ftfc7")
+        fcfeatures.features_manifest(run, "trainval", "ftfc7")
     extract_features.run(cfg, "trainval", conv_from="finetune")
-    cache, manifest = fcfeatures.cache_for(run, "trainval", "ftfc7")
+    manifest = fcfeatures.features_manifest(run, "trainval", "ftfc7")
+    cache = cache_of(manifest)
     assert manifest.folder.name == "trainval+ftconv"
-    assert fcfeatures.cache_for(run, "trainval", "fc7")[1].folder.name == "trainval"
+    assert fcfeatures.features_manifest(run, "trainval", "fc7").folder.name == "trainval"
     image = VocDataset(cfg.data.voc_root).load_image("im2")
     with torch.inference_mode():
         direct = model.backbone.eval()(nets.preprocess(image, 128, model.backbone.spec)[None])[0]

@@ -59,12 +59,12 @@ def conv_source(run: Run, feature: str) -> str:
     return "pretrain"
 
 
-def cache_for(run: Run, split: str, feature: str):
-    """The conv5 cache ``feature`` is computed from (see ``conv_source``) and its manifest."""
-    from .features import FeatureCache, feature_paths, features_tag
+def features_manifest(run: Run, split: str, feature: str) -> Manifest:
+    """The extract-features manifest of the conv5 cache ``feature`` is computed from (see ``conv_source``); open
+    it with ``features.cache_of`` once the stage knows it has work to do."""
+    from .features import features_tag
 
-    manifest = run.require("features", features_tag(split, conv_source(run, feature)))
-    return FeatureCache(feature_paths(manifest)), manifest
+    return run.require("features", features_tag(split, conv_source(run, feature)))
 
 
 def load_feature_nets(run: Run, feature: str, cfg, device: torch.device | str | None = None,
@@ -79,7 +79,7 @@ def load_feature_nets(run: Run, feature: str, cfg, device: torch.device | str | 
     for kind in required_nets(feature):
         manifest = manifests[NET_STAGES[kind]]
         net, meta = load_checkpoint(manifest.output("model"), expect_backbone=expect_backbone or cfg.model.backbone)
-        if bool(meta.get("conv_finetuned")) != (conv_source(run, feature) == "finetune"):  # manifest vs file
+        if bool(meta.get("conv_finetuned")) != bool(manifest.metrics.get("conv")):  # the file vs its manifest
             raise SppError("the model file does not match its manifest (fine-tuned with --conv or not); rerun "
                            "`spp finetune`", manifest.output("model"))
         nets[kind] = net.to(device).eval()
