@@ -103,12 +103,14 @@ def data() -> None:
               help="VOCdevkit folder to write (VOC2007/ and classification/ inside).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--images", type=int, default=240, show_default=True, help="Detection images over all splits.")
+@click.option("--crops-per-class", type=int, default=None,
+              help="Classification train images per class (val gets a quarter).  [default: 1000]")
 @_errors_as_one_line
-def data_synth(out, seed, images):
+def data_synth(out, seed, images, crops_per_class):
     """Generate the embedded default dataset (VOC2007 layout + a classification set), deterministic per seed."""
     from stages import synth
 
-    summary = synth.generate(Path(out), seed=seed, images=images)
+    summary = synth.generate(Path(out), seed=seed, images=images, crops_per_class=crops_per_class)
     click.echo(summary)
 
 

@@ -349,7 +349,7 @@ def bench_model(cfg, run: Run) -> tuple[nets.SppNet, str]:
         return model, f"pretrained checkpoint {path}"
     torch.manual_seed(cfg.seed)
     model = nets.build_sppnet(cfg.model.backbone, cfg.model.weights, cfg.model.pyramid, cfg.model.fc_dim,
-                              num_classes=1000, dropout=cfg.model.dropout)
+                              num_classes=1000, dropout=cfg.model.dropout, width=cfg.model.width)
     trunk = f"trunk weights {cfg.model.weights}" if cfg.model.weights else "random init"
     return model, f"{trunk} (seed {cfg.seed}; no pretrain checkpoint in {run.root})"
 

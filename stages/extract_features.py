@@ -104,7 +104,7 @@ def load_backbone(cfg: Config, source: Path | str, is_checkpoint: bool) -> nets.
     if is_checkpoint:
         model, _meta = nets.load_checkpoint(Path(source), expect_backbone=cfg.model.backbone)
         return model.backbone
-    return nets.build_backbone(cfg.model.backbone, str(source))
+    return nets.build_backbone(cfg.model.backbone, str(source), cfg.model.width)
 
 
 def run(cfg: Config, split: str, conv_from: str = "pretrain") -> StageResult:

@@ -12,7 +12,7 @@ The method, as the paper and the released code [S:finetuning/spp_finetune_voc.m]
 - batches of 128 hold 25% foreground; windows are drawn at random from randomly chosen images (not image-centric)
   and each is pooled at a random scale; the set of images is the training split plus its mirror images;
 - conv layers are frozen, so the input is the pooled conv5 feature read from the cache; SGD with momentum 0.9,
-  weight decay 5e-4, LR x0.1 at each step, bias LR x2, no weight decay on the fc8 bias; dropout as in the model;
+  weight decay 5e-4, LR x0.1 at each step, bias LR x2, no weight decay on the fc8 bias; dropout ``model.dropout`` (pretraining has its own, ``pretrain.dropout``);
 - the new fc8 is N(0, 0.01) with bias 0 (the released prototxt's constant 1 on every class is the same softmax,
   and that bias has no weight decay, so the two trainings are identical);
 - every ``eval_every`` iterations, the classification error on fixed held-out batches (best scale, no flip)
@@ -511,10 +511,10 @@ def run(cfg: Config) -> StageResult:
     started = time.perf_counter()
     device = nets.resolve_device(cfg.device)
 
-    # The model: pretrained conv + fc6/fc7 (and the checkpoint's dropout), a new (K+1)-way fc8: seeded
-    # N(0, 0.01), bias 0.
+    # The model: pretrained conv + fc6/fc7 with model.dropout, a new (K+1)-way fc8: seeded N(0, 0.01), bias 0.
     pretrained_path = _pretrained_model_path(inputs["pretrain"])
     model, pre_meta = nets.load_checkpoint(pretrained_path, expect_backbone=cfg.model.backbone)
+    model.head.set_dropout(cfg.model.dropout)
     class_names = [BACKGROUND, *dataset.classes]
     torch.manual_seed(cfg.seed)
     model.head.replace_fc8(len(class_names))

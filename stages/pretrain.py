@@ -220,9 +220,11 @@ def build_model(cfg: Config, class_names: list[str]) -> tuple[nets.SppNet, dict]
     kind = _init_kind(init) if init else None
     if kind == "checkpoint":
         model, meta = nets.load_checkpoint(init, expect_backbone=cfg.model.backbone)
-        for key, want in (("pyramid", list(cfg.model.pyramid)), ("fc_dim", cfg.model.fc_dim)):
-            if meta[key] != want:
-                raise SppError(f"checkpoint has {key} {meta[key]}, but the config asks for {want}", init)
+        for key, have, want in (("pyramid", meta["pyramid"], list(cfg.model.pyramid)),
+                                ("fc_dim", meta["fc_dim"], cfg.model.fc_dim),
+                                ("width", meta.get("width", 1.0), cfg.model.width)):
+            if have != want:
+                raise SppError(f"checkpoint has {key} {have}, but the config asks for {want}", init)
         keep_fc8 = not class_names or list(meta["class_names"]) == list(class_names)
         if not keep_fc8:
             model.head.replace_fc8(len(class_names))
@@ -230,7 +232,8 @@ def build_model(cfg: Config, class_names: list[str]) -> tuple[nets.SppNet, dict]
         return model, {"init": str(init), "init_kind": kind, "fc8": "kept" if keep_fc8 else "new"}
     weights = str(init) if kind == "state_dict" else cfg.model.weights
     model = nets.build_sppnet(cfg.model.backbone, weights, cfg.model.pyramid, cfg.model.fc_dim,
-                              len(class_names) or UNTRAINED_FC8_CLASSES, cfg.model.dropout, class_names)
+                              len(class_names) or UNTRAINED_FC8_CLASSES, cfg.pretrain.dropout, class_names,
+                              cfg.model.width)
     return model, {"init": str(init) if init else None, "init_kind": kind or ("weights" if weights else "scratch"),
                    "trunk_weights": weights or None}
 

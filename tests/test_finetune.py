@@ -255,7 +255,7 @@ def test_without_held_out_images_the_last_iteration_is_kept():
 E2E = {"device": "cpu", "data.dataset": "voc2007", "proposals.workers": 1, "proposals.min_side": 4,
        "features.scales": [128, 192], "model.fc_dim": 32, "finetune.iters": 150, "finetune.lr": 0.01,
        "finetune.lr_steps": [120], "finetune.batch_size": 16, "finetune.eval_every": 30,
-       "finetune.holdout_batches": 4, "finetune.holdout_fraction": 0.34}
+       "finetune.holdout_batches": 4, "finetune.holdout_fraction": 0.34, "model.dropout": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -291,8 +291,9 @@ def tiny_run(tmp_path_factory):
     proposals.run(cfg, "trainval", boxes_file=tmp / "boxes.npz")
     torch.manual_seed(0)
     # Stand-in for a pretrained net: random ZF-5 with conv5 scaled so that pooled features have norms ~20 (what
-    # fc6 of a trained net sees) and He-initialised fc6/fc7 that pass the signal on; no dropout on 32 units.
-    net = nets.build_sppnet("zf5", fc_dim=32, num_classes=5, dropout=0.0, class_names=tuple("abcde"))
+    # fc6 of a trained net sees) and He-initialised fc6/fc7 that pass the signal on. Its dropout (pretraining's)
+    # is not the one fine-tuning uses: that is model.dropout, 0 on 32 units (E2E).
+    net = nets.build_sppnet("zf5", fc_dim=32, num_classes=5, dropout=0.3, class_names=tuple("abcde"))
     with torch.no_grad():
         net.backbone.body.conv5.weight.mul_(nets.ZF5_PIXEL_STD / 75)  # undo conv1's input-scale init, then / 75
     for layer in (net.head.fc6, net.head.fc7):
@@ -328,6 +329,7 @@ def test_stage_writes_a_k_plus_1_way_checkpoint_and_learns(tiny_run):
     folder = Run(cfg.run_dir).stage_dir("finetune")
     model, meta = nets.load_checkpoint(folder / "model.pt", expect_backbone="zf5")
     assert model.head.fc8.out_features == 3 and meta["num_classes"] == 3
+    assert meta["dropout"] == cfg.model.dropout == 0.0  # model.dropout, not the pretrained checkpoint's 0.3
     assert meta["class_names"] == ["__background__", "red", "green"] and meta["finetuned"] is True
     pretrained, _ = nets.load_checkpoint(Run(cfg.run_dir).stage_dir("pretrain") / "model.pt")
     assert all(torch.equal(a, b) for a, b in zip(model.backbone.state_dict().values(),

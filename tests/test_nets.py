@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,24 @@ def test_zf5_layers_are_paper_exact():
     assert isinstance(body.norm1, WithinChannelLRN) and (body.norm1.local_size, body.norm1.alpha, body.norm1.beta) == (3, 5e-5, 0.75)
     assert list(body._modules) == ["conv1", "relu1", "norm1", "pool1", "conv2", "relu2", "norm2", "pool2",
                                    "conv3", "relu3", "conv4", "relu4", "conv5", "relu5"]
+
+
+def test_zf5_width_scales_channels_only():
+    # Half width: every layer's channels halved, the same kernels, strides and receptive-field geometry, so the
+    # window -> conv5 cell mapping (the spec's stride and offsets) is the paper's.
+    full, half = build_backbone("zf5"), build_backbone("zf5", width=0.5)
+    convs = ("conv1", "conv2", "conv3", "conv4", "conv5")
+    assert [getattr(half.body, n).out_channels for n in convs] == [48, 128, 192, 192, 128]
+    for name in convs:
+        a, b = getattr(full.body, name), getattr(half.body, name)
+        assert (a.kernel_size, a.stride, a.padding) == (b.kernel_size, b.stride, b.padding)
+    assert half.spec == dataclasses.replace(full.spec, channels=128) and half.width == 0.5
+    with torch.no_grad():
+        assert half.eval()(torch.zeros(1, 3, 224, 48)).shape == (1, 128, 13, zf5_conv5_side(48))
+    with pytest.raises(SppError, match="model.width applies to zf5 only"):
+        build_backbone("mobilenet_v2", width=0.5)
+    with pytest.raises(SppError, match=r"model.width must be in \(0, 4\], got 0"):
+        build_backbone("zf5", width=0)
 
 
 # ------------------------------------------------------------------------------------------------ trunks, specs
@@ -312,6 +331,13 @@ def test_checkpoint_round_trip(tmp_path):
     x = torch.randn(1, 3, 100, 120)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), net(x), rtol=0, atol=0)
+    # A narrower ZF-5 rebuilds at its own width (the meta records it; old checkpoints without it are width 1).
+    narrow = build_sppnet("zf5", pyramid=(1, 2), fc_dim=16, num_classes=3, width=0.25).eval()
+    save_checkpoint(tmp_path / "narrow.pt", narrow, {})
+    loaded_narrow, narrow_meta = load_checkpoint(tmp_path / "narrow.pt")
+    assert narrow_meta["width"] == 0.25 and loaded_narrow.width == 0.25 and loaded_narrow.spec.channels == 64
+    with torch.no_grad():
+        torch.testing.assert_close(loaded_narrow.eval()(x), narrow(x), rtol=0, atol=0)
     # A fine-tuned head (new fc8) round-trips with its new class count.
     net.head.replace_fc8(5)
     save_checkpoint(path, net, {"class_names": ["bg", "1", "2", "3", "4"]})

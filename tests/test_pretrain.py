@@ -94,6 +94,7 @@ def test_one_epoch_writes_a_loadable_checkpoint_and_is_skipped_when_rerun(tmp_pa
     assert not result.skipped
     model, meta = nets.load_checkpoint(_model_path(cfg), expect_backbone="zf5")
     assert meta["class_names"] == list(SHAPES)
+    assert meta["dropout"] == cfg.pretrain.dropout and meta["width"] == cfg.model.width
     assert meta["epochs"] == 1 and 0.0 <= meta["val_accuracy"] <= 1.0
     model.eval()
     with torch.no_grad():

@@ -48,7 +48,8 @@ class ModelConfig:
     weights: str = ""  # local state-dict file for the torchvision trunk, or torchvision's named weights
     pyramid: tuple[int, ...] = (1, 2, 3, 6)  # SPP levels, concatenated in this order [SPEC §1]
     fc_dim: int = 4096  # fc6/fc7 width [SPEC §1]
-    dropout: float = 0.5
+    dropout: float = 0.5  # fc6/fc7 dropout while fine-tuning [SPEC §4] (pretraining has its own)
+    width: float = 1.0  # ZF-5 channels x this (1.0: the paper's 96-256-384-384-256)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class PretrainConfig:
     init: str = ""  # start from this local weights file instead of scratch
     crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (torchvision's ImageNet default)
     optimizer: str = "sgd"  # "sgd" (paper: momentum + weight decay) | "adamw" (for budgets too short for SGD)
+    dropout: float = 0.5  # fc6/fc7 dropout while pretraining [P §3.1]
 
 
 @dataclass(frozen=True)

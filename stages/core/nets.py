@@ -76,10 +76,11 @@ class WithinChannelLRN(nn.Module):
 class Backbone(nn.Module):
     """A conv trunk cut at stride 16: ``forward(x [B,3,H,W] preprocessed) -> conv5 [B,C,h,w]``."""
 
-    def __init__(self, body: nn.Sequential, spec: BackboneSpec):
+    def __init__(self, body: nn.Sequential, spec: BackboneSpec, width: float = 1.0):
         super().__init__()
         self.body = body
         self.spec = spec
+        self.width = float(width)  # ZF-5's channel multiplier, kept so a checkpoint rebuilds the same trunk
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -88,19 +89,31 @@ class Backbone(nn.Module):
 # ------------------------------------------------------------------------------------------------ trunks
 
 
-def _zf5_body() -> nn.Sequential:
-    """ZF-5 conv1-conv5 [S:model-defs/Zeiler_conv5.prototxt; SPEC §1]: ceil-mode pooling gives 13x13 at 224."""
+ZF5_CHANNELS = (96, 256, 384, 384, 256)  # conv1..conv5 outputs [SPEC §1]
+
+
+def zf5_channels(width: float = 1.0) -> tuple[int, ...]:
+    """conv1..conv5 output channels of ZF-5 at ``width`` times the paper's (1.0: 96-256-384-384-256)."""
+    if not 0 < width <= 4:
+        raise SppError(f"model.width must be in (0, 4], got {width}")
+    return tuple(max(1, round(c * width)) for c in ZF5_CHANNELS)
+
+
+def _zf5_body(width: float = 1.0) -> nn.Sequential:
+    """ZF-5 conv1-conv5 [S:model-defs/Zeiler_conv5.prototxt; SPEC §1]: ceil-mode pooling gives 13x13 at 224.
+    ``width`` scales every layer's channels (the same kernels, strides and receptive fields)."""
     def lrn() -> WithinChannelLRN:
         return WithinChannelLRN(local_size=3, alpha=5e-5, beta=0.75)
 
+    c1, c2, c3, c4, c5 = zf5_channels(width)
     body = nn.Sequential(OrderedDict([
-        ("conv1", nn.Conv2d(3, 96, kernel_size=7, stride=2, padding=1)), ("relu1", nn.ReLU(inplace=True)),
+        ("conv1", nn.Conv2d(3, c1, kernel_size=7, stride=2, padding=1)), ("relu1", nn.ReLU(inplace=True)),
         ("norm1", lrn()), ("pool1", nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)),
-        ("conv2", nn.Conv2d(96, 256, kernel_size=5, stride=2, padding=0)), ("relu2", nn.ReLU(inplace=True)),
+        ("conv2", nn.Conv2d(c1, c2, kernel_size=5, stride=2, padding=0)), ("relu2", nn.ReLU(inplace=True)),
         ("norm2", lrn()), ("pool2", nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)),
-        ("conv3", nn.Conv2d(256, 384, kernel_size=3, padding=1)), ("relu3", nn.ReLU(inplace=True)),
-        ("conv4", nn.Conv2d(384, 384, kernel_size=3, padding=1)), ("relu4", nn.ReLU(inplace=True)),
-        ("conv5", nn.Conv2d(384, 256, kernel_size=3, padding=1)), ("relu5", nn.ReLU(inplace=True)),
+        ("conv3", nn.Conv2d(c2, c3, kernel_size=3, padding=1)), ("relu3", nn.ReLU(inplace=True)),
+        ("conv4", nn.Conv2d(c3, c4, kernel_size=3, padding=1)), ("relu4", nn.ReLU(inplace=True)),
+        ("conv5", nn.Conv2d(c4, c5, kernel_size=3, padding=1)), ("relu5", nn.ReLU(inplace=True)),
     ]))
     # He init for training from scratch (no BatchNorm in ZF-5, so the scale matters); torchvision's VGG does this.
     for module in body.modules():
@@ -181,13 +194,16 @@ def _spec_for(name: str, body: nn.Sequential, channels: int, pixel_mode: str) ->
                         pixel_mode=pixel_mode)
 
 
-def build_backbone(name: str, weights: str = "") -> Backbone:
+def build_backbone(name: str, weights: str = "", width: float = 1.0) -> Backbone:
     """``"zf5" | "mobilenet_v2" | "alexnet" | "vgg16"``, randomly initialised, or with ``weights``: a local file
     (a state dict of the trunk, of the torchvision ``features`` or whole model, or an sppnet checkpoint), or a
-    torchvision weights name such as ``"MobileNet_V2_Weights.IMAGENET1K_V1"`` (downloads once)."""
+    torchvision weights name such as ``"MobileNet_V2_Weights.IMAGENET1K_V1"`` (downloads once). ``width``
+    scales ZF-5's channels (the torchvision trunks have fixed widths)."""
     if name == "zf5":
-        body, cut = _zf5_body(), None
-        spec = _spec_for(name, body, 256, "bgr128")
+        body, cut = _zf5_body(width), None
+        spec = _spec_for(name, body, zf5_channels(width)[-1], "bgr128")
+    elif width != 1.0:
+        raise SppError(f"model.width applies to zf5 only; {name} has a fixed width (set model.width = 1.0)")
     else:
         full, cut = _full_trunk(name)
         body = full[:cut]
@@ -195,7 +211,7 @@ def build_backbone(name: str, weights: str = "") -> Backbone:
         spec = _spec_for(name, body, channels, "imagenet")
     if weights:
         _load_weights(body, name, weights, cut)
-    return Backbone(body, spec)
+    return Backbone(body, spec, width)
 
 
 def _load_weights(body: nn.Sequential, name: str, weights: str, cut: int | None) -> None:
@@ -352,6 +368,13 @@ class SppHead(nn.Module):
         x = F.relu(self.fc6(pooled))
         return x if layer == "fc6" else F.relu(self.fc7(x))
 
+    def set_dropout(self, p: float) -> None:
+        """Train-time dropout after fc6 and fc7 (pretraining and fine-tuning may use different rates)."""
+        if not 0 <= p < 1:
+            raise SppError(f"dropout must be in [0, 1), got {p}")
+        self.dropout_p = float(p)
+        self.dropout = nn.Dropout(self.dropout_p)
+
     def replace_fc8(self, num_classes: int) -> nn.Linear:
         """A new fc8 for ``num_classes`` with N(0, 0.01) weights [P §4.1]. Bias 0: the released prototxt fills it
         with 1, which a softmax cannot see (a constant shift of every logit), and fc8's bias has no decay."""
@@ -387,13 +410,19 @@ class SppNet(nn.Module):
     def architecture(self) -> dict:
         """The plain values that rebuild this network (stored in checkpoints)."""
         return {"backbone": self.spec.name, "spec": asdict(self.spec), "pyramid": list(self.pyramid),
-                "fc_dim": self.head.fc_dim, "num_classes": self.head.num_classes, "dropout": self.head.dropout_p}
+                "fc_dim": self.head.fc_dim, "num_classes": self.head.num_classes, "dropout": self.head.dropout_p,
+                "width": self.width}
+
+    @property
+    def width(self) -> float:
+        return self.backbone.width
 
 
 def build_sppnet(backbone: str, weights: str = "", pyramid: Sequence[int] = DEFAULT_PYRAMID, fc_dim: int = 4096,
-                 num_classes: int = 1000, dropout: float = 0.5, class_names: Sequence[str] = ()) -> SppNet:
+                 num_classes: int = 1000, dropout: float = 0.5, class_names: Sequence[str] = (),
+                 width: float = 1.0) -> SppNet:
     """A fresh SppNet (``weights`` initialise the trunk only); the stages build it from ``cfg.model``."""
-    return SppNet(build_backbone(backbone, weights), pyramid, fc_dim, num_classes, dropout, class_names)
+    return SppNet(build_backbone(backbone, weights, width), pyramid, fc_dim, num_classes, dropout, class_names)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -452,7 +481,8 @@ def load_checkpoint(path: str | Path, expect_backbone: str | None = None,
     if backbone not in BACKBONES:
         raise SppError(f"checkpoint names an unknown backbone {backbone!r}", path)
     try:
-        model = SppNet(build_backbone(backbone), meta["pyramid"], meta["fc_dim"], meta["num_classes"],
+        model = SppNet(build_backbone(backbone, width=meta.get("width", 1.0)), meta["pyramid"], meta["fc_dim"],
+                       meta["num_classes"],
                        meta.get("dropout", 0.5), meta.get("class_names", ()))
     except (KeyError, TypeError, ValueError) as exc:
         raise SppError(f"checkpoint meta is incomplete ({type(exc).__name__}: {exc})", path) from None
