@@ -102,7 +102,7 @@ def data() -> None:
 @click.option("--out", type=click.Path(file_okay=False), default="data/synth", show_default=True,
               help="VOCdevkit folder to write (VOC2007/ and classification/ inside).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--images", type=int, default=240, show_default=True, help="Detection images over all splits.")
+@click.option("--images", type=int, default=None, help="Detection images over all splits.  [default: 480]")
 @click.option("--crops-per-class", type=int, default=None,
               help="Classification train images per class (val gets a quarter).  [default: 1000]")
 @_errors_as_one_line
@@ -110,7 +110,8 @@ def data_synth(out, seed, images, crops_per_class):
     """Generate the embedded default dataset (VOC2007 layout + a classification set), deterministic per seed."""
     from stages import synth
 
-    summary = synth.generate(Path(out), seed=seed, images=images, crops_per_class=crops_per_class)
+    summary = synth.generate(Path(out), seed=seed, images=synth.DEFAULT_IMAGES if images is None else images,
+                             crops_per_class=crops_per_class)
     click.echo(summary)
 
 

@@ -269,7 +269,8 @@ def test_zero_epochs_from_a_trunk_state_dict_keeps_those_weights(tmp_path, tree)
     trunk = torch.nn.Sequential(*build_torchvision_mobilenet_features())
     weights = tmp_path / "trunk.pt"
     torch.save(trunk.state_dict(), weights)
-    cfg = tiny_cfg(tmp_path, tree, pretrain__epochs=0, pretrain__init=str(weights), model__backbone="mobilenet_v2")
+    cfg = tiny_cfg(tmp_path, tree, pretrain__epochs=0, pretrain__init=str(weights), model__backbone="mobilenet_v2",
+                   model__width=1.0)  # the synth preset narrows ZF-5 only
     result = pretrain.run(cfg)
     model, meta = nets.load_checkpoint(_model_path(cfg), expect_backbone="mobilenet_v2")
     expected = nets.build_backbone("mobilenet_v2", str(weights)).state_dict()
