@@ -1,4 +1,4 @@
-"""What a run's top detections hit: the analysis behind README's "why box regression does not help here".
+"""What a run's top detections hit: the analysis behind README's note on box regression.
 
 For each class, the 2 x (number of non-difficult objects) highest-scoring detections of a variant are sorted into
 - correct: IoU >= 0.5 with an object of the class,

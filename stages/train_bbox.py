@@ -348,15 +348,7 @@ def _fit_all(spill: SampleSpill, per_class, scale: float, lam: float, dim: int, 
         betas[k], mus[k], Ts[k], T_invs[k], fitted = train_class(lambda: spill.chunks(k), targets, scale, lam, dim,
                                                                  device)
         predicted = box_ops.apply_bbox_deltas(proposals, fitted)
-        metrics[name] = {"samples": len(proposals), "iou_before": float(_paired_iou(proposals, gt_boxes).mean()),
-                         "iou_after": float(_paired_iou(predicted, gt_boxes).mean())}
+        metrics[name] = {"samples": len(proposals),
+                         "iou_before": float(box_ops.paired_iou(proposals, gt_boxes).mean()),
+                         "iou_after": float(box_ops.paired_iou(predicted, gt_boxes).mean())}
     return betas, mus, Ts, T_invs, metrics
-
-
-def _paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of a[i] with b[i] (no N x N matrix)."""
-    ix = (np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])).clip(min=0)
-    iy = (np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])).clip(min=0)
-    inter = ix * iy
-    union = box_ops.box_area(a) + box_ops.box_area(b) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)

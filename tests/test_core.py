@@ -36,6 +36,11 @@ def test_box_iou_matches_torchvision_on_random_and_degenerate_boxes():
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-15)
     assert (ours[:5] == 0).all() and 0 < ours.max() <= 1
     assert B.box_iou(np.zeros((0, 4)), b).shape == (0, 150)
+    # paired_iou is the diagonal of the matrix, without building it.
+    np.testing.assert_allclose(B.paired_iou(a[:150], b), np.diag(ref[:150]), rtol=0, atol=1e-15)
+    # By hand: [0,0,10,10] vs [5,0,15,10] overlap 5 x 10 = 50 of a union of 150; disjoint boxes give 0.
+    assert B.paired_iou(np.array([[0, 0, 10, 10.], [0, 0, 1, 1]]), np.array([[5, 0, 15, 10.], [2, 2, 3, 3]])
+                        ).tolist() == pytest.approx([1 / 3, 0.0], abs=1e-15)
 
 
 def test_voc_conversion_gives_the_devkit_plus_one_iou():

@@ -195,7 +195,8 @@ def test_stage_end_to_end_on_a_tiny_devkit(tmp_path):
         beta = A.T @ np.linalg.solve(A @ A.T + 1e-3 * np.eye(len(A)), (targets - mu) @ T)
         np.testing.assert_allclose(model.beta[k], beta, rtol=1e-5, atol=1e-7 * np.abs(beta).max())
         moved = TB.apply_bbox(model, k, X[sel], P[sel], (96, 72))
-        iou_before, iou_after = TB._paired_iou(P[sel], G[sel]).mean(), TB._paired_iou(moved, G[sel]).mean()
+        iou_before = TB.box_ops.paired_iou(P[sel], G[sel]).mean()
+        iou_after = TB.box_ops.paired_iou(moved, G[sel]).mean()
         assert iou_after > iou_before  # on its own training windows
         assert result.manifest.metrics["classes"][name]["samples"] == sel.sum()
         assert result.manifest.metrics["classes"][name]["iou_before"] == pytest.approx(iou_before)
