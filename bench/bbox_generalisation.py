@@ -2,8 +2,9 @@
 
 train-bbox reports the IoU of its *training* windows before and after regression (in-sample). This applies the
 same regressors (``05_bbox/<tag>/bbox.npz``) to the windows of another split (default ``test``) that overlap a
-ground-truth box by IoU > ``bbox.min_iou`` (the selection of training, less the ground-truth rows), pooled at the same scales from that
-split's conv5 cache, and prints the mean IoU with the ground truth before and after, overall and by IoU band.
+ground-truth box by IoU > ``bbox.min_iou`` (the selection of training, less the ground-truth rows), pooled at the
+same scales from that split's conv5 cache, and prints the mean IoU with the ground truth before and after, overall
+and by IoU band.
 
     .venv/bin/python bench/bbox_generalisation.py data/runs/synth [--tag s5] [--split test] [--voc-root data/synth]
 """

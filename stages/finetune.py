@@ -12,7 +12,8 @@ The method, as the paper and the released code [S:finetuning/spp_finetune_voc.m]
 - batches of 128 hold 25% foreground; windows are drawn at random from randomly chosen images (not image-centric)
   and each is pooled at a random scale; the set of images is the training split plus its mirror images;
 - conv layers are frozen, so the input is the pooled conv5 feature read from the cache; SGD with momentum 0.9,
-  weight decay 5e-4, LR x0.1 at each step, bias LR x2, no weight decay on the fc8 bias; dropout ``model.dropout`` (pretraining has its own, ``pretrain.dropout``);
+  weight decay 5e-4, LR x0.1 at each step, bias LR x2, no weight decay on the fc8 bias; dropout
+  ``model.dropout`` (pretraining has its own, ``pretrain.dropout``);
 - the new fc8 is N(0, 0.01) with bias 0 (the released prototxt's constant 1 on every class is the same softmax,
   and that bias has no weight decay, so the two trainings are identical);
 - every ``eval_every`` iterations, the classification error on fixed held-out batches (best scale, no flip)
