@@ -385,7 +385,8 @@ def run(cfg, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
     split = cfg.data.train_split
     scales = (int(cfg.features.one_scale),) if one_scale else tuple(int(s) for s in cfg.features.scales)
     dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
-    inputs = {"features": fcfeatures.features_manifest(run_dir, split, feature),  # --conv models: their own conv5 "proposals": run_dir.require("proposals", split),
+    inputs = {"features": fcfeatures.features_manifest(run_dir, split, feature),  # --conv models: their own conv5
+              "proposals": run_dir.require("proposals", split),
               **fcfeatures.feature_net_inputs(run_dir, feature),
               "dataset": {"split": split, "fingerprint": dataset.fingerprint(split)}}
     config = _config_record(cfg, feature, one_scale, scales)

@@ -332,6 +332,10 @@ def test_stage_end_to_end_on_a_tiny_devkit(tmp_path):
 
     again = T.run(cfg, feature="ftfc7")
     assert again.skipped and again.manifest.fingerprint == result.manifest.fingerprint
+    # The windows the SVMs were mined from are an input: new proposals make them stale.
+    inputs = result.manifest.data["inputs"]
+    assert set(inputs) >= {"features", "proposals", "finetune", "dataset"}
+    assert inputs["proposals"]["fingerprint"] == run.require("proposals", "trainval").fingerprint
 
     # pool5 at one scale with the paper's pruning: another tag, 12800-d weights.
     paper = dataclasses.replace(cfg, svm=dataclasses.replace(cfg.svm, pruning="overlap70"))
