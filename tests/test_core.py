@@ -261,3 +261,15 @@ def test_manifest_outputs_with_a_relative_run_dir(tmp_path, monkeypatch):
     manifest = run.write_manifest("pretrain", None, config={}, inputs={}, outputs={"model": folder / "model.pt"})
     assert manifest.data["outputs"]["model"] == "model.pt"
     assert manifest.output("model").read_bytes() == b"w"
+
+
+def test_conv_source_tags_share_one_suffix():
+    from stages.core.artifacts import conv_suffix
+    from stages.core.features import features_tag
+    from stages.core.variants import bbox_tag
+
+    assert (features_tag("trainval"), features_tag("trainval", "finetune")) == ("trainval", "trainval+ftconv")
+    assert (bbox_tag(True, 5), bbox_tag(False, 5, "finetune")) == ("s1", "s5+ftconv")
+    for make_tag in (conv_suffix, lambda c: features_tag("test", c), lambda c: bbox_tag(False, 5, c)):
+        with pytest.raises(SppError, match="conv5 maps come from 'pretrain' or 'finetune', not 'scratch'"):
+            make_tag("scratch")

@@ -30,6 +30,13 @@ os.umask(_UMASK)
 FINETUNED_CONV_SUFFIX = "+ftconv"
 CONV_SOURCES = ("pretrain", "finetune")
 
+
+def conv_suffix(conv_from: str) -> str:
+    """The tag suffix for conv5 maps (and what is computed from them) made by ``conv_from``'s conv layers."""
+    if conv_from not in CONV_SOURCES:
+        raise SppError(f"conv5 maps come from 'pretrain' or 'finetune', not {conv_from!r}")
+    return FINETUNED_CONV_SUFFIX if conv_from == "finetune" else ""
+
 # Stage name -> (folder, the command that produces it). The folder prefix orders the run directory.
 STAGES: dict[str, tuple[str, str]] = {
     "pretrain": ("00_pretrain", "spp pretrain"),

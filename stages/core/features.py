@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import nets, spp
-from .artifacts import CONV_SOURCES, FINETUNED_CONV_SUFFIX, Run
+from .artifacts import Run, conv_suffix
 from .boxes import flip_boxes
 from .errors import SppError, require_free_space
 from .handles import keep_inherited_handles
@@ -494,9 +494,7 @@ def feature_paths(manifest) -> list[Path]:
 
 def features_tag(split: str, conv_from: str = "pretrain") -> str:
     """The features stage's tag: the split, plus ``+ftconv`` for maps of the conv layers fine-tuned by --conv."""
-    if conv_from not in CONV_SOURCES:
-        raise SppError(f"conv5 maps come from 'pretrain' or 'finetune', not {conv_from!r}")
-    return split + (FINETUNED_CONV_SUFFIX if conv_from == "finetune" else "")
+    return split + conv_suffix(conv_from)
 
 
 def cache_of(manifest) -> FeatureCache:

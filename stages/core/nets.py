@@ -340,11 +340,10 @@ class SppHead(nn.Module):
         self.pyramid = tuple(int(n) for n in pyramid)
         self.fc_dim = int(fc_dim)
         self.num_classes = int(num_classes)
-        self.dropout_p = float(dropout)
+        self.set_dropout(dropout)
         self.fc6 = nn.Linear(spp_dim(in_channels, self.pyramid), self.fc_dim)
         self.fc7 = nn.Linear(self.fc_dim, self.fc_dim)
         self.fc8 = nn.Linear(self.fc_dim, self.num_classes)
-        self.dropout = nn.Dropout(self.dropout_p)
         for layer in (self.fc6, self.fc7, self.fc8):  # N(0, 0.01) weights [S finetune prototxt; torchvision VGG]
             nn.init.normal_(layer.weight, 0.0, 0.01)
             nn.init.zeros_(layer.bias)
@@ -482,8 +481,7 @@ def load_checkpoint(path: str | Path, expect_backbone: str | None = None,
         raise SppError(f"checkpoint names an unknown backbone {backbone!r}", path)
     try:
         model = SppNet(build_backbone(backbone, width=meta.get("width", 1.0)), meta["pyramid"], meta["fc_dim"],
-                       meta["num_classes"],
-                       meta.get("dropout", 0.5), meta.get("class_names", ()))
+                       meta["num_classes"], meta.get("dropout", 0.5), meta.get("class_names", ()))
     except (KeyError, TypeError, ValueError) as exc:
         raise SppError(f"checkpoint meta is incomplete ({type(exc).__name__}: {exc})", path) from None
     try:

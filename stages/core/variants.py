@@ -1,7 +1,7 @@
 """Names of the Table 9 variants: which features the SVMs use and at how many scales."""
 from __future__ import annotations
 
-from .artifacts import FINETUNED_CONV_SUFFIX
+from .artifacts import conv_suffix
 
 FEATURES = ("pool5", "fc6", "fc7", "ftfc6", "ftfc7")
 
@@ -12,7 +12,7 @@ def scale_tag(one_scale: bool, n_scales: int) -> str:
 
 def bbox_tag(one_scale: bool, n_scales: int, conv_from: str = "pretrain") -> str:
     """Folder tag of a train-bbox run: ``s5``, or ``s5+ftconv`` on the conv layers of ``spp finetune --conv``."""
-    return scale_tag(one_scale, n_scales) + (FINETUNED_CONV_SUFFIX if conv_from == "finetune" else "")
+    return scale_tag(one_scale, n_scales) + conv_suffix(conv_from)
 
 
 def svm_tag(feature: str, one_scale: bool, n_scales: int) -> str:
