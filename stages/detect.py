@@ -225,8 +225,9 @@ def run_on_images(cfg, images: list[Path], out: Path, feature: str = "ftfc7", on
     run_dir = Run(cfg.run_dir)
     device = resolve_device(cfg.device)
     scorer = _Scorer(cfg, run_dir, feature, one_scale, bool(cfg.detect.bbox), device)
-    conv_stage = "finetune" if scorer.conv_from == "finetune" else "pretrain"
-    model, _ = nets.load_checkpoint(run_dir.require(conv_stage).output("model"), expect_backbone=cfg.model.backbone)
+    # The conv layers come from the stage the source is named after (CONV_SOURCES are stage names).
+    model, _ = nets.load_checkpoint(run_dir.require(scorer.conv_from).output("model"),
+                                    expect_backbone=cfg.model.backbone)
     backbone = model.backbone.to(device).eval()
     scales = (cfg.features.one_scale,) if one_scale else tuple(cfg.features.scales)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ once (float16, ``holdout_batches x batch_size x D``).
 foreground one (so 25% foreground, as the cached path) on the live map with ``spp.pool_windows``, whose max
 pooling passes gradients back like RoI pooling. The held-out batches are then pooled from live maps at every
 evaluation. Such a model's ftfc6/ftfc7 are computed from conv5 maps of its own conv layers (``spp
-extract-features --conv-from finetune``, and ``spp train-bbox --conv-from finetune`` for its box regressors). Conv LR = ``lr * conv_lr_factor``; batch-norm statistics (torchvision trunks) stay frozen.
+extract-features --conv-from finetune``, and ``spp train-bbox --conv-from finetune`` for its box regressors).
+Conv LR = ``lr * conv_lr_factor``; batch-norm statistics (torchvision trunks) stay frozen.
 
 A resume point (``resume.pt``: weights, optimiser, best snapshot, history and random-generator states) is written
 at chunk ends at most every ``checkpoint_every_s`` seconds; a rerun with the same config and inputs continues from
