@@ -112,6 +112,16 @@ def test_zf5_width_scales_channels_only():
         build_backbone("zf5", width=0)
 
 
+def test_head_dropout_is_set_and_checked():
+    head = SppHead(8, (1,), fc_dim=4, num_classes=2, dropout=0.3)
+    assert head.dropout_p == 0.3 and head.dropout.p == 0.3
+    head.set_dropout(0.0)
+    assert head.dropout_p == 0.0 and head.dropout.p == 0.0
+    for bad in (1.0, -0.1):
+        with pytest.raises(SppError, match=r"fc dropout \(pretrain.dropout, model.dropout\) must be in \[0, 1\)"):
+            head.set_dropout(bad)
+
+
 # ------------------------------------------------------------------------------------------------ trunks, specs
 
 

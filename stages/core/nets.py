@@ -370,7 +370,7 @@ class SppHead(nn.Module):
     def set_dropout(self, p: float) -> None:
         """Train-time dropout after fc6 and fc7 (pretraining and fine-tuning may use different rates)."""
         if not 0 <= p < 1:
-            raise SppError(f"dropout must be in [0, 1), got {p}")
+            raise SppError(f"fc dropout (pretrain.dropout, model.dropout) must be in [0, 1), got {p}")
         self.dropout_p = float(p)
         self.dropout = nn.Dropout(self.dropout_p)
 
