@@ -23,7 +23,9 @@ R := data/runs/$(RUN)
 ARGS := --run $(RUN) --dataset $(DATASET) $(if $(VOC_ROOT),--voc-root $(VOC_ROOT)) --config $(CONFIG) $(SPP_FLAGS)
 # Table 9 rows: SVMs on pool5, fc7 (no fine-tuning), ftfc7, ftfc7 + box regression; at 1 and at all scales.
 SVM_FEATURES := pool5 fc7 ftfc7
-N_SCALES := 5
+# The all-scales tag (s<n>) names folders: n comes from the preset itself (stages/core/config.py, stdlib only).
+N_SCALES := $(shell PYTHONPATH=. $(PYTHON) -c 'import sys; from stages.core.config import build_config; \
+	print(len(build_config(sys.argv[1]).features.scales))' $(CONFIG))
 
 .PHONY: install test all pipeline clean-run help
 .SECONDARY:
@@ -112,7 +114,7 @@ EVALS := $(foreach s,$(SCALE_TAGS),$(R)/07_eval/$(TEST)-ftfc7-$(s)-bb/MANIFEST.j
 	$(foreach s,$(SCALE_TAGS),$(R)/07_eval/$(TEST)-$(f)-$(s)/MANIFEST.json))
 
 $(R)/table9.json: $(EVALS)
-	$(SPP) table9 $(ARGS)
+	$(SPP) table9 $(ARGS) --json $@
 
 clean-run:
 	rm -rf $(R)

@@ -22,11 +22,12 @@ from stages import train_bbox  # noqa: E402
 from stages.core import boxes as box_ops  # noqa: E402
 from stages.core import fcfeatures  # noqa: E402
 from stages.core.artifacts import Run  # noqa: E402
+from stages.core.bboxreg import load_bbox_model, predict_deltas  # noqa: E402
 from stages.core.config import config_from_run  # noqa: E402
 from stages.core.features import cache_of  # noqa: E402
+from stages.core.proposals import load_proposals  # noqa: E402
 from stages.core.roidb import build_roidb  # noqa: E402
 from stages.core.voc import VocDataset, resolve_voc_root  # noqa: E402
-from stages.proposals import load_proposals  # noqa: E402
 
 BANDS = ((0.5, 0.6), (0.6, 0.7), (0.7, 0.8), (0.8, 1.01))
 
@@ -42,7 +43,7 @@ def main() -> None:
     run = Run(args.run)
     cfg = config_from_run(args.run)
     dataset = VocDataset(args.voc_root or resolve_voc_root(cfg.data.dataset, cfg.data.voc_root))
-    model = train_bbox.load_bbox_model(run.stage_dir("bbox", args.tag) / train_bbox.BBOX_FILE)
+    model = load_bbox_model(run.stage_dir("bbox", args.tag) / train_bbox.BBOX_FILE)
     cache = cache_of(run.require("features", args.split))
     proposals = load_proposals(run, args.split)
     before, after = [], []
@@ -59,7 +60,7 @@ def main() -> None:
         for k in np.unique(labels):
             sel = labels == k
             boxes = rois.boxes[rows[sel]]
-            moved = box_ops.apply_bbox_deltas(boxes, train_bbox.predict_deltas(model, int(k), features[sel]))
+            moved = box_ops.apply_bbox_deltas(boxes, predict_deltas(model, int(k), features[sel]))
             before.append(box_ops.paired_iou(boxes, gt_boxes[sel]))
             after.append(box_ops.paired_iou(moved, gt_boxes[sel]))
     if not before:

@@ -15,13 +15,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stages.core.errors import SppError  # noqa: E402
+from stages.core.proposals import ProposalStore, best_overlaps  # noqa: E402
 from stages.core.voc import VocDataset  # noqa: E402
-from stages.proposals import best_overlaps  # noqa: E402
 
 SIDE_EDGES = (0, 10, 15, 20, 25, 32, 48, 64, 128, np.inf)  # shorter side of the object, pixels
 
@@ -41,11 +41,14 @@ def main() -> None:
         sys.exit(f"{args.proposals}: no such file (a proposals.h5 written by `spp proposals`)")
 
     best, sides, flagged = [], [], []
-    with h5py.File(args.proposals, "r") as handle:
-        for raw in handle["image_ids"][()]:
-            image_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+    try:
+        store = ProposalStore(args.proposals)
+    except SppError as exc:
+        sys.exit(str(exc))
+    with store:
+        for image_id in store.image_ids:
             ann = dataset.annotation(image_id)
-            best.append(best_overlaps(ann.boxes, handle["boxes"][image_id][()]))
+            best.append(best_overlaps(ann.boxes, store.boxes(image_id)))
             sides.append(shorter_sides(ann.boxes))
             flagged.append(ann.difficult)
     best, sides, flagged = map(np.concatenate, (best, sides, flagged))

@@ -277,13 +277,15 @@ def eval_(feature, one_scale, split, bbox, detections, out, metric, **common):
 
 @cli.command()
 @_run_options
+@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
+              help="Also write the rows (mAP and per-class AP of each variant) to this JSON file.")
 @_errors_as_one_line
-def table9(**common):
-    """Print the paper's Table 9 rows for this run (from its eval results) and write table9.json."""
+def table9(json_out, **common):
+    """Print the paper's Table 9 rows for this run (from its eval results); reads the run, writes nothing there."""
     from stages import report
 
     cfg = _config(**common)
-    click.echo(report.table9(cfg))
+    click.echo(report.table9(cfg, json_out=Path(json_out) if json_out else None))
 
 
 @cli.command()

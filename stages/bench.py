@@ -284,12 +284,12 @@ def bench_inputs(cfg, run: Run, n_images: int, windows: int,
     the run's stored proposals, else live selective search on dataset images, else seeded random boxes. Every
     image gets exactly ``windows`` boxes (topped up with random boxes, and said so, when proposals run short)."""
     from .core.voc import VocDataset, resolve_voc_root
-    from .proposals import image_seed, load_proposals, selective_search
+    from .core.proposals import image_seed, load_proposals, selective_search
 
     rng = np.random.default_rng(cfg.seed)
     dataset = None
     try:
-        dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
+        dataset = VocDataset.from_config(cfg.data)
         image_ids = dataset.image_ids(cfg.data.test_split)[:n_images]
     except SppError:
         dataset = None

@@ -18,42 +18,32 @@ from tqdm import tqdm
 from .core import boxes as B
 from .core import fcfeatures
 from .core.artifacts import Run, StageResult, atomic_write_bytes
+from .core.bboxreg import BboxModel, apply_bbox, load_bbox_model
 from .core.config import CHOICES
 from .core.errors import SppError
 from .core.nets import resolve_device
-from .core.variants import bbox_tag, detect_tag, svm_tag
+from .core.proposals import load_proposals, selective_search
+from .core.svm import SvmModel, load_svm_model
+from .core.registry import bbox_tag, detect_tag, svm_tag
+from .core.runner import Produced, StagePlan, execute
 from .core.voc import VocDataset, load_image_rgb, resolve_voc_root, write_comp4
 
 
 @dataclass(frozen=True)
 class ClassModels:
-    """What scoring needs: SVM weights per class and, optionally, the box regressors."""
+    """What scoring needs: the class SVMs and, optionally, the box regressors."""
 
-    classes: tuple[str, ...]
-    weights: torch.Tensor  # [D, K]
-    bias: torch.Tensor  # [K]
-    feature_scale: float
-    bbox: dict | None  # the loaded bbox.npz (see train_bbox.apply_bbox) or None
+    svm: SvmModel
+    bbox: BboxModel | None
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.svm.classes
 
 
-def load_class_models(svm_path: Path, bbox_path: Path | None, device: torch.device) -> ClassModels:
-    try:
-        svm = dict(np.load(svm_path, allow_pickle=False))
-    except (OSError, ValueError) as exc:
-        raise SppError(f"unreadable SVM file ({exc}); rerun `spp train-svm`", svm_path) from None
-    bbox = None
-    if bbox_path is not None:
-        try:
-            bbox = dict(np.load(bbox_path, allow_pickle=False))
-        except (OSError, ValueError) as exc:
-            raise SppError(f"unreadable box-regression file ({exc}); rerun `spp train-bbox`", bbox_path) from None
-    return ClassModels(
-        classes=tuple(str(c) for c in svm["classes"]),
-        weights=torch.as_tensor(svm["W"], dtype=torch.float32, device=device),
-        bias=torch.as_tensor(svm["b"], dtype=torch.float32, device=device),
-        feature_scale=float(svm["feature_scale"]),
-        bbox=bbox,
-    )
+def load_class_models(svm_path: Path, bbox_path: Path | None) -> ClassModels:
+    """The variant's ``svm.npz`` and, with ``bbox_path``, its ``bbox.npz``."""
+    return ClassModels(load_svm_model(svm_path), load_bbox_model(bbox_path) if bbox_path is not None else None)
 
 
 def detect_windows(boxes: np.ndarray, scores: np.ndarray, image_wh: tuple[int, int], *, score_thresh: float,
@@ -85,7 +75,7 @@ class _Scorer:
         self.conv_from = fcfeatures.conv_source(run, feature)
         self.bbox_manifest = run.require("bbox", bbox_tag(one_scale, n_scales, self.conv_from)) if use_bbox else None
         self.models = load_class_models(self.svm_manifest.output("svm"),
-                                        self.bbox_manifest.output("bbox") if self.bbox_manifest else None, device)
+                                        self.bbox_manifest.output("bbox") if self.bbox_manifest else None)
         self.nets, self.net_manifests = fcfeatures.load_feature_nets(run, feature, cfg, device=device)
         known = CHOICES["detect.fc_dtype"]  # merge() checks it; a hand-built config may not have been through it
         if cfg.detect.fc_dtype not in known:
@@ -99,8 +89,6 @@ class _Scorer:
 
     def score(self, cache, image_id: str, boxes: np.ndarray, image_wh: tuple[int, int]):
         """Per-class (boxes, scores) of one image's windows; conv5 maps are read and pooled once."""
-        from .train_bbox import apply_bbox
-
         fc, cfg = self._fc, self.cfg
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         if len(boxes) == 0:
@@ -111,7 +99,7 @@ class _Scorer:
         pooled = fc.pool_windows(maps, boxes[distinct.rows], fc.feature_pyramid(self.nets, cfg.model.pyramid),
                                  scale_index=distinct.scale_index, rule=cfg.features.scale_rule)
         feats = fc.head_features(pooled, self.feature, self.nets, cfg.detect.batch_windows)
-        distinct_scores = (feats * self.models.feature_scale) @ self.models.weights + self.models.bias
+        distinct_scores = self.models.svm.scores(feats)  # on the features' device
         scores = distinct_scores[torch.as_tensor(distinct.inverse, device=distinct_scores.device)]
         regress = None
         if self.models.bbox is not None:
@@ -125,15 +113,13 @@ class _Scorer:
 
 def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
     from .core.features import cache_of
-    from .proposals import load_proposals
 
-    start = time.perf_counter()
     run_dir = Run(cfg.run_dir)
     device = resolve_device(cfg.device)
     n_scales = len(cfg.features.scales)
     use_bbox = bool(cfg.detect.bbox)
     tag = detect_tag(split, feature, one_scale, n_scales, use_bbox)
-    dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
+    dataset = VocDataset.from_config(cfg.data)
     scorer = _Scorer(cfg, run_dir, feature, one_scale, use_bbox, device)
     proposals_manifest = run_dir.require("proposals", split)
     features_manifest = fcfeatures.features_manifest(run_dir, split, feature)
@@ -143,44 +129,39 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> Sta
         inputs["bbox"] = scorer.bbox_manifest
     config = {"detect": cfg.section("detect"), "features": cfg.section("features"), "feature": feature,
               "one_scale": one_scale, "split": split}
-    if run_dir.is_up_to_date("detect", tag, config, inputs):
-        from .core.artifacts import read_manifest
-        return StageResult(read_manifest(run_dir.manifest_path("detect", tag)), skipped=True)
+    plan = StagePlan("detect", tag, config, inputs, {"comp4_dir": "comp4", "detections": "detections.npz"})
 
-    proposals = load_proposals(run_dir, split)
-    cache = cache_of(features_manifest)
-    out_dir = run_dir.stage_dir("detect", tag)
-    run_dir.invalidate("detect", tag)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    def detect(out_dir: Path) -> Produced:
+        proposals = load_proposals(run_dir, split)
+        cache = cache_of(features_manifest)
+        classes = scorer.models.classes
+        per_class: list[list] = [[] for _ in classes]
+        rows = []
+        image_ids = proposals.image_ids
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for image_index, image_id in enumerate(tqdm(image_ids, desc=f"detect {tag}", unit="img", leave=False)):
+                height, width = cache.image_hw(image_id)
+                dets = scorer.score(cache, image_id, proposals.boxes(image_id), (width, height))
+                for k, (kept_boxes, kept_scores) in enumerate(dets):
+                    for box, score in zip(kept_boxes, kept_scores):
+                        per_class[k].append((image_id, float(score), box))
+                        rows.append((image_index, k, float(score), *box))
+        for k, name in enumerate(classes):
+            write_comp4(out_dir / "comp4", split, name, per_class[k])
+        table = np.array(rows, dtype=np.float64).reshape(-1, 7)
+        _save_npz(out_dir / "detections.npz", image_ids=np.array(image_ids), classes=np.array(classes),
+                  image_index=table[:, 0].astype(np.int64), label=table[:, 1].astype(np.int64), score=table[:, 2],
+                  boxes=table[:, 3:7])
+        seconds = time.perf_counter() - start
+        return Produced({"images": len(image_ids), "detections": int(len(table)), "seconds": seconds,
+                         "images_per_s": len(image_ids) / max(seconds, 1e-9), "device": str(device)})
 
-    classes = scorer.models.classes
-    per_class: list[list] = [[] for _ in classes]
-    rows = []
-    image_ids = proposals.image_ids
-    with torch.inference_mode():
-        for image_index, image_id in enumerate(tqdm(image_ids, desc=f"detect {tag}", unit="img", leave=False)):
-            height, width = cache.image_hw(image_id)
-            dets = scorer.score(cache, image_id, proposals.boxes(image_id), (width, height))
-            for k, (kept_boxes, kept_scores) in enumerate(dets):
-                for box, score in zip(kept_boxes, kept_scores):
-                    per_class[k].append((image_id, float(score), box))
-                    rows.append((image_index, k, float(score), *box))
-    comp4_dir = out_dir / "comp4"
-    for k, name in enumerate(classes):
-        write_comp4(comp4_dir, split, name, per_class[k])
-    table = np.array(rows, dtype=np.float64).reshape(-1, 7)
-    _save_npz(out_dir / "detections.npz", image_ids=np.array(image_ids), classes=np.array(classes),
-              image_index=table[:, 0].astype(np.int64), label=table[:, 1].astype(np.int64), score=table[:, 2],
-              boxes=table[:, 3:7])
-    seconds = time.perf_counter() - start
-    metrics = {"images": len(image_ids), "detections": int(len(table)), "seconds": seconds,
-               "images_per_s": len(image_ids) / max(seconds, 1e-9), "device": str(device)}
-    manifest = run_dir.write_manifest("detect", tag, config=config, inputs=inputs,
-                                      outputs={"comp4_dir": comp4_dir, "detections": out_dir / "detections.npz"},
-                                      metrics=metrics, wall_time_s=seconds)
-    del dataset
-    return StageResult(manifest, summary=f"detect {tag}: {len(table)} detections on {len(image_ids)} images "
-                                         f"({metrics['images_per_s']:.2f} img/s, {device}) -> {comp4_dir}")
+    def describe(m: dict) -> str:
+        return (f"detect {tag}: {m['detections']} detections on {m['images']} images ({m['images_per_s']:.2f} "
+                f"img/s, {m['device']}) -> {run_dir.stage_dir('detect', tag) / 'comp4'}")
+
+    return execute(run_dir, plan, detect, describe=describe, cfg=cfg)
 
 
 def _save_npz(path: Path, **arrays) -> None:
@@ -220,7 +201,6 @@ def run_on_images(cfg, images: list[Path], out: Path, feature: str = "ftfc7", on
     import cv2
 
     from .core import nets
-    from .proposals import selective_search
 
     run_dir = Run(cfg.run_dir)
     device = resolve_device(cfg.device)

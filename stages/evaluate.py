@@ -20,21 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from .core.ap import DEVKIT_MIN_OVERLAP, METRICS, evaluate_detections
-from .core.artifacts import (Run, StageResult, atomic_write_bytes, atomic_write_json, read_manifest, sha256_file,
-                             timed)
+from .core.artifacts import (MANIFEST_NAME, Run, StageResult, atomic_write_bytes, atomic_write_json, read_manifest,
+                             sha256_file)
 from .core.errors import InputError, SppError
-from .core.variants import detect_tag
+from .core.registry import detect_tag
+from .core.runner import Produced, StagePlan, execute
 from .core.voc import Detections, VocDataset, comp4_path, read_comp4, resolve_voc_root
 
 EVAL_CONFIG_VERSION = 1  # bump when the evaluation itself changes, so old results are not reused
-
-
-class _FolderRun(Run):
-    """A Run whose every stage folder is ``root`` itself: lets ``evaluate_folder`` reuse the manifest logic
-    (invalidate, up-to-date check, atomic manifest) for an arbitrary output folder."""
-
-    def stage_dir(self, stage: str, tag: str | None = None) -> Path:
-        return self.root
 
 
 def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False, metric: str = "voc07",
@@ -48,13 +41,10 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False, metric
     dataset = _dataset(cfg)
     config = _eval_config(cfg, split, metric)
     inputs = {"dataset": dataset.fingerprint(split), "detections": _comp4_hashes(comp4_dir, split, dataset.classes)}
-    if out is None:
-        target, eval_tag = run_dir, tag if metric == "voc07" else f"{tag}-{metric}"
-        inputs["detect"] = detect_manifest
-    else:  # an outside folder: the detect manifest is recorded by path (it is not under that folder)
-        target, eval_tag = _FolderRun(Path(out)), None
-        inputs["detect"] = {"path": str(detect_manifest.path.resolve()), "fingerprint": detect_manifest.fingerprint}
-    return _evaluate_into(target, eval_tag, config, inputs, dataset, split, comp4_dir, metric)
+    eval_tag = tag if metric == "voc07" else f"{tag}-{metric}"
+    inputs["detect"] = detect_manifest
+    return _evaluate_into(run_dir, eval_tag, config, inputs, dataset, split, comp4_dir, metric,
+                          Path(out) if out is not None else None)
 
 
 def evaluate_folder(cfg, split: str, detections_dir: Path, out_dir: Path, metric: str = "voc07") -> StageResult:
@@ -70,32 +60,30 @@ def evaluate_folder(cfg, split: str, detections_dir: Path, out_dir: Path, metric
         raise InputError(f"no comp4_det_{split}_<class>.txt file for any of the {len(hashes)} classes (found: "
                          f"{', '.join(have) + ' ...' if have else 'none'}); wrong folder or --split?", detections_dir)
     inputs = {"dataset": dataset.fingerprint(split), "detections": hashes}
-    return _evaluate_into(_FolderRun(Path(out_dir)), None, _eval_config(cfg, split, metric), inputs, dataset,
-                          split, detections_dir, metric)
+    # An outside folder, not a run: the runner gets a run rooted there and the folder itself.
+    return _evaluate_into(Run(Path(out_dir)), None, _eval_config(cfg, split, metric), inputs, dataset,
+                          split, detections_dir, metric, Path(out_dir))
 
 
-def _evaluate_into(target: Run, tag: str | None, config: dict, inputs: dict, dataset: VocDataset, split: str,
-                   comp4_dir: Path, metric: str) -> StageResult:
-    if target.is_up_to_date("eval", tag, config, inputs):
-        manifest = read_manifest(target.manifest_path("eval", tag))
-        return StageResult(manifest, summary=_table_from_metrics(manifest.metrics), skipped=True)
-    folder = target.stage_dir("eval", tag)
-    _refuse_foreign_manifest(target.manifest_path("eval", tag))
-    target.invalidate("eval", tag)
-    with timed() as clock:
+def _evaluate_into(run: Run, tag: str | None, config: dict, inputs: dict, dataset: VocDataset, split: str,
+                   comp4_dir: Path, metric: str, folder: Path | None = None) -> StageResult:
+    """``folder``: write there instead of the run's eval folder (``--out``)."""
+    plan = StagePlan("eval", tag, config, inputs, {"metrics": "metrics.json", "pr_curves": "pr_curves.png"},
+                     folder=folder)
+    if folder is not None:
+        _refuse_foreign_manifest(Path(folder) / MANIFEST_NAME)
+
+    def evaluate(out: Path) -> Produced:
         result, num_images, skipped_images = _evaluate(dataset, split, Path(comp4_dir), metric)
-    metrics = {"mAP": result["mAP"], "ap": result["ap"], "metric": metric, "split": split,
-               "num_images": num_images, "npos": result["npos"], "num_detections": result["num_detections"]}
-    if skipped_images:
-        metrics["skipped_images"] = skipped_images
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "metrics.json", metrics)
-    atomic_write_bytes(folder / "pr_curves.png", _pr_plot(result, split, metric))
-    manifest = target.write_manifest("eval", tag, config=config, inputs=inputs,
-                                     outputs={"metrics": folder / "metrics.json", "pr_curves": folder / "pr_curves.png"},
-                                     metrics=metrics, wall_time_s=clock["seconds"])
-    return StageResult(manifest, summary=_table_from_metrics(metrics) + f"\nwritten: {folder / 'metrics.json'}",
-                       extra={"result": result})
+        metrics = {"mAP": result["mAP"], "ap": result["ap"], "metric": metric, "split": split,
+                   "num_images": num_images, "npos": result["npos"], "num_detections": result["num_detections"]}
+        if skipped_images:
+            metrics["skipped_images"] = skipped_images
+        atomic_write_json(out / "metrics.json", metrics)
+        atomic_write_bytes(out / "pr_curves.png", _pr_plot(result, split, metric))
+        return Produced(metrics, summary=f"written: {out / 'metrics.json'}", extra={"result": result})
+
+    return execute(run, plan, evaluate, describe=_table_from_metrics)
 
 
 def _evaluate(dataset: VocDataset, split: str, comp4_dir: Path, metric: str) -> tuple[dict, int, list[str]]:
@@ -144,7 +132,7 @@ def _comp4_hashes(folder: Path, split: str, classes) -> dict[str, str | None]:
 
 
 def _dataset(cfg) -> VocDataset:
-    return VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
+    return VocDataset.from_config(cfg.data)
 
 
 def _eval_config(cfg, split: str, metric: str) -> dict:

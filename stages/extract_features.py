@@ -39,6 +39,7 @@ from stages.core.config import Config
 from stages.core.errors import InputError, SppError
 from stages.core.features import (SCHEMA_VERSION, FeatureWriter, feature_paths, features_tag, map_name, read_header,
                                   shard_file_name, wait_for_files)
+from stages.core.runner import Produced, StagePlan, execute
 from stages.core.voc import VocDataset, resolve_voc_root
 
 STAGE = "features"
@@ -110,14 +111,11 @@ def load_backbone(cfg: Config, source: Path | str, is_checkpoint: bool) -> nets.
 def run(cfg: Config, split: str, conv_from: str = "pretrain") -> StageResult:
     """conv5 maps of ``split`` into ``02_features/<split>/`` (``<split>+ftconv/`` with ``conv_from="finetune"``:
     the conv layers of a model fine-tuned with --conv)."""
-    start = time.perf_counter()
     run_dir = Run(cfg.run_dir)
     rank, world_size = process_shard()
-    dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
+    dataset = VocDataset.from_config(cfg.data)
     image_ids = dataset.image_ids(split)
     scales = tuple(int(s) for s in cfg.features.scales)
-    if not scales or min(scales) < 1 or len(set(scales)) != len(scales):
-        raise SppError(f"features.scales must be distinct positive shorter sides, got {list(scales)}")
     store_flip = bool(cfg.features.flip and split == cfg.data.train_split)
     tag = features_tag(split, conv_from)
     model_record, model_source, is_checkpoint = model_input(cfg, run_dir, conv_from)
@@ -129,43 +127,43 @@ def run(cfg: Config, split: str, conv_from: str = "pretrain") -> StageResult:
     if not is_checkpoint:
         config_record["model"]["weights"] = cfg.model.weights
     inputs = {"model": model_record, "dataset": dataset_fp}
-    if run_dir.is_up_to_date(STAGE, tag, config_record, inputs):
-        manifest = read_manifest(run_dir.manifest_path(STAGE, tag))
-        if all(read_header(path) is not None for path in feature_paths(manifest)):  # deleted or truncated: redo
-            return StageResult(manifest, summary=_summary(tag, manifest.metrics), skipped=True)
-    run_dir.invalidate(STAGE, tag)
+    shard_names = [shard_file_name(r, world_size) for r in range(world_size)]
+    outputs = ({"features": shard_names[0]} if world_size == 1
+               else {f"features.rank{r}": name for r, name in enumerate(shard_names)})
+    plan = StagePlan(STAGE, tag, config_record, inputs, outputs)
 
-    checkpoint_sha = sha256_file(Path(model_source)) if is_checkpoint else model_record["sha256"]
-    folder = run_dir.stage_dir(STAGE, tag)
-    header = {"schema": SCHEMA_VERSION, "backbone": cfg.model.backbone, "checkpoint_sha256": checkpoint_sha,
-              "dataset_fingerprint": dataset_fp, "split": split, "scales": list(scales), "flip": store_flip,
-              "compression": int(cfg.features.compression), "rank": rank, "world_size": world_size}
-    device = select_device(cfg.device)
-    backbone = load_backbone(cfg, model_source, is_checkpoint).to(device).eval()
-    writer = FeatureWriter(folder / shard_file_name(rank, world_size), header, backbone.spec,
-                           cfg.features.compression)
-    mine = list(enumerate(image_ids))[rank::world_size]
-    metrics = extract_shard(backbone, device, dataset, mine, writer, scales, store_flip,
-                            max(1, cfg.features.batch_images), desc=f"features {tag}"
-                            + (f" rank {rank}/{world_size}" if world_size > 1 else ""))
-    if rank != 0:
-        # Rank 0 writes the one manifest once every shard is finished; this rank's work is on disk.
-        return StageResult(None, summary=f"rank {rank}/{world_size}: {metrics['images']} images -> "
-                           f"{writer.final} ({metrics['images_per_s']:.2f} img/s); rank 0 writes the manifest")
+    def extract(folder: Path) -> Produced:
+        checkpoint_sha = sha256_file(Path(model_source)) if is_checkpoint else model_record["sha256"]
+        header = {"schema": SCHEMA_VERSION, "backbone": cfg.model.backbone, "checkpoint_sha256": checkpoint_sha,
+                  "dataset_fingerprint": dataset_fp, "split": split, "scales": list(scales), "flip": store_flip,
+                  "compression": int(cfg.features.compression), "rank": rank, "world_size": world_size}
+        device = select_device(cfg.device)
+        backbone = load_backbone(cfg, model_source, is_checkpoint).to(device).eval()
+        writer = FeatureWriter(folder / shard_names[rank], header, backbone.spec, cfg.features.compression)
+        mine = list(enumerate(image_ids))[rank::world_size]
+        metrics = extract_shard(backbone, device, dataset, mine, writer, scales, store_flip,
+                                max(1, cfg.features.batch_images), desc=f"features {tag}"
+                                + (f" rank {rank}/{world_size}" if world_size > 1 else ""))
+        if rank != 0:
+            # Rank 0 writes the one manifest once every shard is finished; this rank's work is on disk.
+            return Produced({}, summary=f"rank {rank}/{world_size}: {metrics['images']} images -> "
+                            f"{writer.final} ({metrics['images_per_s']:.2f} img/s); rank 0 writes the manifest",
+                            write_manifest=False)
+        shard_paths = [folder / name for name in shard_names]
+        if world_size > 1:
+            wait_for_files(shard_paths, lambda p: _shard_ready(p, header),
+                           on_wait=lambda pending: print(f"rank 0: waiting for {', '.join(p.name for p in pending)}",
+                                                         file=sys.stderr, flush=True))
+        shard_metrics = [metrics] + [_shard_metrics(p) for p in shard_paths[1:]]
+        total = aggregate_metrics(shard_metrics, shard_paths)
+        total["checkpoint_sha256"] = checkpoint_sha
+        return Produced(total, extra={"computed_ids": metrics["computed_ids"]})
 
-    shard_paths = [folder / shard_file_name(r, world_size) for r in range(world_size)]
-    if world_size > 1:
-        wait_for_files(shard_paths, lambda p: _shard_ready(p, header),
-                       on_wait=lambda pending: print(f"rank 0: waiting for {', '.join(p.name for p in pending)}",
-                                                     file=sys.stderr, flush=True))
-    shard_metrics = [metrics] + [_shard_metrics(p) for p in shard_paths[1:]]
-    total = aggregate_metrics(shard_metrics, shard_paths)
-    total["checkpoint_sha256"] = checkpoint_sha
-    outputs = ({"features": shard_paths[0]} if world_size == 1
-               else {f"features.rank{r}": p for r, p in enumerate(shard_paths)})
-    manifest = run_dir.write_manifest(STAGE, tag, config=config_record, inputs=inputs, outputs=outputs,
-                                      metrics=total, wall_time_s=time.perf_counter() - start)
-    return StageResult(manifest, summary=_summary(tag, total), extra={"computed_ids": metrics["computed_ids"]})
+    def readable(manifest: Manifest) -> bool:  # a truncated cache of the right size is still not up to date
+        return all(read_header(path) is not None for path in feature_paths(manifest))
+
+    return execute(run_dir, plan, extract, describe=lambda metrics: _summary(tag, metrics), cfg=cfg,
+                   verify=readable, lock_name=f".lock.rank{rank}" if world_size > 1 else ".lock")
 
 
 def _shard_ready(path: Path, header: dict) -> bool:

@@ -62,6 +62,7 @@ from .core.artifacts import Manifest, Run, StageResult, atomic_write_json, read_
 from .core.boxes import flip_boxes
 from .core.config import Config, FinetuneConfig
 from .core.errors import SppError
+from .core.runner import Produced, StagePlan, execute
 from .core.roidb import ImageRois, build_roidb, max_overlap
 from .core.voc import VocDataset, resolve_voc_root
 
@@ -460,57 +461,41 @@ def stage_config(cfg: Config) -> dict:
             "train_split": cfg.data.train_split, "seed": cfg.seed}
 
 
-def _check_config(cfg: Config) -> None:
-    ft = cfg.finetune
-    if ft.iters < 1 or ft.batch_size < 1 or ft.eval_every < 1:
-        raise SppError("finetune.iters, finetune.batch_size and finetune.eval_every must be positive")
-    if not 0.0 <= ft.fg_fraction <= 1.0:
-        raise SppError(f"finetune.fg_fraction must be in [0, 1], got {ft.fg_fraction}")
-    if not 0.0 <= ft.bg_iou[0] <= ft.bg_iou[1] <= ft.fg_iou:
-        raise SppError(f"finetune.bg_iou {list(ft.bg_iou)} must be an interval below fg_iou {ft.fg_iou}")
-    if ft.lr <= 0 or ft.pool_memory_mb < 1:
-        raise SppError("finetune.lr and finetune.pool_memory_mb must be positive")
-    if cfg.data.train_split == cfg.data.test_split:
-        raise SppError(f"data.train_split and data.test_split are both {cfg.data.train_split!r}: fine-tuning "
-                       "must not see the test split")
-
-
 def _pretrained_model_path(manifest: Manifest) -> Path:
     return manifest.output("model") if "model" in manifest.data.get("outputs", {}) else manifest.folder / MODEL_FILE
 
 
-def _summary(manifest: Manifest) -> str:
-    m = manifest.metrics
+def _summary(m: dict, model_path: Path) -> str:
     best = m.get("best_holdout_error")
     held = (f"held-out error {best:.4f} at iteration {m.get('best_iteration')} (initial "
             f"{m.get('initial_holdout_error', float('nan')):.4f}, final {m.get('final_holdout_error', float('nan')):.4f})"
             if best is not None else "no held-out images: kept the last iteration")
     return (f"finetune: {m.get('iterations')} iterations in {m.get('seconds', 0):.1f} s "
-            f"({m.get('windows_per_s', 0):.0f} windows/s); {held}; model: {manifest.output('model')}")
+            f"({m.get('windows_per_s', 0):.0f} windows/s); {held}; model: {model_path}")
 
 
 def run(cfg: Config) -> StageResult:
     """``spp finetune``: see the module docstring."""
-    from .core import nets, spp
-    from .proposals import load_proposals
-
-    _check_config(cfg)
     ft = cfg.finetune
     run_dir = Run(cfg.run_dir)
     split = cfg.data.train_split
-    dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
+    dataset = VocDataset.from_config(cfg.data)
     inputs: dict = {"pretrain": run_dir.require("pretrain"), "proposals": run_dir.require("proposals", split)}
     if not ft.conv:
         inputs["features"] = run_dir.require("features", split)
     inputs["dataset"] = dataset.fingerprint(split)
     config = stage_config(cfg)
-    if run_dir.is_up_to_date(STAGE, None, config, inputs):
-        manifest = read_manifest(run_dir.manifest_path(STAGE))
-        return StageResult(manifest, _summary(manifest), skipped=True)
-    run_dir.invalidate(STAGE)
-    folder = run_dir.stage_dir(STAGE)
-    folder.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    plan = StagePlan(STAGE, None, config, inputs, {"model": MODEL_FILE, "history": HISTORY_FILE})
+    return execute(run_dir, plan, lambda folder: _finetune(cfg, run_dir, dataset, inputs, config, folder),
+                   describe=lambda metrics: _summary(metrics, run_dir.stage_dir(STAGE) / MODEL_FILE), cfg=cfg)
+
+
+def _finetune(cfg: Config, run_dir: Run, dataset: VocDataset, inputs: dict, config: dict, folder: Path) -> Produced:
+    from .core import nets, spp
+    from .core.proposals import load_proposals
+
+    ft = cfg.finetune
+    split = cfg.data.train_split
     device = nets.resolve_device(cfg.device)
 
     # The model: pretrained conv + fc6/fc7 with model.dropout, a new (K+1)-way fc8: seeded N(0, 0.01), bias 0.
@@ -541,8 +526,6 @@ def run(cfg: Config) -> StageResult:
 
     if ft.conv:
         flip_used = ft.flip
-        if ft.conv_images < 1:
-            raise SppError(f"finetune.conv_images must be at least 1, got {ft.conv_images}")
         pooler, live_batch = _live_poolers(model, dataset, spec, cfg.features.scales, pyramid,
                                            cfg.features.scale_rule, device, ft.conv_images)
         model.to(device)
@@ -605,11 +588,8 @@ def run(cfg: Config) -> StageResult:
                "num_classes": len(class_names), "device": str(device), "conv": ft.conv,
                "pool_strategy": "per-iteration live pooling (conv)" if ft.conv else
                "chunked pre-draw, one cache read per image per chunk, float16 buffer on the compute device"}
-    manifest = run_dir.write_manifest(STAGE, None, config=config, inputs=inputs,
-                                      outputs={"model": MODEL_FILE, "history": HISTORY_FILE}, metrics=metrics,
-                                      wall_time_s=time.perf_counter() - started)
     _Resume(folder / RESUME_FILE, resume_key, 0).remove()
-    return StageResult(manifest, _summary(manifest))
+    return Produced(metrics)
 
 
 def _live_poolers(model: nn.Module, dataset: VocDataset, spec, scales: tuple[int, ...], pyramid: tuple[int, ...],

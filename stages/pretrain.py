@@ -44,6 +44,7 @@ from .core import nets
 from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, sha256_file, sha256_json
 from .core.config import CHOICES, Config
 from .core.errors import InputError, SppError
+from .core.runner import Produced, StagePlan, execute
 from .core.voc import load_image_rgb, resolve_voc_root
 
 STAGE = "pretrain"
@@ -400,17 +401,11 @@ def run(cfg: Config) -> StageResult:
 
 
 def _run(cfg: Config, ranks: _Ranks) -> StageResult:
-    started = time.perf_counter()
     pc = cfg.pretrain
     run_dir = Run(cfg.run_dir)
     out_dir = run_dir.stage_dir(STAGE)
-    if pc.epochs < 0:
-        raise SppError(f"pretrain.epochs must be >= 0, got {pc.epochs}")
-    if pc.epochs > 0 and (not pc.sizes or min(pc.sizes) < 1 or pc.batch_size < ranks.world):
-        raise SppError(f"pretrain needs sizes >= 1 px and batch_size >= the {ranks.world} rank(s); "
-                       f"got sizes {list(pc.sizes)}, batch_size {pc.batch_size}")
-    if pc.optimizer not in OPTIMIZERS:
-        raise SppError(f"unknown pretrain.optimizer {pc.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
+    if pc.epochs > 0 and pc.batch_size < ranks.world:
+        raise SppError(f"pretrain.batch_size {pc.batch_size} is smaller than the {ranks.world} torchrun rank(s)")
 
     # Data: required to train; with epochs = 0 it only names the classes and measures the initial accuracy.
     data_root = classification_root(cfg)
@@ -435,14 +430,22 @@ def _run(cfg: Config, ranks: _Ranks) -> StageResult:
             inputs[name] = {"path": value, "sha256": sha256_file(Path(value))}
         elif name == "init" and value:
             raise SppError("no such init weights file", value)
+    # pretrain.workers stays in the record: each loader process draws its own augmentation stream
     config = {"pretrain": cfg.section("pretrain"), "model": cfg.section("model"), "seed": cfg.seed}
-    if run_dir.is_up_to_date(STAGE, None, config, inputs):
-        manifest = read_manifest(run_dir.manifest_path(STAGE))
-        return StageResult(manifest, _summary(manifest), skipped=True)
-    if ranks.is_main:
-        run_dir.invalidate(STAGE)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    plan = StagePlan(STAGE, None, config, inputs, {"model": MODEL_FILE})
+    result = execute(run_dir, plan, lambda folder: _train(cfg, ranks, config, inputs, trees, folder),
+                     describe=lambda metrics: _summary(metrics, out_dir / MODEL_FILE), cfg=cfg,
+                     lock_name=f".lock.rank{ranks.rank}" if ranks.distributed else ".lock")
+    if ranks.distributed and not result.skipped:
+        dist.barrier()  # rank 0 has written the manifest
+    if result.manifest is None:
+        manifest = read_manifest(run_dir.manifest_path(STAGE))  # rank 0 prints the summary
+        return StageResult(manifest, _summary(manifest.metrics, out_dir / MODEL_FILE))
+    return result
 
+
+def _train(cfg: Config, ranks: _Ranks, config: dict, inputs: dict, trees: dict, out_dir: Path) -> Produced:
+    pc = cfg.pretrain
     _seed_all(cfg.seed + ranks.rank)  # model init (rank 0's is broadcast by DDP), dropout, augmentation
     model, origin = build_model(cfg, list(trees["train"].classes) if trees else [])
     class_names = list(model.class_names)
@@ -522,8 +525,7 @@ def _run(cfg: Config, ranks: _Ranks) -> StageResult:
     elif val_loader is not None:  # epochs = 0: report what the initial weights score
         val_loss, val_acc = evaluate(net, val_loader, ranks)
     if not ranks.is_main:
-        dist.barrier()  # wait for rank 0's manifest
-        return StageResult(read_manifest(run_dir.manifest_path(STAGE)))  # rank 0 prints the summary
+        return Produced({}, write_manifest=False)
 
     meta = {"class_names": class_names, "epochs": pc.epochs, "val_accuracy": val_acc, "sizes": list(pc.sizes),
             "pixel_mode": spec.pixel_mode, "seed": cfg.seed, **origin}
@@ -540,16 +542,11 @@ def _run(cfg: Config, ranks: _Ranks) -> StageResult:
         "seconds_per_epoch": [h["seconds"] for h in history], "world_size": ranks.world,
         "device": str(ranks.device), "weights_from": origin["init_kind"],
     }
-    manifest = run_dir.write_manifest(STAGE, None, config=config, inputs=inputs, outputs={"model": model_path},
-                                      metrics=metrics, wall_time_s=time.perf_counter() - started)
-    if ranks.distributed:
-        dist.barrier()
-    return StageResult(manifest, _summary(manifest))
+    return Produced(metrics)
 
 
-def _summary(manifest) -> str:
-    m = manifest.metrics
+def _summary(m: dict, model_path: Path) -> str:
     acc = "n/a" if m.get("val_accuracy") is None else f"{m['val_accuracy']:.4f}"
     chance = "" if not m.get("chance_accuracy") else f" (chance {m['chance_accuracy']:.4f})"
     return (f"pretrain: {m.get('epochs')} epoch(s), {m.get('num_classes')} classes, val accuracy {acc}{chance}, "
-            f"weights from {m.get('weights_from')} -> {manifest.output('model')}")
+            f"weights from {m.get('weights_from')} -> {model_path}")

@@ -1,8 +1,10 @@
 """``spp table9``: the paper's Table 9 rows for this run, from the eval manifests of its variants."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from .core.artifacts import Run, atomic_write_json, read_manifest
-from .core.variants import detect_tag
+from .core.registry import detect_tag
 
 # (row label, SVM feature, box regression) in the paper's Table 9 order; "fc7" is without fine-tuning.
 TABLE9_ROWS = (("pool5", "pool5", False), ("fc7", "fc7", False), ("ftfc7", "ftfc7", False),
@@ -11,8 +13,9 @@ TABLE9_ROWS = (("pool5", "pool5", False), ("fc7", "fc7", False), ("ftfc7", "ftfc
 PAPER = {"pool5": (43.0, 44.9), "fc7": (None, None), "ftfc7": (54.5, 55.2), "ftfc7 bb": (58.0, 59.2)}
 
 
-def table9(cfg) -> str:
-    """Collect the eight variants' mAPs, write ``<run>/table9.json`` and return the printed table."""
+def table9(cfg, json_out: Path | None = None) -> str:
+    """Collect the eight variants' mAPs and return the printed table; with ``json_out``, also write them there.
+    It only reads the run (so it works on a read-only one)."""
     run = Run(cfg.run_dir)
     split = cfg.data.test_split
     n_scales = len(cfg.features.scales)
@@ -43,7 +46,9 @@ def table9(cfg) -> str:
     if best:
         lines.append(f"per-class AP (ftfc7 bb, {columns[1]}): "
                      + ", ".join(f"{k} {v * 100:.1f}" for k, v in best["ap"].items()))
-    out = run.root / "table9.json"
+    if json_out is None:
+        return "\n".join(lines)
+    out = Path(json_out)
     atomic_write_json(out, {"run": cfg.run, "dataset": cfg.data.dataset, "backbone": cfg.model.backbone,
                             "split": split, "scales": list(cfg.features.scales), "one_scale": cfg.features.one_scale,
                             "rows": rows, "paper": PAPER, "missing": missing})

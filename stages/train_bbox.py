@@ -10,17 +10,16 @@ The released recipe [S:bbox_regression/spp_train_bbox_regressor.m, spp_predict_b
 - Ridge regression with a bias column of ones, regularised like the weights: the Cholesky solve of
   ``(A^T A + lambda I) beta = A^T Y`` (lambda 4000). With fewer samples than features the identical solution
   ``beta = A^T (A A^T + lambda I)^{-1} Y`` is used (Cholesky of the smaller matrix).
-- Prediction (``apply_bbox``): ``Y = (X beta) T^{-1} + mu``, then ``boxes.apply_bbox_deltas`` and clip to the image.
+- Prediction (``core.bboxreg.apply_bbox``, where the model file is read and written): ``Y = (X beta) T^{-1} + mu``,
+  then ``boxes.apply_bbox_deltas`` and clip to the image.
 
 Per-image samples are spilled to a temporary HDF5 file in the stage folder, so memory holds one class at a time.
 """
 from __future__ import annotations
 
 import contextlib
-import io
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -29,15 +28,17 @@ from tqdm import tqdm
 
 from .core import boxes as box_ops
 from .core import fcfeatures, spp
-from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, timed
+from .core.artifacts import Run, StageResult, read_manifest, timed
+from .core.bboxreg import BboxModel, save_bbox_model
 from .core.errors import SppError, require_free_space
+from .core.fcfeatures import training_images
 from .core.features import cache_of, features_tag
 from .core.nets import resolve_device
+from .core.proposals import load_proposals
 from .core.roidb import best_gt, build_roidb
-from .core.variants import bbox_tag
+from .core.runner import Produced, StagePlan, execute
+from .core.registry import bbox_tag
 from .core.voc import VocDataset, resolve_voc_root
-from .proposals import load_proposals
-from .train_svm import training_images
 
 BBOX_FILE = "bbox.npz"
 SPILL_FILE = "samples.partial.h5"
@@ -88,81 +89,6 @@ def ridge_dual(A: torch.Tensor, Y: torch.Tensor, lam: float) -> torch.Tensor:
 def ridge_regression(A: torch.Tensor, Y: torch.Tensor, lam: float) -> torch.Tensor:
     """Ridge solution through whichever Cholesky system is smaller."""
     return ridge_dual(A, Y, lam) if len(A) < A.shape[1] else ridge_primal(A, Y, lam)
-
-
-# ------------------------------------------------------------------------------------------------ the model
-@dataclass(frozen=True)
-class BboxModel:
-    """Per-class regressors: ``beta[k]`` [D+1, 4] (last row: bias), whitening ``mu[k]``, ``T[k]``, ``T_inv[k]``."""
-
-    beta: np.ndarray  # float64 [K, D+1, 4]
-    mu: np.ndarray  # float64 [K, 4]
-    T: np.ndarray  # float64 [K, 4, 4]
-    T_inv: np.ndarray  # float64 [K, 4, 4]
-    feature_scale: float  # pool5 features are multiplied by this (20 / mean norm) before regression
-    mean_norm: float
-    samples: np.ndarray  # int64 [K]: training samples; 0 -> identity regressor (boxes are left as they are)
-    classes: tuple[str, ...]
-    scales: tuple[int, ...]
-    pyramid: tuple[int, ...]
-    lam: float
-    min_iou: float
-
-    _ARRAYS = ("beta", "mu", "T", "T_inv", "samples")
-
-    def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        np.savez(buffer, beta=self.beta, mu=self.mu, T=self.T, T_inv=self.T_inv, samples=self.samples,
-                 feature_scale=np.float64(self.feature_scale), mean_norm=np.float64(self.mean_norm),
-                 classes=np.array(self.classes, dtype=str), scales=np.array(self.scales, dtype=np.int64),
-                 pyramid=np.array(self.pyramid, dtype=np.int64), lam=np.float64(self.lam),
-                 min_iou=np.float64(self.min_iou), feature=np.array("pool5"))
-        return buffer.getvalue()
-
-    @classmethod
-    def from_arrays(cls, data: Mapping) -> "BboxModel":
-        """From ``bbox.npz`` contents (``np.load`` result or a dict of its arrays)."""
-        return cls(beta=np.asarray(data["beta"], np.float64), mu=np.asarray(data["mu"], np.float64),
-                   T=np.asarray(data["T"], np.float64), T_inv=np.asarray(data["T_inv"], np.float64),
-                   feature_scale=float(data["feature_scale"]), mean_norm=float(data["mean_norm"]),
-                   samples=np.asarray(data["samples"], np.int64), classes=tuple(str(c) for c in data["classes"]),
-                   scales=tuple(int(s) for s in data["scales"]), pyramid=tuple(int(n) for n in data["pyramid"]),
-                   lam=float(data["lam"]), min_iou=float(data["min_iou"]))
-
-
-def load_bbox_model(path: Path) -> BboxModel:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return BboxModel.from_arrays(data)
-    except (OSError, KeyError, ValueError) as exc:
-        raise SppError(f"unreadable box-regression file ({type(exc).__name__}: {exc}); rerun `spp train-bbox`",
-                       path) from None
-
-
-def predict_deltas(model: BboxModel | Mapping, class_index: int, features: np.ndarray) -> np.ndarray:
-    """Regression targets [N, 4] for raw (unscaled) pool5 ``features`` [N, D]: ``(X beta) T^{-1} + mu``."""
-    model = model if isinstance(model, BboxModel) else BboxModel.from_arrays(model)
-    if isinstance(features, torch.Tensor):
-        features = features.detach().cpu().numpy()
-    X = np.asarray(features, dtype=np.float64) * model.feature_scale
-    beta = model.beta[class_index]
-    if X.ndim != 2 or X.shape[1] != beta.shape[0] - 1:
-        raise ValueError(f"features of shape {X.shape} for a regressor of {beta.shape[0] - 1} inputs")
-    whitened = X @ beta[:-1] + beta[-1]
-    return whitened @ model.T_inv[class_index] + model.mu[class_index]
-
-
-def apply_bbox(model: BboxModel | Mapping, class_index: int, features: np.ndarray, boxes: np.ndarray,
-               image_wh: tuple[int, int]) -> np.ndarray:
-    """Regressed boxes of class ``class_index``: ``features`` are the windows' raw pool5 features (as
-    ``fcfeatures.window_features(..., "pool5")`` returns them; scaled here), ``boxes`` [N, 4] in sppnet's
-    convention, ``image_wh`` = (W, H); the result is clipped to the image. ``model``: a BboxModel or the
-    contents of ``bbox.npz``."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    if len(boxes) == 0:
-        return boxes.copy()
-    deltas = predict_deltas(model, class_index, features)
-    return box_ops.clip_boxes(box_ops.apply_bbox_deltas(boxes, deltas), int(image_wh[0]), int(image_wh[1]))
 
 
 # ------------------------------------------------------------------------------------------------ samples
@@ -268,66 +194,62 @@ def run(cfg, one_scale: bool = False, conv_from: str = "pretrain") -> StageResul
     run_dir = Run(cfg.run_dir)
     split = cfg.data.train_split
     scales = (int(cfg.features.one_scale),) if one_scale else tuple(int(s) for s in cfg.features.scales)
-    dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
+    dataset = VocDataset.from_config(cfg.data)
     inputs = {"features": run_dir.require("features", features_tag(split, conv_from)),
               "proposals": run_dir.require("proposals", split),
               "dataset": {"split": split, "fingerprint": dataset.fingerprint(split)}}
     config = _config_record(cfg, one_scale, scales, conv_from)
-    if run_dir.is_up_to_date("bbox", tag, config, inputs):
-        manifest = read_manifest(run_dir.manifest_path("bbox", tag))
-        return StageResult(manifest, summary=_summary(manifest.metrics), skipped=True)
-    if cfg.bbox.lam <= 0:
-        raise SppError(f"bbox.lam must be positive, got {cfg.bbox.lam}")
-    run_dir.invalidate("bbox", tag)
-    out_dir = run_dir.stage_dir("bbox", tag)
+    plan = StagePlan("bbox", tag, config, inputs, {"bbox": BBOX_FILE})
+    return execute(run_dir, plan, lambda folder: _train(cfg, run_dir, dataset, inputs, scales, folder),
+                   describe=_summary, cfg=cfg)
 
-    with timed() as clock:
-        device = resolve_device(cfg.device)
-        cache = cache_of(inputs["features"])
-        fcfeatures.scales_for(cache, scales)
-        proposals = load_proposals(run_dir, split)
-        pyramid = tuple(int(n) for n in cfg.model.pyramid)
-        rule = cfg.features.scale_rule
-        image_ids = training_images(dataset, split, cache)
-        classes = tuple(dataset.classes)
 
-        def rois_of(image_id: str):
-            return build_roidb(dataset, split, proposals, image_ids=[image_id])[0]
+def _train(cfg, run_dir: Run, dataset: VocDataset, inputs: dict, scales: tuple[int, ...], out_dir: Path) -> Produced:
+    split = cfg.data.train_split
+    device = resolve_device(cfg.device)
+    cache = cache_of(inputs["features"])
+    fcfeatures.scales_for(cache, scales)
+    proposals = load_proposals(run_dir, split)
+    pyramid = tuple(int(n) for n in cfg.model.pyramid)
+    rule = cfg.features.scale_rule
+    image_ids = training_images(dataset, split, cache)
+    classes = tuple(dataset.classes)
 
-        scale, mean_norm = fcfeatures.feature_scale(
-            cache, lambda image_id: rois_of(image_id).boxes, image_ids, "pool5", {}, scales, device,
-            pyramid=pyramid, rule=rule, target_norm=cfg.bbox.target_norm)
+    def rois_of(image_id: str):
+        return build_roidb(dataset, split, proposals, image_ids=[image_id])[0]
 
-        dim = spp.spp_dim(cache.spec.channels, pyramid)
-        spill = SampleSpill(out_dir / SPILL_FILE, dim, len(classes))
-        per_class: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in classes]  # (P, G) per image
-        try:
-            for image_id in tqdm(image_ids, desc="bbox samples", unit="img", disable=None):
-                rois = rois_of(image_id)
-                rows, gt_boxes, labels, _ = regression_samples(rois, cfg.bbox.min_iou)
-                if len(rows) == 0:
-                    continue
-                maps = fcfeatures.load_maps(cache, image_id, scales, device=device)
-                feats = fcfeatures.pool_windows(maps, rois.boxes[rows], pyramid, rule=rule).cpu().numpy()
-                for k in np.unique(labels):
-                    sel = labels == k
-                    spill.append(int(k), feats[sel])
-                    per_class[int(k)].append((rois.boxes[rows[sel]], gt_boxes[sel]))
-            model_parts = _fit_all(spill, per_class, scale, cfg.bbox.lam, dim, device, classes)
-        finally:
-            spill.close(remove=True)
-        betas, mus, Ts, T_invs, class_metrics = model_parts
-        model = BboxModel(beta=betas, mu=mus, T=Ts, T_inv=T_invs, feature_scale=scale, mean_norm=mean_norm,
-                          samples=spill.counts.copy(), classes=classes, scales=scales, pyramid=pyramid,
-                          lam=float(cfg.bbox.lam), min_iou=float(cfg.bbox.min_iou))
-        atomic_write_bytes(out_dir / BBOX_FILE, model.to_bytes())
+    scale, mean_norm = fcfeatures.feature_scale(
+        cache, lambda image_id: rois_of(image_id).boxes, image_ids, "pool5", {}, scales, device,
+        pyramid=pyramid, rule=rule, target_norm=cfg.bbox.target_norm)
+
+    dim = spp.spp_dim(cache.spec.channels, pyramid)
+    spill = SampleSpill(out_dir / SPILL_FILE, dim, len(classes))
+    per_class: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in classes]  # (P, G) per image
+    try:
+        for image_id in tqdm(image_ids, desc="bbox samples", unit="img", disable=None):
+            rois = rois_of(image_id)
+            rows, gt_boxes, labels, _ = regression_samples(rois, cfg.bbox.min_iou)
+            if len(rows) == 0:
+                continue
+            maps = fcfeatures.load_maps(cache, image_id, scales, device=device)
+            feats = fcfeatures.pool_windows(maps, rois.boxes[rows], pyramid, rule=rule).cpu().numpy()
+            for k in np.unique(labels):
+                sel = labels == k
+                spill.append(int(k), feats[sel])
+                per_class[int(k)].append((rois.boxes[rows[sel]], gt_boxes[sel]))
+        model_parts = _fit_all(spill, per_class, scale, cfg.bbox.lam, dim, device, classes)
+    finally:
+        spill.close(remove=True)
+    betas, mus, Ts, T_invs, class_metrics = model_parts
+    model = BboxModel(beta=betas, mu=mus, T=Ts, T_inv=T_invs, feature_scale=scale, mean_norm=mean_norm,
+                      samples=spill.counts.copy(), classes=classes, scales=scales, pyramid=pyramid,
+                      lam=float(cfg.bbox.lam), min_iou=float(cfg.bbox.min_iou))
+    save_bbox_model(out_dir / BBOX_FILE, model)
 
     metrics = {"images": len(image_ids), "scales": list(scales), "lam": float(cfg.bbox.lam),
                "min_iou": float(cfg.bbox.min_iou), "feature_scale": scale, "mean_norm": mean_norm, "dim": dim,
                "classes": class_metrics, "untrained_classes": [c for c, m in class_metrics.items() if not m["samples"]]}
-    manifest = run_dir.write_manifest("bbox", tag, config=config, inputs=inputs, outputs={"bbox": BBOX_FILE},
-                                      metrics=metrics, wall_time_s=clock["seconds"])
-    return StageResult(manifest, summary=_summary(metrics))
+    return Produced(metrics)
 
 
 def _fit_all(spill: SampleSpill, per_class, scale: float, lam: float, dim: int, device, classes: Sequence[str]):

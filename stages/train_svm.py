@@ -23,7 +23,6 @@ hard negatives are held, never all negatives of all images. A killed run leaves 
 """
 from __future__ import annotations
 
-import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,17 +34,18 @@ from tqdm import tqdm
 
 from .core import boxes as box_ops
 from .core import fcfeatures, spp
-from .core.artifacts import Run, StageResult, atomic_write_bytes, read_manifest, timed
+from .core.artifacts import Run, StageResult, read_manifest, timed
 from .core.config import CHOICES
 from .core.errors import SppError
+from .core.fcfeatures import training_images
 from .core.features import cache_of
 from .core.nets import resolve_device
+from .core.proposals import load_proposals
 from .core.roidb import build_roidb
-# fit_linear_svm is not used here; it keeps its import path from before core/svm.py for scripts and tests.
-from .core.svm import SvmFit, SvmSolver, fit_linear_svm, svm_fitter, svm_objective  # noqa: F401
-from .core.variants import svm_tag
+from .core.runner import Produced, StagePlan, execute
+from .core.svm import SvmFit, SvmModel, SvmSolver, save_svm_model, svm_fitter, svm_objective
+from .core.registry import svm_tag
 from .core.voc import VocDataset, resolve_voc_root
-from .proposals import load_proposals
 
 SVM_FILE = "svm.npz"
 PRUNING_MODES = CHOICES["svm.pruning"]
@@ -245,45 +245,6 @@ def mine_hard_negatives(stream: Iterable[ImageNegatives], positives: Sequence[np
     return miner
 
 
-# ------------------------------------------------------------------------------------------------ model file
-@dataclass(frozen=True)
-class SvmModel:
-    """What ``svm.npz`` holds; ``scores`` applies the feature scaling and every class's SVM."""
-
-    W: np.ndarray  # float32 [D, K]
-    b: np.ndarray  # float32 [K]
-    feature: str
-    feature_scale: float
-    mean_norm: float
-    classes: tuple[str, ...]
-    scales: tuple[int, ...]
-    pyramid: tuple[int, ...]
-    trained: np.ndarray  # bool [K]: False for a class without training positives (its b is -inf)
-
-    def scores(self, features: np.ndarray) -> np.ndarray:
-        return (np.asarray(features, dtype=np.float32) * np.float32(self.feature_scale)) @ self.W + self.b
-
-    def to_bytes(self) -> bytes:
-        buffer = io.BytesIO()
-        np.savez(buffer, W=self.W.astype(np.float32), b=self.b.astype(np.float32), feature=np.array(self.feature),
-                 feature_scale=np.float64(self.feature_scale), mean_norm=np.float64(self.mean_norm),
-                 classes=np.array(self.classes, dtype=str), scales=np.array(self.scales, dtype=np.int64),
-                 pyramid=np.array(self.pyramid, dtype=np.int64), trained=self.trained.astype(bool))
-        return buffer.getvalue()
-
-
-def load_svm_model(path: Path) -> SvmModel:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return SvmModel(W=data["W"], b=data["b"], feature=str(data["feature"]),
-                            feature_scale=float(data["feature_scale"]), mean_norm=float(data["mean_norm"]),
-                            classes=tuple(str(c) for c in data["classes"]),
-                            scales=tuple(int(s) for s in data["scales"]),
-                            pyramid=tuple(int(n) for n in data["pyramid"]), trained=data["trained"].astype(bool))
-    except (OSError, KeyError, ValueError) as exc:
-        raise SppError(f"unreadable SVM file ({type(exc).__name__}: {exc}); rerun `spp train-svm`", path) from None
-
-
 # ------------------------------------------------------------------------------------------------ the stage
 @dataclass
 class _Context:
@@ -306,18 +267,6 @@ class _Context:
     def features(self, maps, boxes: np.ndarray, scale_index: np.ndarray | None = None) -> np.ndarray:
         pooled = fcfeatures.pool_windows(maps, boxes, self.pyramid, scale_index=scale_index, rule=self.rule)
         return fcfeatures.head_features(pooled, self.feature, self.nets, FC_BATCH).cpu().numpy()
-
-
-def training_images(dataset: VocDataset, split: str, cache) -> list[str]:
-    """The split's usable images, all of which must be in the conv5 cache."""
-    image_ids = dataset.usable_ids(split)
-    missing = [i for i in image_ids if i not in cache]
-    if missing:
-        raise SppError(f"the conv5 cache lacks {len(missing)} image(s) of split {split!r} (e.g. {missing[0]!r}); "
-                       f"rerun `spp extract-features --split {split}`", cache.paths[0])
-    if not image_ids:
-        raise SppError(f"split {split!r} has no usable images", dataset.split_path(split))
-    return image_ids
 
 
 def collect_positives(ctx: _Context, image_ids: Sequence[str], num_classes: int) -> list[np.ndarray]:
@@ -378,57 +327,56 @@ def _summary(metrics: dict) -> str:
 
 def run(cfg, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
     """Train the SVMs of one variant; writes ``04_svm/<feature>-s<n>/svm.npz`` and its manifest."""
-    if cfg.svm.pruning not in PRUNING_MODES:
-        raise SppError(f"unknown svm.pruning {cfg.svm.pruning!r} (known: {', '.join(PRUNING_MODES)})")
     tag = svm_tag(feature, one_scale, len(cfg.features.scales))
     run_dir = Run(cfg.run_dir)
     split = cfg.data.train_split
     scales = (int(cfg.features.one_scale),) if one_scale else tuple(int(s) for s in cfg.features.scales)
-    dataset = VocDataset(resolve_voc_root(cfg.data.dataset, cfg.data.voc_root), skip_bad=cfg.data.skip_bad)
+    dataset = VocDataset.from_config(cfg.data)
     inputs = {"features": fcfeatures.features_manifest(run_dir, split, feature),  # --conv models: their own conv5
               "proposals": run_dir.require("proposals", split),
               **fcfeatures.feature_net_inputs(run_dir, feature),
               "dataset": {"split": split, "fingerprint": dataset.fingerprint(split)}}
     config = _config_record(cfg, feature, one_scale, scales)
-    if run_dir.is_up_to_date("svm", tag, config, inputs):
-        manifest = read_manifest(run_dir.manifest_path("svm", tag))
-        return StageResult(manifest, summary=_summary(manifest.metrics), skipped=True)
-    run_dir.invalidate("svm", tag)
+    plan = StagePlan("svm", tag, config, inputs, {"svm": SVM_FILE})
+    return execute(run_dir, plan, lambda folder: _train(cfg, run_dir, dataset, inputs, feature, scales, folder),
+                   describe=_summary, cfg=cfg)
 
-    with timed() as clock:
-        device = resolve_device(cfg.device)
-        cache = cache_of(inputs["features"])
-        fcfeatures.scales_for(cache, scales)
-        nets, _ = fcfeatures.load_feature_nets(run_dir, feature, cfg, device, expect_backbone=cache.backbone)
-        ctx = _Context(dataset, split, load_proposals(run_dir, split), cache, feature, nets, scales,
-                       fcfeatures.feature_pyramid(nets, cfg.model.pyramid), cfg.features.scale_rule, device)
-        image_ids = training_images(dataset, split, cache)
-        classes = tuple(dataset.classes)
 
-        scale, mean_norm = fcfeatures.feature_scale(
-            cache, lambda image_id: ctx.rois(image_id).boxes, image_ids, feature, nets, scales, device, FC_BATCH,
-            pyramid=ctx.pyramid, rule=ctx.rule, target_norm=cfg.svm.target_norm)
-        positives = [p * np.float32(scale) for p in collect_positives(ctx, image_ids, len(classes))]
-        active = np.array([len(p) > 0 for p in positives])
+def _train(cfg, run_dir: Run, dataset: VocDataset, inputs: dict, feature: str, scales: tuple[int, ...],
+           out_dir: Path) -> Produced:
+    split = cfg.data.train_split
+    device = resolve_device(cfg.device)
+    cache = cache_of(inputs["features"])
+    fcfeatures.scales_for(cache, scales)
+    nets, _ = fcfeatures.load_feature_nets(run_dir, feature, cfg, device, expect_backbone=cache.backbone)
+    ctx = _Context(dataset, split, load_proposals(run_dir, split), cache, feature, nets, scales,
+                   fcfeatures.feature_pyramid(nets, cfg.model.pyramid), cfg.features.scale_rule, device)
+    image_ids = training_images(dataset, split, cache)
+    classes = tuple(dataset.classes)
 
-        solver = SvmSolver.from_config(cfg.svm, cfg.seed)
-        schedule = MiningSchedule(cfg.svm.hard_thresh, cfg.svm.evict_thresh, cfg.svm.retrain_every)
+    scale, mean_norm = fcfeatures.feature_scale(
+        cache, lambda image_id: ctx.rois(image_id).boxes, image_ids, feature, nets, scales, device, FC_BATCH,
+        pyramid=ctx.pyramid, rule=ctx.rule, target_norm=cfg.svm.target_norm)
+    positives = [p * np.float32(scale) for p in collect_positives(ctx, image_ids, len(classes))]
+    active = np.array([len(p) > 0 for p in positives])
 
-        def objective(w, b, X_pos, X_neg):
-            return svm_objective(w, b, X_pos, X_neg, solver.C, solver.pos_weight, solver.bias_multiplier)
+    solver = SvmSolver.from_config(cfg.svm, cfg.seed)
+    schedule = MiningSchedule(cfg.svm.hard_thresh, cfg.svm.evict_thresh, cfg.svm.retrain_every)
 
-        workers = cfg.svm.workers or os.cpu_count() or 1
-        with svm_fitter(solver, workers) as fit:  # classes due together are fitted in parallel processes
-            miner = mine_hard_negatives(
-                negative_stream(ctx, image_ids, active, scale, cfg.svm.neg_iou, cfg.svm.pruning), positives,
-                fit=lambda k, X_pos, X_neg: fit(X_pos, X_neg), schedule=schedule, objective=objective,
-                workers=workers)
+    def objective(w, b, X_pos, X_neg):
+        return svm_objective(w, b, X_pos, X_neg, solver.C, solver.pos_weight, solver.bias_multiplier)
 
-        b = miner.b.copy()
-        b[~miner.trained] = -np.inf  # no positives (or no negatives): no detector, so no detections
-        model = SvmModel(miner.W, b, feature, scale, mean_norm, classes, scales, ctx.pyramid, miner.trained.copy())
-        out_dir = run_dir.stage_dir("svm", tag)
-        atomic_write_bytes(out_dir / SVM_FILE, model.to_bytes())
+    workers = cfg.svm.workers or os.cpu_count() or 1
+    with svm_fitter(solver, workers) as fit:  # classes due together are fitted in parallel processes
+        miner = mine_hard_negatives(
+            negative_stream(ctx, image_ids, active, scale, cfg.svm.neg_iou, cfg.svm.pruning), positives,
+            fit=lambda k, X_pos, X_neg: fit(X_pos, X_neg), schedule=schedule, objective=objective,
+            workers=workers)
+
+    b = miner.b.copy()
+    b[~miner.trained] = -np.inf  # no positives (or no negatives): no detector, so no detections
+    model = SvmModel(miner.W, b, feature, scale, mean_norm, classes, scales, ctx.pyramid, miner.trained.copy())
+    save_svm_model(out_dir / SVM_FILE, model)
 
     metrics = {"feature": feature, "scales": list(scales), "pruning": cfg.svm.pruning, "images": len(image_ids),
                "dim": int(miner.dim), "feature_scale": scale, "mean_norm": mean_norm, "classes": {}}
@@ -443,9 +391,6 @@ def run(cfg, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
             "max_n_iter": max((r.n_iter for r in cache_k.retrains), default=0), "trained": bool(trained)}
     metrics["all_converged"] = all(c["converged"] for c in metrics["classes"].values() if c["trained"])
     metrics["untrained_classes"] = [n for n, c in metrics["classes"].items() if not c["trained"]]
-    manifest = run_dir.write_manifest("svm", tag, config=config, inputs=inputs, outputs={"svm": SVM_FILE},
-                                      metrics=metrics, wall_time_s=clock["seconds"])
-    summary = _summary(metrics)
-    if metrics["untrained_classes"]:
-        summary += "\nwarning: no SVM for " + ", ".join(metrics["untrained_classes"]) + " (no training positives)"
-    return StageResult(manifest, summary=summary)
+    warning = ("warning: no SVM for " + ", ".join(metrics["untrained_classes"]) + " (no training positives)"
+               if metrics["untrained_classes"] else "")
+    return Produced(metrics, summary=warning)

@@ -327,10 +327,11 @@ def test_phase_timer_clocks():
 def test_bench_uses_the_runs_stored_proposals(tmp_path, tiny_devkit):
     from stages import proposals
     from stages.core.artifacts import Run
+    from stages.core.proposals import load_proposals
 
     cfg = _tiny_cfg(tmp_path, **{"data.voc_root": str(tiny_devkit), "proposals.workers": 1})
     proposals.run(cfg, "test")
-    stored = proposals.load_proposals(Run(cfg.run_dir), "test").boxes("img2")
+    stored = load_proposals(Run(cfg.run_dir), "test").boxes("img2")
     inputs = bench.bench_inputs(cfg, Run(cfg.run_dir), n_images=1, windows=len(stored) + 3)
     assert "stored selective-search proposals" in inputs.box_source and "topped up with 3" in inputs.box_source
     np.testing.assert_array_equal(inputs.boxes[0][:len(stored)], stored)

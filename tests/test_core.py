@@ -1,6 +1,7 @@
 """Config, artifacts/manifests, the box convention and the VOC reader: hand-computed values and error paths."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ from stages.core import boxes as B
 from stages.core.artifacts import Run, read_manifest
 from stages.core.config import Config, build_config, merge
 from stages.core.errors import InputError, SppError, StageInputMissing
-from stages.core.runconfig import parse_sets, resolve_config
+from stages.core.runconfig import parse_sets, resolve_config, save_run_config
 from stages.core.voc import (VocDataset, boxes_to_voc, read_comp4, resolve_voc_root, voc_to_boxes, write_comp4)
 
 
@@ -86,7 +87,7 @@ def test_config_rejects_unknown_keys_and_wrong_types():
 
 
 def test_a_refused_set_is_not_saved_in_the_run_config(tmp_path):
-    resolve_config(None, {"run": "r", "runs_root": str(tmp_path)}, ["pretrain.optimizer=adamw"])
+    save_run_config(resolve_config(None, {"run": "r", "runs_root": str(tmp_path)}, ["pretrain.optimizer=adamw"]))
     with pytest.raises(SppError, match="pretrain.optimizer: 'adam' is not one of sgd, adamw"):
         resolve_config(None, {"run": "r", "runs_root": str(tmp_path)}, ["pretrain.optimizer=adam"])
     assert resolve_config(None, {"run": "r", "runs_root": str(tmp_path)}, []).pretrain.optimizer == "adamw"
@@ -99,17 +100,21 @@ def test_presets_load_and_sets_parse():
         "finetune.iters": 5, "features.scales": [688, 480], "model.backbone": "zf5"}
 
 
-def test_resolve_config_saves_and_reuses_the_run_config(tmp_path):
-    cfg = resolve_config(None, {"run": "r", "runs_root": str(tmp_path)}, ["finetune.iters=7"])
-    assert cfg.finetune.iters == 7 and (tmp_path / "r" / "config.json").exists()
+def test_resolve_config_writes_nothing_and_a_saved_config_is_reused(tmp_path):
+    cfg = resolve_config(None, {"run": "r", "runs_root": str(tmp_path)}, ["finetune.iters=7", "svm.workers=3"])
+    assert cfg.finetune.iters == 7 and cfg.svm.workers == 3 and not (tmp_path / "r").exists()
+    save_run_config(cfg)  # what the stage runner does when a stage runs
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert "workers" not in saved["svm"] and "device" not in saved  # machine settings are not saved
     again = resolve_config(None, {"run": "r", "runs_root": str(tmp_path)}, [])
-    assert again.finetune.iters == 7 and again == cfg
+    assert again.finetune.iters == 7 and again.svm.workers == 0 and again == dataclasses.replace(
+        cfg, svm=dataclasses.replace(cfg.svm, workers=0))
 
 
 # -- artifacts ------------------------------------------------------------------------------------------------
 def test_manifest_missing_stale_and_fresh(tmp_path):
     run = Run(tmp_path / "run")
-    with pytest.raises(StageInputMissing, match="run `spp proposals --split test` first"):
+    with pytest.raises(StageInputMissing, match=r"run `spp proposals --run run --runs-root \S+ --split test` first"):
         run.require("proposals", "test")
     out = run.stage_dir("proposals", "test")
     out.mkdir(parents=True)
@@ -125,7 +130,7 @@ def test_manifest_missing_stale_and_fresh(tmp_path):
     assert run.is_up_to_date("features", "test", {}, {"proposals": up})
     # upstream reruns with another config: downstream is stale and says what to rerun
     run.write_manifest("proposals", "test", config={"a": 2}, inputs={"dataset": "abc"}, outputs={"proposals": "p.h5"})
-    with pytest.raises(StageInputMissing, match="stale input.*proposals.*rerun `spp extract-features --split test`"):
+    with pytest.raises(StageInputMissing, match=r"stale input.*proposals.*rerun `spp extract-features --run run --runs-root \S+ --split test`"):
         run.require("features", "test")
 
 
@@ -266,7 +271,7 @@ def test_manifest_outputs_with_a_relative_run_dir(tmp_path, monkeypatch):
 def test_conv_source_tags_share_one_suffix():
     from stages.core.artifacts import conv_suffix
     from stages.core.features import features_tag
-    from stages.core.variants import bbox_tag
+    from stages.core.registry import bbox_tag
 
     assert (features_tag("trainval"), features_tag("trainval", "finetune")) == ("trainval", "trainval+ftconv")
     assert (bbox_tag(True, 5), bbox_tag(False, 5, "finetune")) == ("s1", "s5+ftconv")

@@ -13,7 +13,7 @@ from stages import evaluate
 from stages.core.artifacts import Run, read_manifest
 from stages.core.config import build_config
 from stages.core.errors import InputError, SppError, StageInputMissing
-from stages.core.variants import detect_tag
+from stages.core.registry import detect_tag
 from stages.core.voc import VOC_CLASSES, Annotation, annotation_xml, voc_to_boxes, write_comp4
 
 # image id -> [(class, (xmin, ymin, xmax, ymax) devkit, difficult)]

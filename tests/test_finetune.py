@@ -380,7 +380,7 @@ def test_conv_mode_trains_the_backbone_too(tiny_run):
 
     run = Run(cfg.run_dir)
     assert fcfeatures.conv_source(run, "ftfc7") == "finetune" and fcfeatures.conv_source(run, "fc7") == "pretrain"
-    with pytest.raises(StageInputMissing, match=r"run `spp extract-features --split trainval --conv-from finetune`"):
+    with pytest.raises(StageInputMissing, match=r"run `spp extract-features --run conv --runs-root \S+ --split trainval --conv-from finetune`"):
         fcfeatures.features_manifest(run, "trainval", "ftfc7")
     extract_features.run(cfg, "trainval", conv_from="finetune")
     manifest = fcfeatures.features_manifest(run, "trainval", "ftfc7")

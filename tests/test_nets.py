@@ -1,7 +1,6 @@
 """ZF-5 and the torchvision trunks, preprocessing, the SPP head and checkpoints (SPEC.md §1, §3)."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 from pathlib import Path
 
@@ -12,8 +11,8 @@ from torch import nn
 
 from stages.core import nets
 from stages.core.errors import SppError
-from stages.core.nets import (BackboneSpec, SppHead, WithinChannelLRN, build_backbone, build_sppnet,
-                              load_checkpoint, preprocess, receptive_field, resized_hw, save_checkpoint)
+from stages.core.nets import (SppHead, WithinChannelLRN, build_backbone, build_sppnet, load_checkpoint, preprocess,
+                              resized_hw, save_checkpoint)
 from stages.core.spp import spp_dim
 
 SHARED_MOBILENET = Path(__file__).resolve().parents[2] / "shared/weights/mobilenet_v2_imagenet_features.pt"
@@ -125,71 +124,7 @@ def test_head_dropout_is_set_and_checked():
 # ------------------------------------------------------------------------------------------------ trunks, specs
 
 
-def test_backbone_specs():
-    # Hand-computed cell-0 centres (0-based, + 1 for the spec), centre += ((k-1)/2 - p) * jump per layer:
-    #   zf5: conv1 (3-1)*1 = 2, pool1 1*2 -> 4, conv2 2*4 -> 12, pool2 1*8 -> 20 -> 21 (SPEC §1)
-    #   alexnet: conv1 (5-2)*1 = 3, pool 1*4 -> 7, conv2 0, pool 1*8 -> 15 -> 16
-    #   vgg16: pools 2/2 add 0.5*jump: 0.5 + 1 + 2 + 4 = 7.5 -> 8.5
-    #   mobilenet_v2: every conv is padded by (k-1)/2 -> 0 -> 1
-    expected = {"zf5": (256, 21.0, "bgr128"), "alexnet": (256, 16.0, "imagenet"),
-                "vgg16": (512, 8.5, "imagenet"), "mobilenet_v2": (96, 1.0, "imagenet")}
-    for name, (channels, offset0, pixel_mode) in expected.items():
-        spec = build_backbone(name).spec
-        assert spec == BackboneSpec(name, 16, channels, offset0, 6.5, pixel_mode), name
-
-
-def _geometry_only(body: nn.Module) -> nn.Module:
-    """A 1-channel copy of ``body`` with the same layer geometry, all-positive linear layers: a pixel's gradient
-    is non-zero exactly when it lies in the receptive field of the output cell."""
-    model = copy.deepcopy(body).double()
-
-    def replace(parent: nn.Module) -> None:
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d):
-                conv = nn.Conv2d(1, 1, child.kernel_size, child.stride, child.padding, child.dilation, bias=False)
-                nn.init.ones_(conv.weight)
-                setattr(parent, name, conv.double())
-            elif isinstance(child, nn.MaxPool2d):
-                setattr(parent, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding, child.ceil_mode))
-            elif isinstance(child, (nn.ReLU, nn.ReLU6, nn.BatchNorm2d, nn.Dropout, WithinChannelLRN)):
-                setattr(parent, name, nn.Identity())
-            else:
-                replace(child)
-
-    replace(model)
-    return model.eval()
-
-
-@pytest.mark.parametrize("name,side,cell", [("zf5", 224, 5), ("alexnet", 224, 6), ("vgg16", 272, 8),
-                                            ("mobilenet_v2", 320, 10)])
-def test_receptive_field_centre_empirically(name, side, cell):
-    """Backprop from one interior conv5 cell: the centre of the pixels it sees is offset0 + 16 * cell (1-based)."""
-    backbone = build_backbone(name)
-    probe = _geometry_only(backbone.body)
-    image = torch.zeros(1, 1, side, side, dtype=torch.float64, requires_grad=True)
-    probe(image)[0, 0, cell, cell].backward()
-    rows, cols = torch.nonzero(image.grad[0, 0], as_tuple=True)
-    assert rows.min() > 0 and rows.max() < side - 1  # the field is not cut by the image border
-    centre_x = (cols.min().item() + cols.max().item()) / 2 + 1
-    centre_y = (rows.min().item() + rows.max().item()) / 2 + 1
-    assert centre_x == centre_y == backbone.spec.offset0 + 16 * cell
-
-
-def test_receptive_field_arithmetic_on_a_toy_chain():
-    toy = nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=0), nn.MaxPool2d(2, 2), nn.Conv2d(1, 1, 5, padding=1))
-    # conv: centre 1, jump 2; pool: + 0.5 * 2 = 2, jump 4; conv: + (2 - 1) * 4 = 6 -> 1-based 7.
-    assert receptive_field(toy) == (4, 7.0)
-
-
-def test_torchvision_trunk_shapes():
-    with torch.no_grad():
-        for name, channels in [("mobilenet_v2", 96), ("alexnet", 256), ("vgg16", 512)]:
-            trunk = build_backbone(name).eval()
-            small = trunk(torch.zeros(1, 3, 64, 96))
-            large = trunk(torch.zeros(1, 3, 64 + 32, 96 + 64))
-            assert small.shape[1] == channels, name
-            # Stride 16: 32 more pixels -> 2 more cells, 64 more -> 4 more.
-            assert (large.shape[2] - small.shape[2], large.shape[3] - small.shape[3]) == (2, 4), name
+# Every backbone's spec, receptive field and window -> cell mapping: tests/test_trunks.py.
 
 
 @pytest.mark.skipif(not SHARED_MOBILENET.exists(), reason="shared MobileNetV2 weights not present")
@@ -225,7 +160,7 @@ def test_backbone_weight_files_round_trip_and_errors(tmp_path):
     with pytest.raises(SppError, match="unknown torchvision weights"):
         build_backbone("alexnet", "Nope_Weights.IMAGENET1K_V1")
     with pytest.raises(SppError, match="unknown backbone"):
-        build_backbone("resnet50")
+        build_backbone("resnet101")
 
 
 def test_torchvision_features_file_with_layers_beyond_the_cut(tmp_path):

@@ -99,12 +99,14 @@ def test_every_stage_end_to_end(tmp_path: Path):
     _spp(runner, "finetune", *common, "--conv", "--set", "finetune.iters=4", "--set", "finetune.lr_steps=[3]",
          "--set", "finetune.eval_every=2")
     result = runner.invoke(cli, ["train-svm", *common, "--feature", "ftfc7"])
-    assert result.exit_code == 1 and "run `spp extract-features --split trainval --conv-from finetune`" in result.output
+    assert result.exit_code == 1 and (f"run `spp extract-features --run e2e --runs-root {tmp_path / 'runs'} --split trainval "
+                                      "--conv-from finetune`") in result.output
     for split in ("trainval", "test"):
         _spp(runner, "extract-features", *common, "--split", split, "--conv-from", "finetune")
     _spp(runner, "train-svm", *common, "--feature", "ftfc7")
     result = runner.invoke(cli, ["detect", *common, "--feature", "ftfc7", "--bbox"])
-    assert result.exit_code == 1 and "spp train-bbox (variant s2+ftconv)" in result.output
+    assert result.exit_code == 1 and (f"run `spp train-bbox --run e2e --runs-root {tmp_path / 'runs'} --conv-from "
+                                      "finetune` first") in result.output
     _spp(runner, "train-bbox", *common, "--conv-from", "finetune")
     _spp(runner, "detect", *common, "--feature", "ftfc7", "--bbox")
     inputs = run.require("detect", "test-ftfc7-s2-bb").data["inputs"]

@@ -229,10 +229,9 @@ def test_adamw_option_trains_and_an_unknown_optimizer_is_refused(tmp_path, tree)
     with pytest.raises(SppError, match="pretrain.optimizer: 'adam' is not one of sgd, adamw"):
         pretrain.run(tiny_cfg(tmp_path, tree, run="other", pretrain__optimizer="adam"))
     assert not Run(tmp_path / "other").stage_dir("pretrain").exists()
-    # A config built around the check (the library's own dataclasses) still meets the stage's own.
-    bad = dataclasses.replace(cfg, run="other", pretrain=dataclasses.replace(cfg.pretrain, optimizer="adam"))
-    with pytest.raises(SppError, match="unknown pretrain.optimizer 'adam'"):
-        pretrain.run(bad)
+    # The check lives in the config type: a config built with the library's own dataclasses meets it too.
+    with pytest.raises(SppError, match="pretrain.optimizer: 'adam' is not one of sgd, adamw"):
+        dataclasses.replace(cfg, run="other", pretrain=dataclasses.replace(cfg.pretrain, optimizer="adam"))
 
 
 def test_other_datasets_need_a_classification_set(tmp_path):

@@ -18,6 +18,8 @@ from stages import proposals
 from stages.core.artifacts import Run
 from stages.core.config import ProposalConfig, build_config
 from stages.core.errors import InputError, StageInputMissing
+from stages.core.proposals import (best_overlaps, filter_boxes, image_seed, load_proposals, raw_selective_search,
+                                   rects_to_boxes, selective_search)
 from stages.core.voc import VocDataset
 from conftest import write_devkit
 
@@ -53,16 +55,16 @@ def make_cfg(tmp_path: Path, devkit: Path, run="r", **sets):
 
 
 def stored(cfg, split="val") -> dict[str, np.ndarray]:
-    with proposals.load_proposals(Run(cfg.run_dir), split) as store:
+    with load_proposals(Run(cfg.run_dir), split) as store:
         return {image_id: store.boxes(image_id) for image_id in store.image_ids}
 
 
 # -- pure functions -------------------------------------------------------------------------------------------------
 def test_opencv_rects_become_half_open_boxes():
     # (x, y, w, h) = (3, 4, 10, 5) covers pixel columns 3..12 and rows 4..8 -> [3, 4, 13, 9).
-    np.testing.assert_array_equal(proposals.rects_to_boxes(np.array([[3, 4, 10, 5], [0, 0, 1, 1]])),
+    np.testing.assert_array_equal(rects_to_boxes(np.array([[3, 4, 10, 5], [0, 0, 1, 1]])),
                                   [[3, 4, 13, 9], [0, 0, 1, 1]])
-    assert proposals.rects_to_boxes(np.zeros((0, 4))).shape == (0, 4)
+    assert rects_to_boxes(np.zeros((0, 4))).shape == (0, 4)
 
 
 def test_filter_boxes_min_side_clip_dedupe_cap_keep_order():
@@ -76,14 +78,14 @@ def test_filter_boxes_min_side_clip_dedupe_cap_keep_order():
         [40, 40, 100, 100],
         [10, 10, 60, 60],
     ], dtype=np.float64)
-    out = proposals.filter_boxes(boxes, width=100, height=100, min_side=20, max_boxes=0)
+    out = filter_boxes(boxes, width=100, height=100, min_side=20, max_boxes=0)
     np.testing.assert_array_equal(out, [[5, 5, 25, 25], [0, 0, 30, 40], [40, 40, 100, 100], [10, 10, 60, 60]])
-    capped = proposals.filter_boxes(boxes, width=100, height=100, min_side=20, max_boxes=2)
+    capped = filter_boxes(boxes, width=100, height=100, min_side=20, max_boxes=2)
     np.testing.assert_array_equal(capped, out[:2])
     # min_side 0 still drops empty boxes.
-    assert len(proposals.filter_boxes(np.array([[3, 3, 3, 9]]), 10, 10, 0, 0)) == 0
+    assert len(filter_boxes(np.array([[3, 3, 3, 9]]), 10, 10, 0, 0)) == 0
     # SPEC's literal "narrower": only the width counts, so the 50 x 19 box stays (the clipped 10 x 5 does not).
-    by_width = proposals.filter_boxes(boxes, width=100, height=100, min_side=20, max_boxes=0,
+    by_width = filter_boxes(boxes, width=100, height=100, min_side=20, max_boxes=0,
                                       min_side_applies_to="width")
     np.testing.assert_array_equal(by_width, [[0, 0, 50, 19], [5, 5, 25, 25], [0, 0, 30, 40], [40, 40, 100, 100],
                                              [10, 10, 60, 60]])
@@ -94,32 +96,32 @@ def test_best_overlaps_and_recall_hand_computed():
     difficult = np.array([False, True, False])
     props = np.array([[0, 0, 10, 5],      # IoU 50/100 = 0.5 with GT 0 (counts at 0.5: ">=")
                       [20, 20, 40, 36]])  # IoU 320/400 = 0.8 with GT 1 (difficult)
-    best = proposals.best_overlaps(gt, props)
+    best = best_overlaps(gt, props)
     np.testing.assert_allclose(best, [0.5, 0.8, 0.0])
     m = proposals.recall_metrics(best, difficult)
     assert (m["gt_boxes"], m["gt_boxes_all"]) == (2, 3)
     assert m["recall@0.5"] == 0.5 and m["recall@0.7"] == 0.0  # non-difficult: GT 0 and GT 2
     assert m["recall@0.5_all"] == pytest.approx(2 / 3) and m["recall@0.7_all"] == pytest.approx(1 / 3)
     assert m["mabo"] == pytest.approx(0.25)
-    assert proposals.best_overlaps(gt, np.zeros((0, 4))).tolist() == [0, 0, 0]
+    assert best_overlaps(gt, np.zeros((0, 4))).tolist() == [0, 0, 0]
 
 
 def test_selective_search_finds_drawn_rectangle_inside_image():
     image, objects = scene(3, 120, 160)
-    boxes = proposals.selective_search(image, ProposalConfig(max_boxes=2000), seed=0)
+    boxes = selective_search(image, ProposalConfig(max_boxes=2000), seed=0)
     assert boxes.dtype == np.float64 and boxes.shape[1] == 4 and 0 < len(boxes) <= 2000
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
     assert (boxes[:, 2] <= 160).all() and (boxes[:, 3] <= 120).all()
     assert ((boxes[:, 2] - boxes[:, 0]) >= 20).all()  # SPEC's "narrower than 20 px" dropped
     assert ((boxes[:, 3] - boxes[:, 1]) < 20).any()  # shorter ones are kept by default...
-    both = proposals.selective_search(image, ProposalConfig(max_boxes=2000, min_side_applies_to="both"), seed=0)
+    both = selective_search(image, ProposalConfig(max_boxes=2000, min_side_applies_to="both"), seed=0)
     assert (np.minimum(both[:, 2] - both[:, 0], both[:, 3] - both[:, 1]) >= 20).all()  # ...and dropped by "both"
     short = (boxes[:, 3] - boxes[:, 1]) < 20
     np.testing.assert_array_equal(both, boxes[~short])  # the same boxes in the same order otherwise
     assert len(np.unique(boxes, axis=0)) == len(boxes)
     np.testing.assert_array_equal(boxes, np.round(boxes))  # pixel edges when not downscaled
     xmin, ymin, xmax, ymax = objects[-1][1]  # the top rectangle: a perfect segment
-    assert proposals.best_overlaps(np.array([[xmin - 1, ymin - 1, xmax, ymax]]), boxes)[0] == 1.0
+    assert best_overlaps(np.array([[xmin - 1, ymin - 1, xmax, ymax]]), boxes)[0] == 1.0
     # The full-image box is always a region (the top of every hierarchy).
     assert any((b == [0, 0, 160, 120]).all() for b in boxes)
 
@@ -127,7 +129,7 @@ def test_selective_search_finds_drawn_rectangle_inside_image():
 def test_ranking_puts_the_top_of_the_hierarchies_first():
     # The SS paper ranks large (top-of-hierarchy) regions first; OpenCV's raw order is small-first.
     image, _ = scene(9, 120, 160, n_objects=3)
-    boxes = proposals.raw_selective_search(image, (50, 100), 0.8, seed=0)
+    boxes = raw_selective_search(image, (50, 100), 0.8, seed=0)
     areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     half = len(areas) // 2
     assert len(areas) > 20 and areas[:half].mean() > 1.2 * areas[half:].mean()  # raw OpenCV order: < 0.7x
@@ -136,21 +138,21 @@ def test_ranking_puts_the_top_of_the_hierarchies_first():
 def test_selective_search_is_reproducible_per_seed():
     image, _ = scene(5, 120, 160, n_objects=3)
     params = ProposalConfig()
-    a = proposals.selective_search(image, params, seed=11)
-    proposals.selective_search(image, params, seed=99)  # any C rand() state in between
-    b = proposals.selective_search(image, params, seed=11)
+    a = selective_search(image, params, seed=11)
+    selective_search(image, params, seed=99)  # any C rand() state in between
+    b = selective_search(image, params, seed=11)
     np.testing.assert_array_equal(a, b)
-    c = proposals.selective_search(image, params, seed=12)  # another seed only reorders the same regions
+    c = selective_search(image, params, seed=12)  # another seed only reorders the same regions
     assert sorted(map(tuple, a)) == sorted(map(tuple, c))
 
 
 def test_downscaled_search_maps_boxes_back():
     image, objects = scene(7, 240, 320)
-    boxes = proposals.selective_search(image, ProposalConfig(max_image_side=160), seed=0)
+    boxes = selective_search(image, ProposalConfig(max_image_side=160), seed=0)
     assert len(boxes) and (boxes[:, 2] <= 320).all() and (boxes[:, 3] <= 240).all() and (boxes >= 0).all()
     assert any((b == [0, 0, 320, 240]).all() for b in boxes)
     xmin, ymin, xmax, ymax = objects[-1][1]
-    assert proposals.best_overlaps(np.array([[xmin - 1, ymin - 1, xmax, ymax]]), boxes)[0] > 0.9
+    assert best_overlaps(np.array([[xmin - 1, ymin - 1, xmax, ymax]]), boxes)[0] > 0.9
 
 
 # -- the stage ------------------------------------------------------------------------------------------------------
@@ -179,8 +181,8 @@ def test_stage_writes_h5_then_manifest_and_skips_when_up_to_date(tmp_path, monke
     got = stored(cfg)
     assert list(got) == dataset.image_ids("val")
     for image_id, boxes in got.items():
-        want = proposals.selective_search(dataset.load_image(image_id), cfg.proposals,
-                                          proposals.image_seed(cfg.seed, image_id))
+        want = selective_search(dataset.load_image(image_id), cfg.proposals,
+                                          image_seed(cfg.seed, image_id))
         np.testing.assert_array_equal(boxes, want)
     with h5py.File(folder / "proposals.h5", "r") as handle:
         assert handle.attrs["schema"] == 1 and handle.attrs["split"] == "val"
@@ -224,8 +226,8 @@ def test_worker_pool_gives_the_single_process_result(tmp_path):
 
 
 def test_missing_stage_names_the_command(tmp_path):
-    with pytest.raises(StageInputMissing, match="spp proposals --split val"):
-        proposals.load_proposals(Run(tmp_path / "nowhere"), "val")
+    with pytest.raises(StageInputMissing, match=rf"run `spp proposals --run nowhere --runs-root {tmp_path} --split val` first"):
+        load_proposals(Run(tmp_path / "nowhere"), "val")
 
 
 def test_bad_image_is_one_line_error_or_skipped(tmp_path):
@@ -253,7 +255,7 @@ def test_image_without_proposals_is_kept_empty(tmp_path):
     with pytest.warns(UserWarning, match="no proposals.*tiny"):
         result = proposals.run(cfg, "val")
     assert result.manifest.metrics["images_without_proposals"] == 1
-    with proposals.load_proposals(Run(cfg.run_dir), "val") as store:
+    with load_proposals(Run(cfg.run_dir), "val") as store:
         assert store.boxes("tiny").shape == (0, 4) and store.boxes("big").shape[0] > 0
         assert store.image_size("tiny") == (15, 18)
         with pytest.raises(InputError, match="no proposals for image 'nope'"):

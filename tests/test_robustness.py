@@ -24,9 +24,12 @@ from sppcli.cli import cli
 from stages import detect, extract_features, finetune, proposals, train_bbox, train_svm
 from stages.core import nets, spp
 from stages.core.artifacts import Run
+from stages.core.bboxreg import load_bbox_model
 from stages.core.config import build_config
 from stages.core.errors import InputError, SppError
 from stages.core.features import features_for, read_header
+from stages.core.proposals import best_overlaps, load_proposals
+from stages.core.svm import load_svm_model
 from stages.core.voc import VocDataset
 
 from conftest import jittered_and_random_proposals, write_devkit
@@ -268,28 +271,28 @@ def test_truncated_hdf5_is_one_line_naming_the_command_and_that_command_rebuilds
     proposals.run(cfg, "train")
     fake_checkpoint(run, "pretrain")
     extract_features.run(cfg, "train")
-    with proposals.load_proposals(run, "train") as store:
+    with load_proposals(run, "train") as store:
         want_boxes = {i: store.boxes(i) for i in store.image_ids}
     want_map = features_for(run, "train").maps("img1")[0]
 
     h5 = run.stage_dir("proposals", "train") / "proposals.h5"
     h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 2])
     with pytest.raises(SppError) as err:
-        proposals.load_proposals(run, "train")
-    message = str(err.value)
-    assert message.startswith(f"{h5}: corrupt or truncated") and "\n" not in message
-    assert "rerun `spp proposals --split train`" in message
+        load_proposals(run, "train")
+    message = str(err.value)  # its size is not the one the manifest recorded: caught before HDF5 reads it
+    assert f"lost or changed its output {h5} " in message and "\n" not in message
+    assert f"rerun `{run.command_for('proposals', 'train')}`" in message
     again = proposals.run(cfg, "train")  # the command the message names really rebuilds the file
     assert not again.skipped and again.manifest.metrics["images_computed"] == 2
-    with proposals.load_proposals(run, "train") as store:
+    with load_proposals(run, "train") as store:
         assert all(np.array_equal(store.boxes(i), b) for i, b in want_boxes.items())
 
     cache = run.stage_dir("features", "train") / "features.h5"
     cache.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
-    with pytest.raises(SppError, match=r"corrupt or truncated feature file.*rerun `spp extract-features --split "
-                                       r"train`") as err:
+    with pytest.raises(SppError, match=r"lost or changed its output .*rerun `spp extract-features --run default "
+                                       r"--runs-root \S+ --split train`") as err:
         features_for(run, "train").maps("img1")
-    assert str(err.value).startswith(str(cache)) and "\n" not in str(err.value)
+    assert str(cache) in str(err.value) and "\n" not in str(err.value)
     rebuilt = extract_features.run(cfg, "train")
     assert not rebuilt.skipped and read_header(cache) is not None
     assert torch.equal(features_for(run, "train").maps("img1")[0], want_map)
@@ -396,11 +399,11 @@ def test_a_12_megapixel_image_is_shrunk_for_selective_search_and_extracted(tmp_p
     assert cfg.proposals.max_image_side == 500  # the default: selective search runs on a 500 x 375 copy
     result = proposals.run(cfg, "all")
     assert result.manifest.metrics["recall@0.7"] == 1.0
-    with proposals.load_proposals(Run(cfg.run_dir), "all") as store:
+    with load_proposals(Run(cfg.run_dir), "all") as store:
         boxes = store.boxes("huge")
     # Boxes are in the original pixels: they reach the far corner, and one matches the object tightly.
     assert boxes[:, 2].max() == width and boxes[:, 3].max() == height and boxes.min() >= 0
-    assert proposals.best_overlaps(np.array([[800.0, 600, 2600, 2100]]), boxes)[0] > 0.95
+    assert best_overlaps(np.array([[800.0, 600, 2600, 2100]]), boxes)[0] > 0.95
 
     fake_checkpoint(Run(cfg.run_dir), "pretrain")
     extract_features.run(cfg, "all")
@@ -485,9 +488,9 @@ def test_images_without_proposals_flow_through_finetune_svm_bbox_and_detect(tmp_
         assert tuned.manifest.metrics["train_images"] + tuned.manifest.metrics["holdout_images"] == 5
         assert tuned.manifest.metrics["best_holdout_error"] is not None  # held-out images are ones with windows
         svms = train_svm.run(cfg, feature="ftfc7")
-        assert train_svm.load_svm_model(svms.manifest.output("svm")).trained.all()
+        assert load_svm_model(svms.manifest.output("svm")).trained.all()
         boxes = train_bbox.run(cfg)
-        assert (train_bbox.load_bbox_model(boxes.manifest.output("bbox")).samples > 0).all()
+        assert (load_bbox_model(boxes.manifest.output("bbox")).samples > 0).all()
         found = detect.run(cfg, "test", feature="ftfc7")
     with np.load(found.manifest.output("detections")) as dets:
         assert list(dets["image_ids"]) == ["t0", "bare"]
@@ -539,16 +542,15 @@ def test_cli_pipeline_writes_only_inside_its_run_dir(tmp_path, monkeypatch):
 
     # Missing and stale inputs: one line naming the command to run (and still no write outside the run).
     line = one_line_error(runner.invoke(cli, ["finetune", "--run", "fresh", *common[2:]]))
-    assert "missing input: stage 'pretrain'" in line and "run `spp pretrain` first" in line
+    assert "missing input: stage 'pretrain'" in line and "run `spp pretrain --run fresh` first" in line
     spp("proposals", *common, "--split", "trainval", "--set", "proposals.min_side=12")  # upstream changes
     line = one_line_error(runner.invoke(cli, ["train-svm", *common, "--feature", "ftfc7"]))
-    assert "stale input: stage 'finetune' was built from an older proposals; rerun `spp finetune`" in line
+    assert "stale input: stage 'finetune' was built from an older proposals; rerun `spp finetune --run t`" in line
 
     assert snapshot(data) == before_data  # the dataset (and the classification set) untouched
     after_work = snapshot(work)
-    allowed = ("data", "data/runs", "data/runs/t", "data/runs/fresh")
+    allowed = ("data", "data/runs", "data/runs/t")
     changed = sorted(key for key in set(after_work) | set(before_work) if after_work.get(key) != before_work.get(key)
-                     and key not in allowed and not key.startswith(("data/runs/t/", "data/runs/fresh/")))
+                     and key not in allowed and not key.startswith("data/runs/t/"))
     assert changed == []
-    assert sorted(os.listdir(work / "data" / "runs")) == ["fresh", "t"]
-    assert sorted(os.listdir(work / "data" / "runs" / "fresh")) == ["config.json"]
+    assert sorted(os.listdir(work / "data" / "runs")) == ["t"]  # the failed command on "fresh" wrote nothing

@@ -8,6 +8,7 @@ import torch
 
 from stages import train_bbox as TB
 from stages.core import boxes as B
+from stages.core.bboxreg import BboxModel, apply_bbox, load_bbox_model, save_bbox_model
 from stages.core.roidb import image_rois
 from stages.core.voc import Annotation
 
@@ -93,18 +94,18 @@ def test_regression_round_trip_recovers_the_ground_truth():
     features = (1e6 * np.hstack([targets, np.ones((n, 1)), np.zeros((n, 3))])).astype(np.float64)
     dim = features.shape[1]
     beta, mu, T, T_inv, fitted = TB.train_class(lambda: iter([features]), targets, 1.0, 4000.0, dim)
-    model = TB.BboxModel(beta=beta[None], mu=mu[None], T=T[None], T_inv=T_inv[None], feature_scale=1.0,
+    model = BboxModel(beta=beta[None], mu=mu[None], T=T[None], T_inv=T_inv[None], feature_scale=1.0,
                          mean_norm=20.0, samples=np.array([n]), classes=("thing",), scales=(688,), pyramid=(1,),
                          lam=4000.0, min_iou=0.5)
-    predicted = TB.apply_bbox(model, 0, features, proposals, image_wh)
+    predicted = apply_bbox(model, 0, features, proposals, image_wh)
     np.testing.assert_allclose(predicted, B.clip_boxes(gt_boxes, *image_wh), atol=1e-3)
     np.testing.assert_allclose(fitted, targets, atol=1e-6)
     # The same features with a huge lambda shrink the whitened predictions to 0: boxes move by the mean target only.
     beta0, mu0, T0, Tinv0, _ = TB.train_class(lambda: iter([features]), targets, 1.0, 1e30, dim)
-    model0 = TB.BboxModel(beta0[None], mu0[None], T0[None], Tinv0[None], 1.0, 20.0, np.array([n]), ("thing",),
+    model0 = BboxModel(beta0[None], mu0[None], T0[None], Tinv0[None], 1.0, 20.0, np.array([n]), ("thing",),
                           (688,), (1,), 1e30, 0.5)
     shifted = B.apply_bbox_deltas(proposals, np.tile(targets.mean(0), (n, 1)))
-    np.testing.assert_allclose(TB.apply_bbox(model0, 0, features, proposals, image_wh),
+    np.testing.assert_allclose(apply_bbox(model0, 0, features, proposals, image_wh),
                                B.clip_boxes(shifted, *image_wh), atol=1e-6)
 
 
@@ -112,20 +113,19 @@ def test_apply_bbox_scales_features_clips_and_reads_the_npz(tmp_path):
     dim = 3
     beta = np.zeros((2, dim + 1, 4))
     beta[1, 0, 0] = 1.0  # class 1: t_x = 1 * (feature_0 * scale) in whitened units; T_inv = I, mu = 0
-    model = TB.BboxModel(beta, np.zeros((2, 4)), np.tile(np.eye(4), (2, 1, 1)), np.tile(np.eye(4), (2, 1, 1)),
+    model = BboxModel(beta, np.zeros((2, 4)), np.tile(np.eye(4), (2, 1, 1)), np.tile(np.eye(4), (2, 1, 1)),
                          feature_scale=0.5, mean_norm=40.0, samples=np.array([0, 5]), classes=("a", "b"),
                          scales=(480, 688), pyramid=(1, 2), lam=4000.0, min_iou=0.5)
     path = tmp_path / "bbox.npz"
-    path.write_bytes(model.to_bytes())
-    loaded = TB.load_bbox_model(path)
+    save_bbox_model(path, model)
+    loaded = load_bbox_model(path)
     assert loaded.classes == ("a", "b") and loaded.scales == (480, 688) and loaded.feature_scale == 0.5
     boxes = np.array([[10, 10, 30, 20.0], [80, 0, 100, 10.0]])
     feats = np.array([[2.0, 0, 0], [2.0, 0, 0]])  # scaled: t_x = 1 -> move right by one width (20)
-    as_dict = dict(np.load(path, allow_pickle=False))  # what detect passes
-    out = TB.apply_bbox(as_dict, 1, feats, boxes, (110, 50))
+    out = apply_bbox(loaded, 1, feats, boxes, (110, 50))  # the loaded model is what detect passes
     np.testing.assert_allclose(out, [[30, 10, 50, 20], [100, 0, 110, 10]])  # second one clipped at W = 110
-    np.testing.assert_allclose(TB.apply_bbox(loaded, 0, feats, boxes, (110, 50)), boxes)  # untrained: identity
-    assert TB.apply_bbox(loaded, 1, np.zeros((0, dim)), np.zeros((0, 4)), (110, 50)).shape == (0, 4)
+    np.testing.assert_allclose(apply_bbox(loaded, 0, feats, boxes, (110, 50)), boxes)  # untrained: identity
+    assert apply_bbox(loaded, 1, np.zeros((0, dim)), np.zeros((0, 4)), (110, 50)).shape == (0, 4)
 
 
 def test_sample_spill_round_trip(tmp_path):
@@ -146,7 +146,7 @@ def _all_windows_mean_norm(cfg, dataset):
     from stages.core.artifacts import Run
     from stages.core.features import features_for
     from stages.core.roidb import build_roidb
-    from stages.proposals import load_proposals
+    from stages.core.proposals import load_proposals
 
     run = Run(cfg.run_dir)
     cache = features_for(run, "trainval")
@@ -164,14 +164,14 @@ def test_stage_end_to_end_on_a_tiny_devkit(tmp_path):
     from stages.core.artifacts import Run
     from stages.core.features import features_for
     from stages.core.roidb import build_roidb
-    from stages.proposals import load_proposals
+    from stages.core.proposals import load_proposals
 
     cfg, dataset = build_tiny_run(tmp_path)
     cfg = dataclasses.replace(cfg, bbox=dataclasses.replace(cfg.bbox, lam=1e-3))  # a small lambda: visible fit
     run = Run(cfg.run_dir)
     result = TB.run(cfg)
     assert result.manifest.path == run.manifest_path("bbox", "s2")
-    model = TB.load_bbox_model(result.manifest.output("bbox"))
+    model = load_bbox_model(result.manifest.output("bbox"))
     assert model.beta.shape == (2, 256 * 50 + 1, 4) and model.classes == ("red", "green")
     assert (result.manifest.folder / TB.SPILL_FILE).exists() is False  # the spill file is gone
 
@@ -194,12 +194,13 @@ def test_stage_end_to_end_on_a_tiny_devkit(tmp_path):
         # primal = dual is checked on small problems above).
         beta = A.T @ np.linalg.solve(A @ A.T + 1e-3 * np.eye(len(A)), (targets - mu) @ T)
         np.testing.assert_allclose(model.beta[k], beta, rtol=1e-5, atol=1e-7 * np.abs(beta).max())
-        moved = TB.apply_bbox(model, k, X[sel], P[sel], (96, 72))
-        iou_before = TB.box_ops.paired_iou(P[sel], G[sel]).mean()
-        iou_after = TB.box_ops.paired_iou(moved, G[sel]).mean()
+        moved = apply_bbox(model, k, X[sel], P[sel], (96, 72))
+        iou_before = B.paired_iou(P[sel], G[sel]).mean()
+        iou_after = B.paired_iou(moved, G[sel]).mean()
         assert iou_after > iou_before  # on its own training windows
         assert result.manifest.metrics["classes"][name]["samples"] == sel.sum()
         assert result.manifest.metrics["classes"][name]["iou_before"] == pytest.approx(iou_before)
     assert TB.run(cfg).skipped
     one = TB.run(cfg, one_scale=True)
-    assert one.manifest.path == run.manifest_path("bbox", "s1") and TB.load_bbox_model(one.manifest.output("bbox")).scales == (96,)
+    assert one.manifest.path == run.manifest_path("bbox", "s1")
+    assert load_bbox_model(one.manifest.output("bbox")).scales == (96,)

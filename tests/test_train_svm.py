@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from stages import train_svm as T
-from stages.core.svm import svm_fitter
+from stages.core.svm import (SvmFit, SvmModel, SvmSolver, fit_linear_svm, load_svm_model, save_svm_model, svm_fitter,
+                              svm_objective)
 
 
 # -- objective and solver ------------------------------------------------------------------------------------------
@@ -17,7 +18,7 @@ def test_objective_by_hand():
     w, b = np.array([1.0, 0.0]), 0.5
     X_pos = np.array([[0.2, 0.0], [3.0, 1.0]])  # z = 0.7 (hinge 0.3), 3.5 (0)
     X_neg = np.array([[-2.0, 0.0], [0.5, 1.0]])  # z = -1.5 (0), 1.0 (hinge 2.0)
-    terms = T.svm_objective(w, b, X_pos, X_neg, C=1e-3, pos_weight=2.0, bias_multiplier=10.0)
+    terms = svm_objective(w, b, X_pos, X_neg, C=1e-3, pos_weight=2.0, bias_multiplier=10.0)
     assert terms["reg"] == pytest.approx(0.5 + 0.5 * 0.05 ** 2)
     assert terms["pos"] == pytest.approx(1e-3 * 2 * 0.3)
     assert terms["neg"] == pytest.approx(1e-3 * 2.0)
@@ -59,9 +60,9 @@ def _direct_minimum(X_pos, X_neg, C=1e-3, pos_weight=2.0, bias_multiplier=10.0):
 
 def test_linearsvc_settings_minimise_the_liblinear_objective():
     X_pos, X_neg = _toy_problem()
-    fit = T.fit_linear_svm(X_pos, X_neg, T.SvmSolver())
+    fit = fit_linear_svm(X_pos, X_neg, SvmSolver())
     w_ref, b_ref, minimum = _direct_minimum(X_pos, X_neg)
-    ours = T.svm_objective(fit.w, fit.b, X_pos, X_neg)
+    ours = svm_objective(fit.w, fit.b, X_pos, X_neg)
     assert fit.converged
     assert np.linalg.norm(w_ref) > 0.05 and ours["pos"] > 0 and ours["neg"] > 0  # a non-trivial optimum
     assert ours["total"] == pytest.approx(minimum, rel=1e-5)
@@ -69,13 +70,13 @@ def test_linearsvc_settings_minimise_the_liblinear_objective():
     assert fit.b == pytest.approx(b_ref, abs=2e-3)
     # The solution is the optimum of *this* objective: without the 2x positive weight the optimum differs.
     _, _, unweighted = _direct_minimum(X_pos, X_neg, pos_weight=1.0)
-    assert T.svm_objective(fit.w, fit.b, X_pos, X_neg, pos_weight=1.0)["total"] > unweighted + 1e-5
+    assert svm_objective(fit.w, fit.b, X_pos, X_neg, pos_weight=1.0)["total"] > unweighted + 1e-5
 
 
 def test_fit_needs_both_labels():
     X_pos, X_neg = _toy_problem()
     with pytest.raises(ValueError):
-        T.fit_linear_svm(X_pos, X_neg[:0])
+        fit_linear_svm(X_pos, X_neg[:0])
 
 
 # -- pruning ----------------------------------------------------------------------------------------------------------
@@ -133,7 +134,7 @@ class _RecordingFit:
 
     def __call__(self, k, X_pos, X_neg):
         self.calls.append((k, X_neg[:, 0].astype(np.float64).round(6).tolist()))  # float32 -> exact decimals
-        return T.SvmFit(np.array([1.0], dtype=np.float32), 0.0, 1, True)
+        return SvmFit(np.array([1.0], dtype=np.float32), 0.0, 1, True)
 
 
 def test_mining_schedule_by_hand():
@@ -185,11 +186,11 @@ def test_mining_with_real_svms_is_the_same_with_parallel_workers():
 
     positives = [(rng.normal(0.3, 1, (40, dim)) * 5).astype(np.float32) for _ in range(3)]
     images = list(stream())
-    solver = T.SvmSolver(seed=0)
+    solver = SvmSolver(seed=0)
     schedule = T.MiningSchedule(retrain_limit=300)
 
     def fit(k, X_pos, X_neg):
-        return T.fit_linear_svm(X_pos, X_neg, solver)
+        return fit_linear_svm(X_pos, X_neg, solver)
 
     serial = T.mine_hard_negatives(images, positives, fit, schedule, workers=1)
     with svm_fitter(solver, workers=3) as pooled:
@@ -209,18 +210,18 @@ def test_forked_fit_equals_the_fit_here_and_hands_back_its_errors():
     rng = np.random.default_rng(1)
     X_pos = rng.normal(1, 1, (20, 5)).astype(np.float32)
     X_neg = rng.normal(-1, 1, (200, 5)).astype(np.float32)
-    here, there = T.fit_linear_svm(X_pos, X_neg), fit_in_fork(X_pos, X_neg, T.SvmSolver())
+    here, there = fit_linear_svm(X_pos, X_neg), fit_in_fork(X_pos, X_neg, SvmSolver())
     assert np.array_equal(here.w, there.w) and here.b == there.b and here.n_iter == there.n_iter
     with pytest.raises(ValueError, match="needs positives and negatives"):
-        fit_in_fork(X_pos, X_neg[:0], T.SvmSolver())
+        fit_in_fork(X_pos, X_neg[:0], SvmSolver())
 
 
 def test_svm_model_file_round_trip(tmp_path):
-    model = T.SvmModel(np.arange(6, dtype=np.float32).reshape(3, 2), np.array([0.5, -np.inf], np.float32), "ftfc7",
+    model = SvmModel(np.arange(6, dtype=np.float32).reshape(3, 2), np.array([0.5, -np.inf], np.float32), "ftfc7",
                        0.25, 80.0, ("a", "b"), (480, 688), (1, 2, 3, 6), np.array([True, False]))
     path = tmp_path / "svm.npz"
-    path.write_bytes(model.to_bytes())
-    loaded = T.load_svm_model(path)
+    save_svm_model(path, model)
+    loaded = load_svm_model(path)
     assert loaded.classes == ("a", "b") and loaded.feature == "ftfc7" and loaded.scales == (480, 688)
     np.testing.assert_array_equal(loaded.W, model.W)
     scores = loaded.scores(np.array([[4.0, 0.0, 0.0]]))  # x * 0.25 = [1, 0, 0]
@@ -282,7 +283,7 @@ def _mean_norm_over_all_windows(cfg, feature, scales):
     from stages.core.features import features_for
     from stages.core.roidb import build_roidb
     from stages.core.voc import VocDataset
-    from stages.proposals import load_proposals
+    from stages.core.proposals import load_proposals
 
     run = Run(cfg.run_dir)
     cache, store = features_for(run, "trainval"), load_proposals(run, "trainval")
@@ -320,7 +321,7 @@ def test_stage_end_to_end_on_a_tiny_devkit(tmp_path):
         fcfeatures.window_features(cache, "im0", boxes, "pool5", {}, (50,), cfg=cfg)
     result = T.run(cfg, feature="ftfc7")
     assert not result.skipped and result.manifest.path == run.manifest_path("svm", "ftfc7-s2")
-    model = T.load_svm_model(result.manifest.output("svm"))
+    model = load_svm_model(result.manifest.output("svm"))
     assert model.W.shape == (32, 2) and model.classes == ("red", "green") and model.scales == (64, 96)
     assert model.trained.all() and np.isfinite(model.b).all()
     metrics = result.manifest.metrics
@@ -341,7 +342,7 @@ def test_stage_end_to_end_on_a_tiny_devkit(tmp_path):
     paper = dataclasses.replace(cfg, svm=dataclasses.replace(cfg.svm, pruning="overlap70"))
     one = T.run(paper, feature="pool5", one_scale=True)
     assert one.manifest.path == run.manifest_path("svm", "pool5-s1")
-    pool5 = T.load_svm_model(one.manifest.output("svm"))
+    pool5 = load_svm_model(one.manifest.output("svm"))
     assert pool5.W.shape == (256 * 50, 2) and pool5.scales == (96,) and pool5.feature == "pool5"
     assert one.manifest.data["config"]["svm"]["pruning"] == "overlap70"
 

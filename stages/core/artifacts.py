@@ -25,29 +25,8 @@ MANIFEST_SCHEMA = 1
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
-# Tag suffix of what was computed from the conv layers of a model fine-tuned with ``spp finetune --conv``
-# (``02_features/<split>+ftconv``, ``05_bbox/s<n>+ftconv``); without it, from the pretrained conv layers.
-FINETUNED_CONV_SUFFIX = "+ftconv"
-CONV_SOURCES = ("pretrain", "finetune")
-
-
-def conv_suffix(conv_from: str) -> str:
-    """The tag suffix for conv5 maps (and what is computed from them) made by ``conv_from``'s conv layers."""
-    if conv_from not in CONV_SOURCES:
-        raise SppError(f"conv5 maps come from 'pretrain' or 'finetune', not {conv_from!r}")
-    return FINETUNED_CONV_SUFFIX if conv_from == "finetune" else ""
-
-# Stage name -> (folder, the command that produces it). The folder prefix orders the run directory.
-STAGES: dict[str, tuple[str, str]] = {
-    "pretrain": ("00_pretrain", "spp pretrain"),
-    "proposals": ("01_proposals", "spp proposals --split {tag}"),
-    "features": ("02_features", "spp extract-features --split {tag}"),
-    "finetune": ("03_finetune", "spp finetune"),
-    "svm": ("04_svm", "spp train-svm (variant {tag})"),
-    "bbox": ("05_bbox", "spp train-bbox (variant {tag})"),
-    "detect": ("06_detect", "spp detect (variant {tag})"),
-    "eval": ("07_eval", "spp eval (variant {tag})"),
-}
+# The registry owns stage names, folders, commands and tags; these names stay importable from here.
+from .registry import CONV_SOURCES, FINETUNED_CONV_SUFFIX, STAGES, command_line, conv_suffix  # noqa: E402,F401
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -152,36 +131,47 @@ class Run:
     """A run directory: ``<root>/<NN_stage>/[<tag>/]`` per stage."""
 
     root: Path
+    # While a stage runs (``runner.execute``): the (stage, tag) pairs it declared; requiring any other is an error.
+    allowed_inputs: set | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
 
     def stage_dir(self, stage: str, tag: str | None = None) -> Path:
-        folder = self.root / STAGES[stage][0]
+        folder = self.root / STAGES[stage].folder
         return folder / _safe_tag(tag) if tag else folder
 
     def manifest_path(self, stage: str, tag: str | None = None) -> Path:
         return self.stage_dir(stage, tag) / MANIFEST_NAME
 
     def command_for(self, stage: str, tag: str | None) -> str:
-        if stage == "features" and tag and tag.endswith(FINETUNED_CONV_SUFFIX):
-            return f"spp extract-features --split {tag[:-len(FINETUNED_CONV_SUFFIX)]} --conv-from finetune"
-        return STAGES[stage][1].format(tag=tag or "")
+        """The command that makes this stage's output, ready to paste (``--run`` and ``--runs-root`` included)."""
+        return command_line(self.root, stage, tag)
 
     def require(self, stage: str, tag: str | None = None) -> Manifest:
-        """The finished upstream stage's manifest, checked to be fresh; else one line naming what to run."""
+        """The finished upstream stage's manifest, checked to be fresh and to still have every output it recorded;
+        else one line naming the command to run."""
+        if self.allowed_inputs is not None and (stage, tag) not in self.allowed_inputs:
+            raise SppError(f"stage opened an input it did not declare: '{stage}'{f' ({tag})' if tag else ''}")
         path = self.manifest_path(stage, tag)
+        what = f"stage '{stage}'{f' ({tag})' if tag else ''}"
         try:
             manifest = read_manifest(path)
         except FileNotFoundError:
             raise StageInputMissing(
-                f"missing input: stage '{stage}'{f' ({tag})' if tag else ''} has not finished in {self.root} "
+                f"missing input: {what} has not finished in {self.root} "
                 f"(no {path.relative_to(self.root)}); run `{self.command_for(stage, tag)}` first") from None
         stale = self.stale_inputs(manifest)
         if stale:
             raise StageInputMissing(
-                f"stale input: stage '{stage}'{f' ({tag})' if tag else ''} was built from an older "
-                f"{', '.join(stale)}; rerun `{self.command_for(stage, tag)}`")
+                f"stale input: {what} was built from an older {', '.join(stale)}; "
+                f"rerun `{self.command_for(stage, tag)}`")
+        changed = changed_outputs(manifest)
+        if changed:
+            raise StageInputMissing(
+                f"missing input: {what} lost or changed its output {', '.join(str(manifest.folder / c) for c in changed)} "
+                f"since it finished; "
+                f"rerun `{self.command_for(stage, tag)}`")
         return manifest
 
     def stale_inputs(self, manifest: Manifest) -> list[str]:
@@ -199,14 +189,17 @@ class Run:
                 stale.append(name)
         return stale
 
-    def is_up_to_date(self, stage: str, tag: str | None, config: dict, inputs: dict[str, Any]) -> bool:
-        """True when the stage already finished with this config and these exact inputs (so it can be skipped)."""
+    def is_up_to_date(self, stage: str, tag: str | None, config: dict, inputs: dict[str, Any],
+                      folder: Path | None = None) -> bool:
+        """True when the stage already finished with this config and these exact inputs, and every output it
+        recorded is still there with the size it had (so it can be skipped)."""
         try:
-            manifest = read_manifest(self.manifest_path(stage, tag))
+            manifest = read_manifest((folder or self.stage_dir(stage, tag)) / MANIFEST_NAME)
         except (FileNotFoundError, SppError):
             return False
         return (manifest.data.get("config") == json.loads(json.dumps(config, default=_json_default))
-                and manifest.data.get("inputs") == self._input_records(inputs))
+                and manifest.data.get("inputs") == self._input_records(inputs)
+                and not changed_outputs(manifest))
 
     def _input_records(self, inputs: dict[str, Any]) -> dict:
         records = {}
@@ -219,9 +212,10 @@ class Run:
 
     def write_manifest(self, stage: str, tag: str | None, *, config: dict, inputs: dict[str, Any],
                        outputs: dict[str, str | Path], metrics: dict | None = None,
-                       wall_time_s: float | None = None) -> Manifest:
-        """Write the stage's manifest last and atomically. ``outputs`` paths are stored relative to the folder."""
-        folder = self.stage_dir(stage, tag)
+                       wall_time_s: float | None = None, folder: Path | None = None) -> Manifest:
+        """Write the stage's manifest last and atomically. ``outputs`` paths are stored relative to the folder,
+        with their sizes, so that a deleted or rewritten output makes the stage out of date."""
+        folder = Path(folder) if folder is not None else self.stage_dir(stage, tag)
         rel_outputs = {}
         for name, out in outputs.items():
             out = Path(out)
@@ -239,6 +233,7 @@ class Run:
             "config": config,
             "inputs": self._input_records(inputs),
             "outputs": rel_outputs,
+            "output_sizes": {name: output_size(folder / rel) for name, rel in rel_outputs.items()},
             "metrics": metrics or {},
             "code_version": code_version(),
             "wall_time_s": wall_time_s,
@@ -250,10 +245,34 @@ class Run:
         atomic_write_json(path, body)
         return Manifest(path, body)
 
-    def invalidate(self, stage: str, tag: str | None = None) -> None:
+    def invalidate(self, stage: str, tag: str | None = None, folder: Path | None = None) -> None:
         """Remove a stage's manifest before it (re)writes outputs, so a half-done rerun is never trusted."""
         with contextlib.suppress(FileNotFoundError):
-            self.manifest_path(stage, tag).unlink()
+            ((folder or self.stage_dir(stage, tag)) / MANIFEST_NAME).unlink()
+
+
+def output_size(path: Path) -> int:
+    """Bytes of an output file, or of every file under an output folder."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def changed_outputs(manifest: Manifest) -> list[str]:
+    """Names of the manifest's outputs that are gone or no longer have the size it recorded."""
+    sizes = manifest.data.get("output_sizes", {})
+    changed = []
+    for name, rel in manifest.data.get("outputs", {}).items():
+        path = manifest.folder / rel
+        try:
+            size = output_size(path)
+        except OSError:
+            changed.append(rel)
+            continue
+        if not path.exists() or (name in sizes and sizes[name] != size):
+            changed.append(rel)
+    return changed
 
 
 def _safe_tag(tag: str) -> str:

@@ -20,6 +20,21 @@ from .errors import SppError
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+def _require_choices(section: Any, name: str) -> None:
+    for key, known in CHOICES.items():
+        prefix, _, leaf = key.partition(".")
+        if prefix == name and getattr(section, leaf) not in known:
+            raise SppError(f"config {key}: {getattr(section, leaf)!r} is not one of {', '.join(known)}")
+
+
+def _require(ok: bool, key: str, value: Any, what: str) -> None:
+    """A range or cross-field check of the config types: one line naming the key, run whenever a value is set."""
+    if not ok:
+        shown = list(value) if isinstance(value, tuple) else value
+        raise SppError(f"config {key}: {shown!r} {what}")
+
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "synth"  # "synth" (embedded, generated) or "voc2007"
@@ -27,6 +42,11 @@ class DataConfig:
     train_split: str = "trainval"  # what finetune / train-svm / train-bbox learn from
     test_split: str = "test"  # what detect / eval score by default
     skip_bad: bool = False  # warn and skip a bad image/annotation instead of stopping
+
+    def __post_init__(self) -> None:
+        if self.train_split == self.test_split:
+            raise SppError(f"data.train_split and data.test_split are both {self.train_split!r}: fine-tuning "
+                           "must not see the test split")
 
 
 @dataclass(frozen=True)
@@ -41,6 +61,15 @@ class ProposalConfig:
     max_image_side: int = 500  # SS runs on an image resized to this longest side (boxes mapped back); 0 = off
     workers: int = 0  # processes; 0 = all cores
 
+    def __post_init__(self) -> None:
+        _require_choices(self, "proposals")
+        _require(bool(self.ks) and min(self.ks) >= 1, "proposals.ks", self.ks, "must be positive integers")
+        _require(self.sigma > 0, "proposals.sigma", self.sigma, "must be positive")
+        _require(self.min_side >= 0, "proposals.min_side", self.min_side, "must be >= 0")
+        _require(self.max_boxes >= 0, "proposals.max_boxes", self.max_boxes, "must be >= 0 (0: all)")
+        _require(self.max_image_side >= 0, "proposals.max_image_side", self.max_image_side, "must be >= 0 (0: off)")
+        _require(self.workers >= 0, "proposals.workers", self.workers, "must be >= 0 (0: all cores)")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -50,6 +79,13 @@ class ModelConfig:
     fc_dim: int = 4096  # fc6/fc7 width [SPEC §1]
     dropout: float = 0.5  # fc6/fc7 dropout while fine-tuning [SPEC §4] (pretraining has its own)
     width: float = 1.0  # ZF-5 channels x this (1.0: the paper's 96-256-384-384-256)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.pyramid) and min(self.pyramid) >= 1 and len(set(self.pyramid)) == len(self.pyramid),
+                 "model.pyramid", self.pyramid, "must be distinct positive bin counts")
+        _require(self.fc_dim >= 1, "model.fc_dim", self.fc_dim, "must be positive")
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+        _require(0.0 < self.width <= 4.0, "model.width", self.width, "must be in (0, 4]")
 
 
 @dataclass(frozen=True)
@@ -68,6 +104,21 @@ class PretrainConfig:
     optimizer: str = "sgd"  # "sgd" (paper: momentum + weight decay) | "adamw" (for budgets too short for SGD)
     dropout: float = 0.5  # fc6/fc7 dropout while pretraining [P §3.1]
 
+    def __post_init__(self) -> None:
+        _require_choices(self, "pretrain")
+        _require(bool(self.sizes) and min(self.sizes) >= 1, "pretrain.sizes", self.sizes, "must be positive")
+        _require(self.epochs >= 0, "pretrain.epochs", self.epochs, "must be >= 0")
+        _require(self.batch_size >= 1, "pretrain.batch_size", self.batch_size, "must be positive")
+        _require(self.lr > 0, "pretrain.lr", self.lr, "must be positive")
+        _require(list(self.lr_steps) == sorted(self.lr_steps) and all(s >= 0 for s in self.lr_steps),
+                 "pretrain.lr_steps", self.lr_steps, "must be ascending epochs")
+        _require(self.momentum >= 0 and self.weight_decay >= 0, "pretrain.momentum/weight_decay",
+                 (self.momentum, self.weight_decay), "must be >= 0")
+        _require(self.workers >= 0, "pretrain.workers", self.workers, "must be >= 0")
+        _require(0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0, "pretrain.crop_scale", self.crop_scale,
+                 "must be an interval in (0, 1]")
+        _require(0.0 <= self.dropout < 1.0, "pretrain.dropout", self.dropout, "must be in [0, 1)")
+
 
 @dataclass(frozen=True)
 class FeatureConfig:
@@ -77,6 +128,14 @@ class FeatureConfig:
     batch_images: int = 1  # images per conv forward (same-size batches only)
     compression: int = 4  # gzip level for the float16 HDF5 maps
     flip: bool = True  # also cache maps of the flipped image (train split): fine-tuning trains on flips [SPEC §3]
+
+    def __post_init__(self) -> None:
+        _require_choices(self, "features")
+        _require(bool(self.scales) and min(self.scales) >= 1 and len(set(self.scales)) == len(self.scales),
+                 "features.scales", self.scales, "must be distinct positive shorter sides")
+        _require(self.one_scale >= 1, "features.one_scale", self.one_scale, "must be a positive shorter side")
+        _require(self.batch_images >= 1, "features.batch_images", self.batch_images, "must be positive")
+        _require(0 <= self.compression <= 9, "features.compression", self.compression, "must be a gzip level 0-9")
 
 
 @dataclass(frozen=True)
@@ -100,6 +159,23 @@ class FinetuneConfig:
     pool_memory_mb: int = 2048  # float16 pooled training windows held at once (released: 500-iteration chunks)
     checkpoint_every_s: float = 600.0  # write a resume point at most this often (0: at every chunk end)
 
+    def __post_init__(self) -> None:
+        for key in ("iters", "batch_size", "eval_every", "conv_images", "pool_memory_mb"):
+            _require(getattr(self, key) >= 1, f"finetune.{key}", getattr(self, key), "must be positive")
+        _require(self.holdout_batches >= 0, "finetune.holdout_batches", self.holdout_batches, "must be >= 0")
+        _require(self.lr > 0, "finetune.lr", self.lr, "must be positive")
+        _require(list(self.lr_steps) == sorted(self.lr_steps) and all(s >= 0 for s in self.lr_steps),
+                 "finetune.lr_steps", self.lr_steps, "must be ascending iterations")
+        _require(0.0 <= self.fg_fraction <= 1.0, "finetune.fg_fraction", self.fg_fraction, "must be in [0, 1]")
+        _require(0.0 <= self.bg_iou[0] <= self.bg_iou[1] <= self.fg_iou <= 1.0, "finetune.bg_iou", self.bg_iou,
+                 f"must be an interval below fg_iou {self.fg_iou}")
+        _require(self.momentum >= 0 and self.weight_decay >= 0, "finetune.momentum/weight_decay",
+                 (self.momentum, self.weight_decay), "must be >= 0")
+        _require(0.0 <= self.holdout_fraction < 1.0, "finetune.holdout_fraction", self.holdout_fraction,
+                 "must be in [0, 1)")
+        _require(self.conv_lr_factor >= 0, "finetune.conv_lr_factor", self.conv_lr_factor, "must be >= 0")
+        _require(self.checkpoint_every_s >= 0, "finetune.checkpoint_every_s", self.checkpoint_every_s, "must be >= 0")
+
 
 @dataclass(frozen=True)
 class SvmConfig:
@@ -116,12 +192,28 @@ class SvmConfig:
     tol: float = 1e-4  # liblinear dual stopping tolerance (sklearn's default; liblinear's own 0.1 stops early)
     max_iter: int = 20000  # liblinear dual passes; a fit reaching it is reported as not converged
 
+    def __post_init__(self) -> None:
+        _require_choices(self, "svm")
+        for key in ("C", "pos_weight", "bias_multiplier", "target_norm", "tol"):
+            _require(getattr(self, key) > 0, f"svm.{key}", getattr(self, key), "must be positive")
+        _require(0.0 < self.neg_iou <= 1.0, "svm.neg_iou", self.neg_iou, "must be in (0, 1]")
+        _require(self.evict_thresh <= self.hard_thresh, "svm.evict_thresh", self.evict_thresh,
+                 f"must not exceed svm.hard_thresh {self.hard_thresh}")
+        _require(self.retrain_every >= 1 and self.max_iter >= 1, "svm.retrain_every/max_iter",
+                 (self.retrain_every, self.max_iter), "must be positive")
+        _require(self.workers >= 0, "svm.workers", self.workers, "must be >= 0 (0: all cores)")
+
 
 @dataclass(frozen=True)
 class BboxConfig:
     lam: float = 4000.0  # ridge lambda (SPP code) [SPEC §6]
     min_iou: float = 0.5  # training windows with IoU > this
     target_norm: float = 20.0
+
+    def __post_init__(self) -> None:
+        _require(self.lam > 0, "bbox.lam", self.lam, "must be positive")
+        _require(0.0 <= self.min_iou < 1.0, "bbox.min_iou", self.min_iou, "must be in [0, 1)")
+        _require(self.target_norm > 0, "bbox.target_norm", self.target_norm, "must be positive")
 
 
 @dataclass(frozen=True)
@@ -132,6 +224,12 @@ class DetectConfig:
     bbox: bool = True  # apply box regression when a regressor exists
     batch_windows: int = 4096  # windows per fc batch
     fc_dtype: str = "float32"  # "bfloat16": fc6/fc7 in bfloat16, ~2x faster with AVX512-BF16/AMX or a GPU (opt-in)
+
+    def __post_init__(self) -> None:
+        _require_choices(self, "detect")
+        _require(0.0 < self.nms_iou <= 1.0, "detect.nms_iou", self.nms_iou, "must be in (0, 1]")
+        _require(self.max_per_image >= 1, "detect.max_per_image", self.max_per_image, "must be positive")
+        _require(self.batch_windows >= 1, "detect.batch_windows", self.batch_windows, "must be positive")
 
 
 @dataclass(frozen=True)
@@ -156,6 +254,10 @@ class Config:
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def experiment_dict(self) -> dict:
+        """``to_dict`` without the machine settings: what a run's ``config.json`` holds."""
+        return drop_machine_keys(self.to_dict())
 
     def section(self, name: str) -> dict:
         return self.to_dict()[name]
@@ -205,6 +307,24 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "svm.pruning": ("dedup", "overlap70", "none"),
     "detect.fc_dtype": ("float32", "bfloat16"),
 }
+
+
+# Machine settings change how fast a stage runs, never what it computes: they are not experiment parameters, so
+# they are never saved in a run's config.json (each command takes them from its own options or the defaults).
+MACHINE_KEYS: tuple[str, ...] = ("device", "proposals.workers", "pretrain.workers", "svm.workers")
+
+
+def drop_machine_keys(nested: dict) -> dict:
+    """A copy of a nested config dict without ``MACHINE_KEYS``."""
+    out = json.loads(json.dumps(nested))
+    for key in MACHINE_KEYS:
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return out
 
 
 def merge(cfg: Any, overrides: dict, where: str = "") -> Any:
@@ -266,11 +386,12 @@ def _nest(flat: dict) -> dict:
 
 
 def config_from_run(run_dir: Path) -> Config:
-    """The resolved config saved in a run directory."""
+    """The resolved config saved in a run directory; machine settings take their defaults (an older run may
+    have saved them: they are dropped, so a ``--device cuda`` saved once does not stick)."""
     path = Path(run_dir) / "config.json"
     try:
-        return merge(Config(), json.loads(path.read_text()))
+        return merge(Config(), drop_machine_keys(json.loads(path.read_text())))
     except FileNotFoundError:
         raise SppError("no config.json: not a run directory", path) from None
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         raise SppError(f"unreadable run config ({exc})", path) from None

@@ -18,8 +18,9 @@ from .artifacts import Manifest, Run
 from .errors import SppError
 from .nets import load_checkpoint, resolve_device
 
-if TYPE_CHECKING:  # only its public reading API is used here
+if TYPE_CHECKING:  # only their public reading APIs are used here
     from .features import FeatureCache
+    from .voc import VocDataset
 
 # feature name -> (which net, which head layer); pool5 needs no net.
 FEATURE_SOURCES: dict[str, tuple[str, str] | None] = {
@@ -93,6 +94,18 @@ def scales_for(cache: FeatureCache, scales: Sequence[int]) -> tuple[int, ...]:
         raise SppError(f"the conv5 cache holds scales {list(cache.scales)}, not {list(missing or scales)}; rerun "
                        f"`spp extract-features` with these scales", cache.paths[0])
     return tuple(int(s) for s in scales)
+
+
+def training_images(dataset: VocDataset, split: str, cache: FeatureCache) -> list[str]:
+    """The split's usable images, all of which must be in the conv5 cache (train-svm and train-bbox train on them)."""
+    image_ids = dataset.usable_ids(split)
+    missing = [i for i in image_ids if i not in cache]
+    if missing:
+        raise SppError(f"the conv5 cache lacks {len(missing)} image(s) of split {split!r} (e.g. {missing[0]!r}); "
+                       f"rerun `spp extract-features --split {split}`", cache.paths[0])
+    if not image_ids:
+        raise SppError(f"split {split!r} has no usable images", dataset.split_path(split))
+    return image_ids
 
 
 @dataclass

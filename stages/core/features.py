@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from . import nets, spp
-from .artifacts import Run, conv_suffix
+from .artifacts import Run
+from .registry import features_tag  # noqa: F401  (the features stage's tag, named in the registry)
 from .boxes import flip_boxes
 from .errors import SppError, require_free_space
 from .handles import keep_inherited_handles
@@ -490,11 +491,6 @@ def feature_paths(manifest) -> list[Path]:
     if not shards:
         raise SppError("features manifest lists no feature files", manifest.path)
     return [manifest.output(name) for _, name in shards]
-
-
-def features_tag(split: str, conv_from: str = "pretrain") -> str:
-    """The features stage's tag: the split, plus ``+ftconv`` for maps of the conv layers fine-tuned by --conv."""
-    return split + conv_suffix(conv_from)
 
 
 def cache_of(manifest) -> FeatureCache:

@@ -1,10 +1,36 @@
-"""The networks: ZF-5 (paper-exact, SPEC.md §1), torchvision trunks cut at stride 16, the SPP head, checkpoints.
+"""The networks: ZF-5 (paper-exact, SPEC.md §1), torchvision trunks at stride 16, the SPP head, checkpoints.
 
 A *backbone* maps a preprocessed image batch to its stride-16 "conv5" map and carries a ``BackboneSpec``: the
 numbers the window -> cell mapping needs (stride, receptive-field centre of cell 0, inward offset) and the pixel
 preprocessing it was trained with. ``SppHead`` holds fc6/fc7/fc8 over the pooled vector. ``SppNet`` = both, with
 fixed-size SPP over the whole map for classification pretraining. Checkpoints hold only tensors and plain
 values (``torch.load(weights_only=True)``) plus the architecture needed to rebuild them.
+
+Backbones (``model.backbone``; all stride 16; offset0 = 1-based pixel at the receptive-field centre of cell 0,
+derived from the layers by ``receptive_field`` and checked against the network in tests/test_nets.py):
+
+==================  =========  ========  ===========================================================================
+name                channels   offset0   trunk
+==================  =========  ========  ===========================================================================
+zf5                 256        21        ZF-5 conv1-conv5, SPEC §1 (``model.width`` scales its channels)
+mobilenet_v2        96         1         torchvision MobileNetV2 ``features[:14]`` (cut before the stride-32 stage)
+mobilenet_v2_c17    160        1         ``features[:17]``, the stride-32 stage kept at stride 16 by dilation
+mobilenet_v2_c18    320        1         ``features[:18]``, likewise (all inverted-residual blocks)
+mobilenet_v2_c19    1280       1         ``features[:19]``: the whole trunk with its final 1x1 conv, likewise
+alexnet             256        16        torchvision AlexNet ``features[:12]`` (conv5 + ReLU, no pool5)
+vgg16               512        8.5       torchvision VGG-16 ``features[:30]`` (conv5_3 + ReLU, no pool5)
+resnet18            256        1         torchvision ResNet-18 conv1 .. layer3 (``conv4_x``)
+resnet50            1024       1         torchvision ResNet-50 conv1 .. layer3 (``conv4_x``)
+==================  =========  ========  ===========================================================================
+
+``mobilenet_v2_cN`` is ``features[:N]`` with the stride-32 stage made stride 1 "a trous" (DeepLab's output
+stride 16): the stride-2 depthwise conv of ``features[14]`` gets stride 1 and the 3x3 depthwise convs after it
+(``features[15]`` on) dilation 2, padding 2. Cell 2i of the dilated map then equals cell i of the undilated
+stride-32 map, so the ImageNet weights compute what they were trained to, sampled twice as densely.
+``mobilenet_v2`` keeps its old meaning, so old checkpoints and runs still work. Every torchvision trunk loads a
+local weights file of its ``features`` or of the whole model (classifier / layers past the cut are ignored,
+the kept layers must match exactly), e.g. ``/work/shared/weights/mobilenet_v2_imagenet_features.pt`` for every
+MobileNetV2 cut.
 """
 from __future__ import annotations
 
@@ -25,7 +51,9 @@ from .artifacts import atomic_write_bytes
 from .errors import SppError
 from .spp import DEFAULT_PYRAMID, spp_dim, spp_pool_full
 
-BACKBONES = ("zf5", "mobilenet_v2", "alexnet", "vgg16")
+MOBILENET_V2_CUTS = {"mobilenet_v2": 14, "mobilenet_v2_c17": 17, "mobilenet_v2_c18": 18, "mobilenet_v2_c19": 19}
+RESNETS = ("resnet18", "resnet50")
+BACKBONES = ("zf5", *MOBILENET_V2_CUTS, "alexnet", "vgg16", *RESNETS)
 CHECKPOINT_FORMAT = "sppnet-checkpoint"
 CHECKPOINT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -127,18 +155,23 @@ def _zf5_body(width: float = 1.0) -> nn.Sequential:
     return body
 
 
-def _features_without_classifier(factory, init=None) -> nn.Sequential:
-    """A torchvision model's ``features`` without allocating its (large) classifier: build on the meta device,
-    materialise only the features, then re-run the modules' own init (and the model's, when it has one)."""
-    with torch.device("meta"):
-        features = factory().features
-    features = features.to_empty(device="cpu")
-    for module in features.modules():
-        if hasattr(module, "reset_parameters") and module is not features:
+def _materialise(modules: nn.Module, init=None) -> nn.Module:
+    """Materialise modules built on the meta device (so a torchvision model's classifier or later layers are
+    never allocated): re-run every module's own init, then the model's (``init``) when it has one."""
+    modules = modules.to_empty(device="cpu")
+    for module in modules.modules():
+        if hasattr(module, "reset_parameters") and module is not modules:
             module.reset_parameters()
     if init is not None:
-        init(features)
-    return features
+        init(modules)
+    return modules
+
+
+def _features_without_classifier(factory, init=None) -> nn.Sequential:
+    """A torchvision model's ``features`` without allocating its (large) classifier."""
+    with torch.device("meta"):
+        features = factory().features
+    return _materialise(features, init)
 
 
 def _vgg_init(features: nn.Module) -> None:
@@ -148,38 +181,130 @@ def _vgg_init(features: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _full_trunk(name: str) -> tuple[nn.Sequential, int]:
-    """(torchvision ``features`` uncut, index of the first layer after the stride-16 cut)."""
+def _resnet_init(body: nn.Module) -> None:
+    for module in body.modules():  # torchvision ResNet's own init (zero_init_residual=False)
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def _dilate_mobilenet_v2(features: nn.Sequential) -> nn.Sequential:
+    """Keep MobileNetV2's stride-32 stage (``features[14:]``) at stride 16 "a trous", in place.
+
+    ``features[14]``'s 3x3 depthwise conv (stride 2, padding 1) gets stride 1; every later 3x3 depthwise conv
+    gets dilation 2, padding 2. Its taps then fall where the undilated network's did (two stride-16 cells
+    apart = one stride-32 cell), so cell 2i equals the undilated cell i exactly (tested). The strided conv
+    itself keeps dilation 1, as in DeepLab's TF MobileNetV2 (``output_stride``) and torchvision's ResNet
+    ``replace_stride_with_dilation``; dilating it too (torchvision's MobileNetV3) would spread its taps to
+    twice the spacing it was trained with. No weight changes shape, so the ImageNet file loads unchanged.
+    """
+    for index in range(14, min(len(features), 18)):  # the inverted-residual blocks of the stride-32 stage
+        depthwise = features[index].conv[1][0]
+        if not (isinstance(depthwise, nn.Conv2d) and depthwise.groups == depthwise.in_channels > 1
+                and depthwise.kernel_size == (3, 3)):
+            raise AssertionError(f"mobilenet_v2 features[{index}].conv[1][0] is not a 3x3 depthwise conv")
+        if index == 14:
+            depthwise.stride = (1, 1)
+            features[index].stride = 1
+        else:
+            depthwise.dilation, depthwise.padding = (2, 2), (2, 2)
+    return features
+
+
+def _full_trunk(name: str) -> tuple[nn.Sequential, frozenset[str]]:
+    """(the trunk cut at stride 16, randomly initialised; the first key parts of the torchvision ``features``
+    or model state dict that belong to layers past the cut, which a weights file may hold and is not asked
+    to fit). Keys are torchvision's own, so its files load without renaming."""
     import torchvision.models as tvm
 
-    if name == "mobilenet_v2":
-        # features[14] is the next stride-2 block; [:14] ends with 96 channels at stride 16.
-        return tvm.mobilenet_v2(weights=None).features, 14
+    if name in MOBILENET_V2_CUTS:
+        cut = MOBILENET_V2_CUTS[name]
+        # features[14] is the next stride-2 block; [:14] ends with 96 channels at stride 16. The longer cuts
+        # run the stride-32 stage dilated instead (built the same way, so a seed gives [:14] the same weights).
+        features = tvm.mobilenet_v2(weights=None).features
+        body = features[:cut] if cut == 14 else _dilate_mobilenet_v2(features[:cut])
+        return body, frozenset(str(i) for i in range(cut, len(features)))
     if name == "alexnet":
         # features[12] is the last max-pool; without it conv5+ReLU has stride 4*2*2 = 16, 256 channels.
-        return _features_without_classifier(tvm.alexnet), 12
+        return _features_without_classifier(tvm.alexnet)[:12], frozenset({"12"})
     if name == "vgg16":
         # features[30] is pool5; [:30] ends at conv5_3 + ReLU, stride 2^4 = 16, 512 channels.
-        return _features_without_classifier(tvm.vgg16, _vgg_init), 30
+        return _features_without_classifier(tvm.vgg16, _vgg_init)[:30], frozenset({"30"})
+    if name in RESNETS:
+        # Cut after layer3 (conv4_x: stride 16; 1024 channels for resnet50, 256 for resnet18) rather than
+        # keeping layer4 dilated: it is the shared trunk of the ResNet detectors (He et al. 2016's Faster R-CNN
+        # runs conv1..conv4_x per image and conv5_x per region), and a dilated layer4 would cost 4x its FLOPs
+        # at stride 16 (about as much as the rest together) and give 2048 channels, i.e. a 102,400-d pooled
+        # vector (fc6 alone 420M weights at fc_dim 4096).
+        with torch.device("meta"):
+            model = getattr(tvm, name)(weights=None)
+        body = nn.Sequential(OrderedDict((key, getattr(model, key)) for key in
+                                         ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")))
+        return _materialise(body, _resnet_init), frozenset({"layer4", "fc"})
     raise SppError(f"unknown backbone {name!r} (known: {', '.join(BACKBONES)})")
 
 
-def receptive_field(body: nn.Module) -> tuple[int, float]:
-    """(total stride, 1-based image pixel at the receptive-field centre of output cell 0) of a chain of layers.
+# Modules that do not move or resample the map (elementwise, or per-pixel across channels).
+_POINTWISE = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Identity, nn.Dropout, nn.BatchNorm2d,
+              WithinChannelLRN)
 
-    Walks the Conv2d / pooling layers in definition order (x direction): a layer with kernel k, stride s and
-    padding p centres its output cell 0 on input position ``(k - 1)/2 - p``, so the centre moves by that many
-    input steps of the current jump. Residual branches of stride-1 blocks keep the centre, so the main path
-    suffices for the trunks here. ZF-5: 2 (conv1) + 2 (pool1) + 8 (conv2) + 8 (pool2) = 20 (0-based) -> 21, SPEC §1.
+
+def receptive_field(body: nn.Module) -> tuple[int, float]:
+    """(total stride, 1-based image pixel at the receptive-field centre of output cell 0) of a trunk.
+
+    A layer with kernel k, stride s, padding p and dilation d centres its output cell 0 on input position
+    ``d (k - 1)/2 - p``; a chain composes those (x direction). Residual blocks (torchvision ResNet's BasicBlock
+    and Bottleneck, MobileNetV2's InvertedResidual) add a shortcut to their main path: the shortcut must map
+    cells to the same centres (a strided 1x1 ``downsample`` does; an identity shortcut needs a main path of
+    stride 1 centred in place), else this raises. Any other module with children must be an ``nn.Sequential``
+    and any leaf a conv, a pooling layer or a pointwise layer: an unknown layer raises rather than be guessed.
+    ZF-5: 2 (conv1) + 2 (pool1) + 8 (conv2) + 8 (pool2) = 20 (0-based) -> 21, SPEC §1.
     """
+    jump, centre = _field(body)
+    if jump != int(jump):
+        raise AssertionError(f"non-integer total stride {jump}")
+    return int(jump), centre + 1.0
+
+
+def _field(module: nn.Module) -> tuple[float, float]:
+    """(stride, 0-based input position of output cell 0's centre) of one module."""
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        kernel, stride, padding = (_first(getattr(module, a)) for a in ("kernel_size", "stride", "padding"))
+        dilation = _first(getattr(module, "dilation", 1))
+        return stride, dilation * (kernel - 1) / 2.0 - padding
+    if isinstance(module, _POINTWISE):
+        return 1, 0.0
+    if isinstance(module, (BasicBlock, Bottleneck)):
+        main = _chain(child for key, child in module.named_children() if key != "downsample")
+        shortcut = _field(module.downsample) if module.downsample is not None else (1, 0.0)
+        return _same_geometry(module, main, shortcut)
+    if isinstance(module, InvertedResidual):
+        main = _field(module.conv)
+        return _same_geometry(module, main, (1, 0.0)) if module.use_res_connect else main
+    if type(module) is nn.Sequential or (isinstance(module, nn.Sequential) and type(module).forward is
+                                          nn.Sequential.forward):
+        return _chain(module.children())
+    raise TypeError(f"receptive_field: no rule for {type(module).__name__}")
+
+
+def _chain(modules) -> tuple[float, float]:
     jump, centre = 1, 0.0
-    for module in body.modules():
-        if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            kernel, stride, padding = (_first(getattr(module, a)) for a in ("kernel_size", "stride", "padding"))
-            dilation = _first(getattr(module, "dilation", 1))
-            centre += ((dilation * (kernel - 1)) / 2.0 - padding) * jump
-            jump *= stride
-    return jump, centre + 1.0
+    for module in modules:
+        step, start = _field(module)
+        centre += start * jump
+        jump *= step
+    return jump, centre
+
+
+def _same_geometry(block: nn.Module, main: tuple[float, float], shortcut: tuple[float, float]) -> tuple[float, float]:
+    if main != shortcut:
+        raise AssertionError(f"{type(block).__name__}: main path (stride, centre) {main} != shortcut {shortcut}")
+    return main
 
 
 def _first(value) -> int:
@@ -195,26 +320,25 @@ def _spec_for(name: str, body: nn.Sequential, channels: int, pixel_mode: str) ->
 
 
 def build_backbone(name: str, weights: str = "", width: float = 1.0) -> Backbone:
-    """``"zf5" | "mobilenet_v2" | "alexnet" | "vgg16"``, randomly initialised, or with ``weights``: a local file
+    """One of ``BACKBONES`` (module docstring), randomly initialised, or with ``weights``: a local file
     (a state dict of the trunk, of the torchvision ``features`` or whole model, or an sppnet checkpoint), or a
     torchvision weights name such as ``"MobileNet_V2_Weights.IMAGENET1K_V1"`` (downloads once). ``width``
     scales ZF-5's channels (the torchvision trunks have fixed widths)."""
     if name == "zf5":
-        body, cut = _zf5_body(width), None
+        body, past_cut = _zf5_body(width), frozenset()
         spec = _spec_for(name, body, zf5_channels(width)[-1], "bgr128")
     elif width != 1.0:
         raise SppError(f"model.width applies to zf5 only; {name} has a fixed width (set model.width = 1.0)")
     else:
-        full, cut = _full_trunk(name)
-        body = full[:cut]
+        body, past_cut = _full_trunk(name)
         channels = [m for m in body.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
         spec = _spec_for(name, body, channels, "imagenet")
     if weights:
-        _load_weights(body, name, weights, cut)
+        _load_weights(body, name, weights, past_cut)
     return Backbone(body, spec, width)
 
 
-def _load_weights(body: nn.Sequential, name: str, weights: str, cut: int | None) -> None:
+def _load_weights(body: nn.Sequential, name: str, weights: str, past_cut: frozenset[str]) -> None:
     path = Path(weights).expanduser()
     if path.exists():
         state = _read_state_file(path)
@@ -225,9 +349,9 @@ def _load_weights(body: nn.Sequential, name: str, weights: str, cut: int | None)
         raise SppError("no such weights file (and not a torchvision weights name like "
                        "'MobileNet_V2_Weights.IMAGENET1K_V1')", path)
     state = _trunk_keys(state)
-    if cut is not None:  # torchvision trunks: a file of the whole ``features`` also holds layers past the cut
-        state = {key: value for key, value in state.items()
-                 if not (key.split(".", 1)[0].isdigit() and int(key.split(".", 1)[0]) >= cut)}
+    # torchvision trunks: a file of the whole ``features`` or model also holds layers past the cut (and the
+    # classifier, which ``_trunk_keys`` drops with the "features." prefix; ResNets name theirs "fc").
+    state = {key: value for key, value in state.items() if key.split(".", 1)[0] not in past_cut}
     try:
         body.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -19,8 +19,8 @@ from .boxes import box_iou, flip_boxes
 from .errors import InputError
 from .voc import Annotation, VocDataset
 
-if TYPE_CHECKING:  # the proposal store is a stage-level object; only its .boxes(image_id) is used here
-    from stages.proposals import ProposalStore
+if TYPE_CHECKING:  # only the store's .boxes(image_id) is used here (any object with it will do)
+    from .proposals import ProposalStore
 
 
 @dataclass

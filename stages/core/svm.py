@@ -6,21 +6,28 @@ Twister (``sklearn/svm/src/newrand``), re-seeded at the start of every fit. Two 
 process share it, so each one's draws depend on the other's timing and the SVMs change from run to run. One fit at
 a time per process keeps every fit a function of its inputs and seed; a forked child per fit keeps them parallel
 without copying the (up to GBs of) training features.
+
+``SvmModel`` is what ``svm.npz`` holds: ``save_svm_model`` writes it, ``load_svm_model`` reads it back, and
+``SvmModel.scores`` applies it (train-svm writes the file, detect reads and applies it).
 """
 from __future__ import annotations
 
 import gc
+import io
 import multiprocessing
 import threading
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.svm import LinearSVC
 
+from .artifacts import atomic_write_bytes
 from .errors import SppError
 
 
@@ -146,3 +153,55 @@ def svm_fitter(solver: SvmSolver, workers: int = 1) -> Iterator[Callable[[np.nda
         yield fit_here
         return
     yield lambda X_pos, X_neg: fit_in_fork(X_pos, X_neg, solver)
+
+
+# ------------------------------------------------------------------------------------------------ the model file
+@dataclass(frozen=True)
+class SvmModel:
+    """What ``svm.npz`` holds; ``scores`` applies the feature scaling and every class's SVM."""
+
+    W: np.ndarray  # float32 [D, K]
+    b: np.ndarray  # float32 [K]
+    feature: str
+    feature_scale: float
+    mean_norm: float
+    classes: tuple[str, ...]
+    scales: tuple[int, ...]
+    pyramid: tuple[int, ...]
+    trained: np.ndarray  # bool [K]: False for a class without training positives (its b is -inf)
+    # W and b as float32 tensors per torch device, made on first use (detect scores every image on its device).
+    _on_device: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def scores(self, features: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """[N, K] scores of features [N, D]: numpy in, numpy out; a tensor in, a tensor on its device out."""
+        if isinstance(features, torch.Tensor):
+            if features.device not in self._on_device:
+                self._on_device[features.device] = (
+                    torch.as_tensor(self.W, dtype=torch.float32, device=features.device),
+                    torch.as_tensor(self.b, dtype=torch.float32, device=features.device))
+            W, b = self._on_device[features.device]
+            return (features * self.feature_scale) @ W + b
+        return (np.asarray(features, dtype=np.float32) * np.float32(self.feature_scale)) @ self.W + self.b
+
+
+def save_svm_model(path: Path, model: SvmModel) -> None:
+    """Write ``model`` to ``path`` (``svm.npz``) atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, W=model.W.astype(np.float32), b=model.b.astype(np.float32), feature=np.array(model.feature),
+             feature_scale=np.float64(model.feature_scale), mean_norm=np.float64(model.mean_norm),
+             classes=np.array(model.classes, dtype=str), scales=np.array(model.scales, dtype=np.int64),
+             pyramid=np.array(model.pyramid, dtype=np.int64), trained=model.trained.astype(bool))
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def load_svm_model(path: Path) -> SvmModel:
+    """The model ``save_svm_model`` wrote (a one-line SppError naming the file and the command otherwise)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return SvmModel(W=data["W"], b=data["b"], feature=str(data["feature"]),
+                            feature_scale=float(data["feature_scale"]), mean_norm=float(data["mean_norm"]),
+                            classes=tuple(str(c) for c in data["classes"]),
+                            scales=tuple(int(s) for s in data["scales"]),
+                            pyramid=tuple(int(n) for n in data["pyramid"]), trained=data["trained"].astype(bool))
+    except (OSError, KeyError, ValueError) as exc:
+        raise SppError(f"unreadable SVM file ({type(exc).__name__}: {exc}); rerun `spp train-svm`", path) from None

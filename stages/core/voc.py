@@ -106,6 +106,11 @@ class VocDataset:
         self.class_index = {name: i for i, name in enumerate(self.classes)}
         self._annotations: dict[str, Annotation] = {}
 
+    @classmethod
+    def from_config(cls, data) -> "VocDataset":
+        """The dataset a run's ``data`` config section names (``cfg.data``)."""
+        return cls(resolve_voc_root(data.dataset, data.voc_root), skip_bad=data.skip_bad)
+
     # -- split lists ----------------------------------------------------------------------------------------
     def split_path(self, split: str) -> Path:
         folder = self.root / "ImageSets" / "Main"
