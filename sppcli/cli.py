@@ -8,11 +8,9 @@ from pathlib import Path
 
 import click
 
-from stages.core.artifacts import CONV_SOURCES
 from stages.core.config import CHOICES
 from stages.core.errors import SppError, disk_full_message
-
-FEATURES = ("pool5", "fc6", "fc7", "ftfc6", "ftfc7")
+from stages.core.registry import CONV_SOURCES, FEATURES, SCORERS
 
 
 def _run_options(func):
@@ -196,10 +194,16 @@ def finetune(iters, conv, **common):
     _report(stage.run(cfg))
 
 
-def _variant_options(func):
+def _variant_options(func=None, *, scorers: bool = False):
+    """--feature and --one-scale; with ``scorers``, --feature also takes ``softmax`` (detect, eval)."""
+    if func is None:
+        return functools.partial(_variant_options, scorers=scorers)
     func = click.option("--one-scale", is_flag=True, help="Use only features.one_scale (the paper's 1-scale rows).")(func)
-    func = click.option("--feature", type=click.Choice(FEATURES), default="ftfc7", show_default=True,
-                        help="Features the SVMs use: pool5 (pooled conv5), fc6/fc7 (pretrained), ftfc6/ftfc7.")(func)
+    help_text = "Features the SVMs use: pool5 (pooled conv5), fc6/fc7 (pretrained), ftfc6/ftfc7."
+    if scorers:
+        help_text += " softmax: the fine-tuned fc8's class probabilities, no SVMs."
+    func = click.option("--feature", type=click.Choice(SCORERS if scorers else FEATURES), default="ftfc7",
+                        show_default=True, help=help_text)(func)
     return func
 
 
@@ -230,7 +234,7 @@ def train_bbox(one_scale, conv_from, **common):
 
 @cli.command()
 @_run_options
-@_variant_options
+@_variant_options(scorers=True)
 @click.option("--split", default=None, help="Image set to detect on [data.test_split].")
 @click.option("--bbox/--no-bbox", default=None, help="Apply box regression [detect.bbox].")
 @click.option("--images", multiple=True, type=click.Path(dir_okay=False), help="Run on these image files instead.")
@@ -251,7 +255,7 @@ def detect(feature, one_scale, split, bbox, images, out, **common):
 
 @cli.command("eval")
 @_run_options
-@_variant_options
+@_variant_options(scorers=True)
 @click.option("--split", default=None, help="Image set [data.test_split].")
 @click.option("--bbox/--no-bbox", default=None)
 @click.option("--detections", default=None, type=click.Path(file_okay=False),

@@ -31,14 +31,16 @@ from .core.voc import VocDataset, load_image_rgb, resolve_voc_root, write_comp4
 
 @dataclass(frozen=True)
 class ClassModels:
-    """What scoring needs: the class SVMs and, optionally, the box regressors."""
+    """What scoring needs: the class SVMs (None: the fine-tuned fc8 softmax scores) and, optionally, the box
+    regressors."""
 
-    svm: SvmModel
+    svm: SvmModel | None
     bbox: BboxModel | None
+    softmax_classes: tuple[str, ...] = ()  # without SVMs: the object classes of fc8 (background dropped)
 
     @property
     def classes(self) -> tuple[str, ...]:
-        return self.svm.classes
+        return self.svm.classes if self.svm is not None else self.softmax_classes
 
 
 def load_class_models(svm_path: Path, bbox_path: Path | None) -> ClassModels:
@@ -70,13 +72,21 @@ class _Scorer:
     def __init__(self, cfg, run: Run, feature: str, one_scale: bool, use_bbox: bool, device: torch.device):
         n_scales = len(cfg.features.scales)
         self.cfg, self.feature, self.one_scale, self.device = cfg, feature, one_scale, device
-        self.svm_manifest = run.require("svm", svm_tag(feature, one_scale, n_scales))
+        self.softmax = feature == "softmax"  # fc8's class probabilities instead of SVM scores
+        self.svm_manifest = None if self.softmax else run.require("svm", svm_tag(feature, one_scale, n_scales))
         # Box regressors read pool5 from the same conv layers as the feature (train-bbox --conv-from).
         self.conv_from = fcfeatures.conv_source(run, feature)
         self.bbox_manifest = run.require("bbox", bbox_tag(one_scale, n_scales, self.conv_from)) if use_bbox else None
-        self.models = load_class_models(self.svm_manifest.output("svm"),
-                                        self.bbox_manifest.output("bbox") if self.bbox_manifest else None)
+        bbox_path = self.bbox_manifest.output("bbox") if self.bbox_manifest else None
         self.nets, self.net_manifests = fcfeatures.load_feature_nets(run, feature, cfg, device=device)
+        if self.softmax:
+            names = tuple(self.nets["finetuned"].class_names)
+            if not names or names[0] != "__background__":
+                raise SppError("the fine-tuned model has no background-first class list for softmax scores; rerun "
+                               "`spp finetune`", self.net_manifests["finetune"].output("model"))
+            self.models = ClassModels(None, load_bbox_model(bbox_path) if bbox_path else None, names[1:])
+        else:
+            self.models = load_class_models(self.svm_manifest.output("svm"), bbox_path)
         known = CHOICES["detect.fc_dtype"]  # merge() checks it; a hand-built config may not have been through it
         if cfg.detect.fc_dtype not in known:
             raise SppError(f"unknown detect.fc_dtype {cfg.detect.fc_dtype!r} (known: {', '.join(known)})")
@@ -99,7 +109,10 @@ class _Scorer:
         pooled = fc.pool_windows(maps, boxes[distinct.rows], fc.feature_pyramid(self.nets, cfg.model.pyramid),
                                  scale_index=distinct.scale_index, rule=cfg.features.scale_rule)
         feats = fc.head_features(pooled, self.feature, self.nets, cfg.detect.batch_windows)
-        distinct_scores = self.models.svm.scores(feats)  # on the features' device
+        if self.softmax:
+            distinct_scores = feats[:, 1:].float()  # column 0 is the background
+        else:
+            distinct_scores = self.models.svm.scores(feats)  # on the features' device
         scores = distinct_scores[torch.as_tensor(distinct.inverse, device=distinct_scores.device)]
         regress = None
         if self.models.bbox is not None:
@@ -123,8 +136,9 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> Sta
     scorer = _Scorer(cfg, run_dir, feature, one_scale, use_bbox, device)
     proposals_manifest = run_dir.require("proposals", split)
     features_manifest = fcfeatures.features_manifest(run_dir, split, feature)
-    inputs = {"proposals": proposals_manifest, "features": features_manifest, "svm": scorer.svm_manifest,
-              **scorer.net_manifests}
+    inputs = {"proposals": proposals_manifest, "features": features_manifest, **scorer.net_manifests}
+    if scorer.svm_manifest is not None:
+        inputs["svm"] = scorer.svm_manifest
     if scorer.bbox_manifest is not None:
         inputs["bbox"] = scorer.bbox_manifest
     config = {"detect": cfg.section("detect"), "features": cfg.section("features"), "feature": feature,

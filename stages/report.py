@@ -9,8 +9,11 @@ from .core.registry import detect_tag
 # (row label, SVM feature, box regression) in the paper's Table 9 order; "fc7" is without fine-tuning.
 TABLE9_ROWS = (("pool5", "pool5", False), ("fc7", "fc7", False), ("ftfc7", "ftfc7", False),
                ("ftfc7 bb", "ftfc7", True))
+# Beyond the paper, shown when evaluated: the fine-tuned fc8's softmax as the scorer, no SVMs (Fast R-CNN).
+EXTRA_ROWS = (("softmax", "softmax", False), ("softmax bb", "softmax", True))
 # The paper's VOC07 test mAPs for SPP ZF-5 (SPEC §8; the fc7 and ftfc7 rows are remembered, not verified).
-PAPER = {"pool5": (43.0, 44.9), "fc7": (None, None), "ftfc7": (54.5, 55.2), "ftfc7 bb": (58.0, 59.2)}
+PAPER = {"pool5": (43.0, 44.9), "fc7": (None, None), "ftfc7": (54.5, 55.2), "ftfc7 bb": (58.0, 59.2),
+         "softmax": (None, None), "softmax bb": (None, None)}
 
 
 def table9(cfg, json_out: Path | None = None) -> str:
@@ -19,33 +22,39 @@ def table9(cfg, json_out: Path | None = None) -> str:
     run = Run(cfg.run_dir)
     split = cfg.data.test_split
     n_scales = len(cfg.features.scales)
+    columns = {"1-scale": True} | ({f"{n_scales}-scale": False} if n_scales > 1 else {})
     rows, missing = {}, []
-    for label, feature, bbox in TABLE9_ROWS:
-        rows[label] = {}
-        for one_scale, column in ((True, "1-scale"), (False, f"{n_scales}-scale")):
+    for label, feature, bbox in TABLE9_ROWS + EXTRA_ROWS:
+        row, row_missing = {}, []
+        for column, one_scale in columns.items():
             tag = detect_tag(split, feature, one_scale, n_scales, bbox)
             path = run.manifest_path("eval", tag)
             try:
                 manifest = read_manifest(path)
             except FileNotFoundError:
-                missing.append(tag)
-                rows[label][column] = None
+                row_missing.append(tag)
+                row[column] = None
                 continue
-            rows[label][column] = {"mAP": manifest.metrics["mAP"], "ap": manifest.metrics.get("ap", {}),
-                                   "eval": str(path)}
-    columns = ["1-scale", f"{n_scales}-scale"]
+            row[column] = {"mAP": manifest.metrics["mAP"], "ap": manifest.metrics.get("ap", {}), "eval": str(path)}
+        if (label, feature, bbox) in EXTRA_ROWS and not any(row.values()):
+            continue  # a row beyond the paper that this run did not evaluate
+        rows[label] = row
+        missing += row_missing
     lines = [f"Table 9 for run '{cfg.run}' ({cfg.data.dataset}, {cfg.model.backbone}, split {split}): VOC07 mAP (%)",
-             f"{'SVM on':<10}" + "".join(f"{c:>10}" for c in columns) + "   paper (ZF-5, VOC07 test, 1/5-scale)"]
-    for label, _, _ in TABLE9_ROWS:
-        cells = "".join(f"{rows[label][c]['mAP'] * 100:>10.1f}" if rows[label][c] else f"{'-':>10}" for c in columns)
+             f"{'SVM on':<10}" + "".join(f"{c:>10}" for c in columns)
+             + "   paper (ZF-5, VOC07 test, 1/5-scale)"]
+    for label, row in rows.items():
+        cells = "".join(f"{row[c]['mAP'] * 100:>10.1f}" if row[c] else f"{'-':>10}" for c in columns)
         paper = "/".join("-" if v is None else f"{v:.1f}" for v in PAPER[label])
         lines.append(f"{label:<10}{cells}   {paper}")
     if missing:
         lines.append(f"missing (not evaluated yet): {', '.join(missing)}")
-    best = rows["ftfc7 bb"].get(columns[1])
-    if best:
-        lines.append(f"per-class AP (ftfc7 bb, {columns[1]}): "
-                     + ", ".join(f"{k} {v * 100:.1f}" for k, v in best["ap"].items()))
+    last = list(columns)[-1]
+    shown = "ftfc7 bb" if rows["ftfc7 bb"].get(last) else max(
+        (label for label, row in rows.items() if row.get(last)), key=lambda k: rows[k][last]["mAP"], default=None)
+    if shown:
+        lines.append(f"per-class AP ({shown}, {last}): "
+                     + ", ".join(f"{k} {v * 100:.1f}" for k, v in rows[shown][last]["ap"].items()))
     if json_out is None:
         return "\n".join(lines)
     out = Path(json_out)

@@ -19,11 +19,16 @@ The released algorithm [S:spp_train.m, the same as R:rcnn_train.m]:
 Features of an image are computed once for all classes; every class's candidates are scored with one matmul, and
 the classes due for a retrain are fitted in parallel, each fit in a process of its own (``core.svm.svm_fitter``:
 liblinear's random generator is process-wide, so threads would make the SVMs vary from run to run). Only the caches of
-hard negatives are held, never all negatives of all images. A killed run leaves no manifest and restarts clean.
+hard negatives are held, never all negatives of all images, and each cached window's features once, however many
+classes hold it (``NegativeStore``); ``svm.max_cache_gb`` bounds that cache and the fits running at once. A killed
+run leaves no manifest and restarts clean.
 """
 from __future__ import annotations
 
+import math
 import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,14 +48,21 @@ from .core.nets import resolve_device
 from .core.proposals import load_proposals
 from .core.roidb import build_roidb
 from .core.runner import Produced, StagePlan, execute
-from .core.svm import SvmFit, SvmModel, SvmSolver, save_svm_model, svm_fitter, svm_objective
+from .core.svm import (SvmFit, SvmModel, SvmSolver, fit_memory_bytes, save_svm_model, svm_fitter,
+                        svm_objective)
 from .core.registry import svm_tag
 from .core.voc import VocDataset, resolve_voc_root
+
+try:
+    import resource  # peak memory in the metrics; Unix only
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 SVM_FILE = "svm.npz"
 PRUNING_MODES = CHOICES["svm.pruning"]
 OVERLAP_PRUNE_IOU = 0.7  # "removed if it overlaps another negative by more than 70%" [P §4.1]
 FC_BATCH = 4096  # windows per fc forward
+GIB = 2 ** 30
 
 
 # ------------------------------------------------------------------------------------------------ pruning
@@ -124,26 +136,121 @@ class Retrain:
     converged: bool
 
 
+# The cache of hard negatives. Every class used to keep its own float32 copy of each negative it cached; but image 1
+# adds every negative window to all classes and later hard negatives are mostly shared between classes, so a wide
+# feature (pool5 of a 320-channel trunk: 16,000-d) needed many times the memory of the distinct windows. Now one
+# store holds each window's features once and the classes hold ids into it.
+COMPACT_DEAD_FRACTION = 0.25  # reclaim the rows no class holds once they are this share of the store (amortised)
+
+
+class NegativeStore:
+    """The features of the cached negatives: one float32 row per window (image_index, row), however many classes
+    hold it. ``add`` stores a batch (one image's new windows) as a block; a row's id is its position in the blocks
+    laid end to end. ``holders`` counts the classes holding each row; a row none holds any more is dead, and
+    ``compact`` frees the dead rows, renumbering the ids in the same order."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.blocks: list[np.ndarray] = []  # float32 [m, D]; one per add, never empty
+        self.keys = np.zeros((0, 2), np.int64)  # (image_index, row) of each id
+        self.holders = np.zeros(0, np.int32)
+        self.nonzeros = np.zeros(0, np.int64)  # nonzero values of each row: liblinear copies these (fit memory)
+        self._starts = np.zeros(1, np.int64)  # first id of each block, then the number of ids
+        self._id_of: dict[tuple[int, int], int] = {}  # live rows only
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(block.nbytes for block in self.blocks)
+
+    @property
+    def row_bytes(self) -> int:
+        return 4 * self.dim
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The id of each live (image_index, row) key, -1 where it is not stored."""
+        return np.array([self._id_of.get((int(i), int(r)), -1) for i, r in keys], dtype=np.int64).reshape(-1)
+
+    def add(self, features: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """Store new windows (none held yet); returns their ids."""
+        first = len(self)
+        self.blocks.append(np.asarray(features, dtype=np.float32).reshape(-1, self.dim))
+        self.keys = np.concatenate([self.keys, keys])
+        self.holders = np.concatenate([self.holders, np.zeros(len(keys), np.int32)])
+        self.nonzeros = np.concatenate([self.nonzeros, np.count_nonzero(self.blocks[-1], axis=1)])
+        self._starts = np.append(self._starts, len(self))
+        ids = np.arange(first, len(self), dtype=np.int64)
+        self._id_of.update(zip(map(tuple, keys.tolist()), ids.tolist()))
+        return ids
+
+    def hold(self, ids: np.ndarray) -> None:
+        np.add.at(self.holders, ids, 1)
+
+    def release(self, ids: np.ndarray) -> None:
+        np.add.at(self.holders, ids, -1)
+        for i, r in self.keys[ids[self.holders[ids] == 0]].tolist():  # dead now: a later visit stores it afresh
+            self._id_of.pop((i, r), None)
+
+    def gather(self, ids: np.ndarray) -> np.ndarray:
+        """A float32 [len(ids), D] copy of the rows ``ids``, in that order."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), self.dim), np.float32)
+        block = np.searchsorted(self._starts, ids, side="right") - 1
+        order = np.argsort(block, kind="stable")
+        for part in np.split(order, np.flatnonzero(np.diff(block[order])) + 1):
+            if len(part):
+                b = block[part[0]]
+                out[part] = self.blocks[b][ids[part] - self._starts[b]]
+        return out
+
+    def blockwise(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first id, features) of each block."""
+        return zip(self._starts[:-1].tolist(), self.blocks)
+
+    def compact(self) -> np.ndarray:
+        """Free the dead rows; returns the new id of every old one (-1: freed). Block by block, so the extra memory
+        is one block's copy at a time."""
+        live = self.holders > 0
+        new_ids = np.where(live, np.cumsum(live) - 1, -1)
+        blocks = []
+        for b, (start, end) in enumerate(zip(self._starts[:-1], self._starts[1:])):
+            keep = live[start:end]
+            if keep.all():
+                blocks.append(self.blocks[b])
+            elif keep.any():
+                blocks.append(self.blocks[b][keep])
+            self.blocks[b] = None  # the old block goes now, not after the loop
+        self.blocks = blocks
+        self.keys, self.holders, self.nonzeros = self.keys[live], self.holders[live], self.nonzeros[live]
+        self._starts = np.concatenate([[0], np.cumsum([len(block) for block in blocks], dtype=np.int64)])
+        self._id_of = dict(zip(map(tuple, self.keys.tolist()), range(len(self))))
+        return new_ids
+
+
 @dataclass
 class ClassCache:
     positives: np.ndarray  # float32 [P, D]
-    neg_features: list[np.ndarray] = field(default_factory=list)
-    neg_keys: list[np.ndarray] = field(default_factory=list)  # int64 [n, 2]: (image_index, row)
-    key_set: set = field(default_factory=set)
+    store: NegativeStore = field(repr=False)
+    ids: list[np.ndarray] = field(default_factory=list)  # int64: store ids of its negatives, in caching order
+    key_set: set = field(default_factory=set)  # (image_index, row) of its negatives
     num_added: int = 0
     retrains: list[Retrain] = field(default_factory=list)
 
     @property
     def num_negatives(self) -> int:
-        return sum(len(x) for x in self.neg_features)
+        return sum(len(x) for x in self.ids)
+
+    def negative_ids(self) -> np.ndarray:
+        if len(self.ids) != 1:
+            self.ids = [np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)]
+        return self.ids[0]
 
     def consolidate(self) -> tuple[np.ndarray, np.ndarray]:
-        if len(self.neg_features) != 1:
-            dim = self.positives.shape[1]
-            self.neg_features = [np.concatenate(self.neg_features) if self.neg_features
-                                 else np.zeros((0, dim), np.float32)]
-            self.neg_keys = [np.concatenate(self.neg_keys) if self.neg_keys else np.zeros((0, 2), np.int64)]
-        return self.neg_features[0], self.neg_keys[0]
+        """A copy of the cached negatives' features (float32 [n, D]) and their keys [n, 2], in caching order."""
+        ids = self.negative_ids()
+        return self.store.gather(ids), self.store.keys[ids]
 
 
 FitFn = Callable[[int, np.ndarray, np.ndarray], SvmFit]
@@ -156,22 +263,31 @@ class HardNegativeMiner:
     evaluates it (both injectable, so the schedule is testable with hand-made solvers). With ``workers`` > 1 the
     classes due together call ``fit`` from that many threads at once, so it must be safe for that: liblinear in
     threads is not (see ``core.svm``), ``core.svm.svm_fitter`` is.
+
+    ``max_cache_bytes`` bounds the memory of the negatives (the shared store of their float32 features): past it,
+    the easiest are evicted (``_bound_memory``). It also caps the fits running at once, by their estimated memory.
+    Unreached, it changes nothing: the SVMs are those of unbounded mining, to the bit.
     """
 
     def __init__(self, positives: Sequence[np.ndarray], fit: FitFn, schedule: MiningSchedule = MiningSchedule(),
-                 objective: Callable[..., dict] = svm_objective, workers: int = 1):
+                 objective: Callable[..., dict] = svm_objective, workers: int = 1,
+                 max_cache_bytes: float = math.inf):
         dims = {np.asarray(p).reshape(len(p), -1).shape[1] for p in positives if len(p)}
         if len(dims) != 1:
             raise ValueError(f"positives must share one feature dimension (got {sorted(dims)})")
         self.dim = dims.pop()
-        self.caches = [ClassCache(np.asarray(p, dtype=np.float32).reshape(-1, self.dim)) for p in positives]
+        self.store = NegativeStore(self.dim)
+        self.caches = [ClassCache(np.asarray(p, dtype=np.float32).reshape(-1, self.dim), self.store)
+                       for p in positives]
         self.active = np.array([len(c.positives) > 0 for c in self.caches])
         self.W = np.zeros((self.dim, len(self.caches)), dtype=np.float32)
         self.b = np.zeros(len(self.caches), dtype=np.float32)
         self.trained = np.zeros(len(self.caches), dtype=bool)
         self.fit, self.schedule, self.objective, self.workers = fit, schedule, objective, max(1, int(workers))
+        self.max_cache_bytes = float(max_cache_bytes)
         self.first_image = True
         self.added: list[tuple[int, int, int]] = []  # (image_index, class, negatives added)
+        self.evicted_for_memory = 0  # windows evicted to keep the store within max_cache_bytes
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """[M, K] scores of every class's current model (one matmul)."""
@@ -182,20 +298,24 @@ class HardNegativeMiner:
         candidates = np.asarray(sample.candidates, dtype=bool) & self.active[None, :]
         if not self.first_image and len(sample.features):
             candidates &= self.scores(sample.features) > self.schedule.hard_thresh
+        picks = {}  # class -> (rows of the sample it caches, their keys)
         for k in np.flatnonzero(candidates.any(axis=0)):
             picked = np.flatnonzero(candidates[:, k])
             keys = np.column_stack([np.full(len(picked), sample.image_index, np.int64),
                                     np.asarray(sample.rows, dtype=np.int64)[picked]])
             cache = self.caches[k]
             fresh = np.array([(int(i), int(r)) not in cache.key_set for i, r in keys], dtype=bool)
-            picked, keys = picked[fresh], keys[fresh]
-            if len(picked) == 0:
-                continue
-            cache.neg_features.append(np.asarray(sample.features[picked], dtype=np.float32))
-            cache.neg_keys.append(keys)
+            if fresh.any():
+                picks[int(k)] = (picked[fresh], keys[fresh])
+        ids_of_rows = self._store(sample, picks)
+        for k, (picked, keys) in picks.items():
+            cache = self.caches[k]
+            cache.ids.append(ids_of_rows[picked])
+            self.store.hold(cache.ids[-1])
             cache.key_set.update((int(i), int(r)) for i, r in keys)
             cache.num_added += len(picked)
-            self.added.append((sample.image_index, int(k), len(picked)))
+            self.added.append((sample.image_index, k, len(picked)))
+        self._bound_memory()
         due = [k for k, cache in enumerate(self.caches)
                if self.active[k] and cache.num_negatives > 0
                and (self.first_image or cache.num_added > self.schedule.retrain_limit or is_last)]
@@ -204,38 +324,115 @@ class HardNegativeMiner:
             self._retrain(due, sample.image_index)
         return due
 
+    def _store(self, sample: ImageNegatives, picks: dict) -> np.ndarray:
+        """Store id of every sample row some class caches (-1 elsewhere): a window already stored (a class holds
+        it) is shared, the others are added once, however many classes take them."""
+        ids = np.full(len(sample.rows), -1, np.int64)
+        if not picks:
+            return ids
+        rows = np.unique(np.concatenate([picked for picked, _ in picks.values()]))
+        keys = np.column_stack([np.full(len(rows), sample.image_index, np.int64),
+                                np.asarray(sample.rows, dtype=np.int64)[rows]])
+        ids[rows] = self.store.lookup(keys)
+        new = ids[rows] < 0
+        if new.any():
+            ids[rows[new]] = self.store.add(np.asarray(sample.features[rows[new]], dtype=np.float32), keys[new])
+        return ids
+
+    def _bound_memory(self) -> None:
+        """Keep the store within ``max_cache_bytes``: free the rows no class holds, then, if still over, evict the
+        easiest windows. A window is as hard as it is for its hardest holder (its highest score over the classes
+        holding it), and is evicted from all of them: dropping it from some holders only would free nothing. Called
+        once an image's new windows are stored, so for a moment the store may pass the bound by those."""
+        if self.store.nbytes <= self.max_cache_bytes:
+            return
+        self._compact()
+        excess = self.store.nbytes - self.max_cache_bytes
+        if excess <= 0:
+            return
+        held = np.zeros((len(self.store), len(self.caches)), dtype=bool)
+        for k, cache in enumerate(self.caches):
+            held[cache.negative_ids(), k] = True
+        hardness = np.empty(len(self.store), np.float32)
+        for start, block in self.store.blockwise():
+            scores = self.scores(block)
+            hardness[start:start + len(block)] = np.where(held[start:start + len(block)], scores, -np.inf).max(axis=1)
+        count = min(len(self.store), math.ceil(excess / self.store.row_bytes))
+        evicted = np.zeros(len(self.store), dtype=bool)
+        evicted[np.argsort(hardness, kind="stable")[:count]] = True  # ties: the older window first
+        for cache in self.caches:
+            ids = cache.negative_ids()
+            gone = evicted[ids]
+            if gone.any():
+                cache.ids = [ids[~gone]]
+                cache.key_set.difference_update(map(tuple, self.store.keys[ids[gone]].tolist()))
+                self.store.release(ids[gone])
+        self.evicted_for_memory += count
+        self._compact()
+
+    def _compact(self) -> None:
+        new_ids = self.store.compact()
+        for cache in self.caches:
+            cache.ids = [new_ids[cache.negative_ids()]]
+
+    def _fit_bytes(self, k: int, neg_ids: np.ndarray) -> int:
+        """Memory of fitting class k on ``neg_ids``: the gathered float32 negatives and the fit's own copies."""
+        positives = self.caches[k].positives
+        nonzeros = int(np.count_nonzero(positives)) + int(self.store.nonzeros[neg_ids].sum())
+        return self.store.row_bytes * len(neg_ids) + fit_memory_bytes(len(positives) + len(neg_ids), self.dim,
+                                                                      nonzeros)
+
+    def parallel_fits(self, classes: Sequence[int]) -> int:
+        """How many of ``classes`` are fitted at once: up to ``workers``, as many as fit in ``max_cache_bytes`` at the
+        size of the largest (at least one). Each running fit holds copies of its training set (``_fit_bytes``), so
+        workers multiply them; the fits are independent, so this changes the time, never the SVMs."""
+        count = min(self.workers, len(classes))
+        if count <= 1 or math.isinf(self.max_cache_bytes):
+            return max(count, 1)
+        largest = max(self._fit_bytes(k, self.caches[k].negative_ids()) for k in classes)
+        return max(1, min(count, int(self.max_cache_bytes // max(largest, 1))))
+
     def _retrain(self, classes: list[int], image_index: int) -> None:
-        data = {k: self.caches[k].consolidate() for k in classes}
+        ids = {k: self.caches[k].negative_ids() for k in classes}
+        evaluating = threading.Lock()
 
-        def fit_one(k: int) -> SvmFit:
-            return self.fit(k, self.caches[k].positives, data[k][0])
+        def fit_one(k: int) -> tuple[SvmFit, dict, np.ndarray]:
+            positives = self.caches[k].positives
+            X_neg = self.store.gather(ids[k])  # this fit's own copy, dropped when it returns
+            fitted = self.fit(k, positives, X_neg)
+            # One class at a time: the objective makes a float64 copy of the training set.
+            with evaluating:
+                objective = self.objective(fitted.w, fitted.b, positives, X_neg)
+                z_neg = X_neg @ np.asarray(fitted.w, dtype=np.float32) + np.float32(fitted.b)
+            return fitted, objective, z_neg >= self.schedule.evict_thresh  # evict "easy" ones: z < evict_thresh
 
-        if self.workers > 1 and len(classes) > 1:
-            with ThreadPoolExecutor(max_workers=min(self.workers, len(classes))) as pool:
-                fits = list(pool.map(fit_one, classes))
+        parallel = self.parallel_fits(classes)
+        if parallel > 1:
+            with ThreadPoolExecutor(max_workers=parallel) as pool:
+                results = list(pool.map(fit_one, classes))
         else:
-            fits = [fit_one(k) for k in classes]
-        for k, fitted in zip(classes, fits):
+            results = [fit_one(k) for k in classes]
+        for k, (fitted, objective, keep) in zip(classes, results):
             cache = self.caches[k]
-            X_neg, keys = data[k]
             self.W[:, k] = fitted.w
             self.b[k] = fitted.b
             self.trained[k] = True
             cache.num_added = 0
-            objective = self.objective(fitted.w, fitted.b, cache.positives, X_neg)
-            z_neg = X_neg @ np.asarray(fitted.w, dtype=np.float32) + np.float32(fitted.b)
-            keep = z_neg >= self.schedule.evict_thresh  # evict "easy" negatives: z < evict_thresh
-            cache.neg_features, cache.neg_keys = [X_neg[keep]], [keys[keep]]
-            cache.key_set = {(int(i), int(r)) for i, r in keys[keep]}
-            cache.retrains.append(Retrain(image_index, len(X_neg), int((~keep).sum()), objective, fitted.n_iter,
+            cache.ids = [ids[k][keep]]
+            self.store.release(ids[k][~keep])
+            cache.key_set = set(map(tuple, self.store.keys[ids[k][keep]].tolist()))
+            cache.retrains.append(Retrain(image_index, len(keep), int((~keep).sum()), objective, fitted.n_iter,
                                           fitted.converged))
+        dead = int((self.store.holders == 0).sum())
+        if dead and dead >= COMPACT_DEAD_FRACTION * len(self.store):
+            self._compact()
 
 
 def mine_hard_negatives(stream: Iterable[ImageNegatives], positives: Sequence[np.ndarray], fit: FitFn,
                         schedule: MiningSchedule = MiningSchedule(), objective: Callable[..., dict] = svm_objective,
-                        workers: int = 1) -> HardNegativeMiner:
+                        workers: int = 1, max_cache_bytes: float = math.inf) -> HardNegativeMiner:
     """Run the schedule over ``stream`` (one pass; the last image is detected by look-ahead)."""
-    miner = HardNegativeMiner(positives, fit, schedule, objective, workers)
+    miner = HardNegativeMiner(positives, fit, schedule, objective, workers, max_cache_bytes)
     iterator = iter(stream)
     current = next(iterator, None)
     while current is not None:
@@ -320,9 +517,24 @@ def _summary(metrics: dict) -> str:
         converged = "-" if not c["trained"] else "yes" if c["converged"] else "NO"
         lines.append(f"{name:>14} {c['positives']:>6} {c['negatives']:>8} {c['cache']:>7} {c['rounds']:>6} "
                      f"{objective:>10}  {converged}")
+    peak = metrics.get("peak_memory_gb")
+    if peak:
+        lines.append(f"peak memory {peak['self']:.2f} GiB (this process), {peak['children']:.2f} GiB (its largest "
+                     f"child, e.g. a forked fit); {metrics['cache_windows']} windows cached at the end")
     if not metrics["all_converged"]:
         lines.append("warning: some liblinear fits hit svm.max_iter; raise it or loosen svm.tol")
     return "\n".join(lines)
+
+
+def peak_memory_gb() -> dict | None:
+    """Peak resident memory, in GiB, of this process so far ("self": `spp train-svm` runs in a process of its own)
+    and of its largest finished child ("children": with svm.workers > 1, the forked fits). None without ``resource``
+    (Windows)."""
+    if resource is None:
+        return None
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return {who: round(resource.getrusage(which).ru_maxrss * unit / GIB, 3)
+            for who, which in (("self", resource.RUSAGE_SELF), ("children", resource.RUSAGE_CHILDREN))}
 
 
 def run(cfg, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
@@ -371,7 +583,7 @@ def _train(cfg, run_dir: Run, dataset: VocDataset, inputs: dict, feature: str, s
         miner = mine_hard_negatives(
             negative_stream(ctx, image_ids, active, scale, cfg.svm.neg_iou, cfg.svm.pruning), positives,
             fit=lambda k, X_pos, X_neg: fit(X_pos, X_neg), schedule=schedule, objective=objective,
-            workers=workers)
+            workers=workers, max_cache_bytes=cfg.svm.max_cache_gb * GIB)
 
     b = miner.b.copy()
     b[~miner.trained] = -np.inf  # no positives (or no negatives): no detector, so no detections
@@ -391,6 +603,13 @@ def _train(cfg, run_dir: Run, dataset: VocDataset, inputs: dict, feature: str, s
             "max_n_iter": max((r.n_iter for r in cache_k.retrains), default=0), "trained": bool(trained)}
     metrics["all_converged"] = all(c["converged"] for c in metrics["classes"].values() if c["trained"])
     metrics["untrained_classes"] = [n for n, c in metrics["classes"].items() if not c["trained"]]
-    warning = ("warning: no SVM for " + ", ".join(metrics["untrained_classes"]) + " (no training positives)"
-               if metrics["untrained_classes"] else "")
-    return Produced(metrics, summary=warning)
+    metrics["cache_windows"] = int((miner.store.holders > 0).sum())  # distinct windows cached at the end
+    metrics["cache_evicted_for_memory"] = miner.evicted_for_memory  # 0: svm.max_cache_gb was never reached
+    metrics["peak_memory_gb"] = peak_memory_gb()
+    warnings = []
+    if metrics["untrained_classes"]:
+        warnings.append("warning: no SVM for " + ", ".join(metrics["untrained_classes"]) + " (no training positives)")
+    if miner.evicted_for_memory:
+        warnings.append(f"warning: {miner.evicted_for_memory} easy negatives evicted to keep the cache within "
+                        f"svm.max_cache_gb={cfg.svm.max_cache_gb:g}; the SVMs differ from unbounded mining")
+    return Produced(metrics, summary="\n".join(warnings))

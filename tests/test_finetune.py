@@ -221,10 +221,10 @@ def test_training_resumes_exactly_after_an_interruption(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_set_lr(optimizer, lr)
 
-    monkeypatch.setattr(finetune, "set_lr", crash_at_iteration_15)
+    monkeypatch.setattr(finetune.training, "set_lr", crash_at_iteration_15)
     with pytest.raises(KeyboardInterrupt):
         _train_toy(ft, chunk_iters=6, resume_path=resume, resume_key="k")
-    monkeypatch.setattr(finetune, "set_lr", real_set_lr)
+    monkeypatch.setattr(finetune.training, "set_lr", real_set_lr)
     assert torch.load(resume, weights_only=True)["iteration"] == 12  # the last chunk end before the crash
     _, resumed = _train_toy(ft, chunk_iters=6, resume_path=resume, resume_key="k")
     assert resumed.metrics["resumed_from"] == 12

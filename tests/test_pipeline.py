@@ -52,6 +52,17 @@ def test_every_stage_end_to_end(tmp_path: Path):
     _spp(runner, "detect", *common, "--feature", "ftfc7", "--bbox")
     out = _spp(runner, "eval", *common, "--feature", "ftfc7", "--bbox")
     assert "mAP" in out
+    # Beyond the paper: the fine-tuned fc8's softmax scores the windows, no SVMs; its detections are probabilities.
+    _spp(runner, "detect", *common, "--feature", "softmax", "--bbox")
+    assert "mAP" in _spp(runner, "eval", *common, "--feature", "softmax", "--bbox")
+    softmax = np.load(Run(tmp_path / "runs" / "e2e").stage_dir("detect", "test-softmax-s2-bb") / "detections.npz")
+    assert len(softmax["score"]) and ((softmax["score"] > 0) & (softmax["score"] <= 1)).all()
+    assert "svm" not in read_manifest(Run(tmp_path / "runs" / "e2e").manifest_path(
+        "detect", "test-softmax-s2-bb")).data["inputs"]
+    table = _spp(runner, "table9", *common)
+    assert "\nsoftmax bb " in table and "\nsoftmax   " not in table  # only the evaluated extra row is shown
+    result = runner.invoke(cli, ["train-svm", *common, "--feature", "softmax"])
+    assert result.exit_code == 2 and "'softmax' is not one of" in result.output  # SVMs never train on it
 
     run = Run(tmp_path / "runs" / "e2e")
     for stage, tag in [("pretrain", None), ("proposals", "test"), ("features", "trainval"), ("finetune", None),

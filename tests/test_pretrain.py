@@ -204,7 +204,7 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
         loss = original(logits, labels)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(pretrain, "_classification_loss", nan_on_fifth)
+    monkeypatch.setattr(pretrain.training, "_classification_loss", nan_on_fifth)
     cfg = tiny_cfg(tmp_path, tree, pretrain__epochs=3)
     with pytest.raises(SppError) as err:
         pretrain.run(cfg)

@@ -344,13 +344,13 @@ def test_resume_after_kill_computes_each_image_once_and_matches_uninterrupted(tm
         computed.append(image_id)
         return real(image_id)
 
-    monkeypatch.setattr(proposals, "_propose_one", counting)
+    monkeypatch.setattr(proposals.worker, "_propose_one", counting)
     result = proposals.run(cfg, "val")
     assert sorted(computed) == sorted(set(VocDataset(devkit).image_ids("val")) - finished)  # each once, none redone
     assert result.manifest.metrics["images_reused"] == len(finished)
     assert not (folder / "partial").exists()
 
-    monkeypatch.setattr(proposals, "_propose_one", real)
+    monkeypatch.setattr(proposals.worker, "_propose_one", real)
     clean = make_cfg(tmp_path, devkit, run="clean")
     proposals.run(clean, "val")
     resumed, uninterrupted = stored(cfg), stored(clean)

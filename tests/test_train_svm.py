@@ -1,16 +1,18 @@
 """``spp train-svm``: the objective, the solver settings against a direct minimisation, negative pruning (dedup and
-overlap70) on hand cases, the hard-negative mining schedule on a hand-checkable stream, and the stage end to end."""
+overlap70) on hand cases, the hard-negative mining schedule on a hand-checkable stream, the shared negative store
+against the per-class caches it replaced (same SVMs to the bit) and its memory bound, and the stage end to end."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from stages import train_svm as T
-from stages.core.svm import (SvmFit, SvmModel, SvmSolver, fit_linear_svm, load_svm_model, save_svm_model, svm_fitter,
-                              svm_objective)
+from stages.core.svm import (SvmFit, SvmModel, SvmSolver, fit_linear_svm, fit_memory_bytes, load_svm_model,
+                              save_svm_model, svm_fitter, svm_objective)
 
 
 # -- objective and solver ------------------------------------------------------------------------------------------
@@ -330,6 +332,8 @@ def test_stage_end_to_end_on_a_tiny_devkit(tmp_path):
     assert metrics["mean_norm"] == pytest.approx(_mean_norm_over_all_windows(cfg, "ftfc7", (64, 96)), rel=1e-5)
     assert model.feature_scale == pytest.approx(20 / metrics["mean_norm"])
     assert "red" in result.summary and "objective" in result.summary
+    assert metrics["cache_evicted_for_memory"] == 0 and metrics["cache_windows"] > 0
+    assert metrics["peak_memory_gb"]["self"] > 0 and "peak memory" in result.summary
 
     again = T.run(cfg, feature="ftfc7")
     assert again.skipped and again.manifest.fingerprint == result.manifest.fingerprint
@@ -346,7 +350,251 @@ def test_stage_end_to_end_on_a_tiny_devkit(tmp_path):
     assert pool5.W.shape == (256 * 50, 2) and pool5.scales == (96,) and pool5.feature == "pool5"
     assert one.manifest.data["config"]["svm"]["pruning"] == "overlap70"
 
+    # A bound below the cache the run above ended with (so it is reached): the easiest negatives go, and it says so.
+    tight = dataclasses.replace(cfg, svm=dataclasses.replace(
+        cfg.svm, max_cache_gb=(metrics["cache_windows"] // 2) * 32 * 4 / 2 ** 30))
+    bounded = T.run(tight, feature="ftfc7")
+    assert not bounded.skipped and bounded.manifest.metrics["cache_evicted_for_memory"] > 0
+    assert bounded.manifest.metrics["cache_windows"] <= metrics["cache_windows"] // 2
+    assert "evicted" in bounded.summary and load_svm_model(bounded.manifest.output("svm")).trained.all()
+
     # A changed upstream makes the SVMs stale for their consumers, and the missing one names its command.
     run.invalidate("finetune")
     with pytest.raises(StageInputMissing, match="spp finetune"):
         T.run(cfg, feature="ftfc6")
+
+
+# -- the shared negative store against today's per-class caches --------------------------------------------------------
+class PerClassMiner:
+    """Reference: the mining as it was before the shared store (each class kept its own float32 copy of every
+    negative it cached). Same schedule, same dedup by (image_index, row), same eviction, fits one at a time. The
+    shared-store miner must give the same SVMs to the bit, the same retrain log and the same caches."""
+
+    def __init__(self, positives, fit, schedule=T.MiningSchedule(), objective=svm_objective):
+        self.dim = next(np.asarray(p).reshape(len(p), -1).shape[1] for p in positives if len(p))
+        self.positives = [np.asarray(p, dtype=np.float32).reshape(-1, self.dim) for p in positives]
+        count = len(self.positives)
+        self.active = np.array([len(p) > 0 for p in self.positives])
+        self.W, self.b = np.zeros((self.dim, count), np.float32), np.zeros(count, np.float32)
+        self.trained = np.zeros(count, dtype=bool)
+        self.fit, self.schedule, self.objective = fit, schedule, objective
+        self.features = [[] for _ in range(count)]  # per class: float32 chunks, in the order they were cached
+        self.keys = [[] for _ in range(count)]
+        self.key_sets = [set() for _ in range(count)]
+        self.num_added = [0] * count
+        self.retrains = [[] for _ in range(count)]
+        self.first_image, self.added = True, []
+
+    def cache(self, k):
+        dim = self.dim
+        if len(self.features[k]) != 1:
+            self.features[k] = [np.concatenate(self.features[k]) if self.features[k] else np.zeros((0, dim), np.float32)]
+            self.keys[k] = [np.concatenate(self.keys[k]) if self.keys[k] else np.zeros((0, 2), np.int64)]
+        return self.features[k][0], self.keys[k][0]
+
+    def add_image(self, sample, is_last):
+        candidates = np.asarray(sample.candidates, dtype=bool) & self.active[None, :]
+        if not self.first_image and len(sample.features):
+            candidates &= (sample.features @ self.W + self.b) > self.schedule.hard_thresh
+        for k in np.flatnonzero(candidates.any(axis=0)):
+            picked = np.flatnonzero(candidates[:, k])
+            keys = np.column_stack([np.full(len(picked), sample.image_index, np.int64),
+                                    np.asarray(sample.rows, dtype=np.int64)[picked]])
+            fresh = np.array([(int(i), int(r)) not in self.key_sets[k] for i, r in keys], dtype=bool)
+            picked, keys = picked[fresh], keys[fresh]
+            if len(picked) == 0:
+                continue
+            self.features[k].append(np.asarray(sample.features[picked], dtype=np.float32))
+            self.keys[k].append(keys)
+            self.key_sets[k].update((int(i), int(r)) for i, r in keys)
+            self.num_added[k] += len(picked)
+            self.added.append((sample.image_index, int(k), len(picked)))
+        due = [k for k in range(len(self.positives))
+               if self.active[k] and sum(len(x) for x in self.features[k]) > 0
+               and (self.first_image or self.num_added[k] > self.schedule.retrain_limit or is_last)]
+        self.first_image = False
+        for k in due:
+            X_neg, keys = self.cache(k)
+            fitted = self.fit(k, self.positives[k], X_neg)
+            self.W[:, k], self.b[k], self.trained[k], self.num_added[k] = fitted.w, fitted.b, True, 0
+            objective = self.objective(fitted.w, fitted.b, self.positives[k], X_neg)
+            keep = X_neg @ np.asarray(fitted.w, dtype=np.float32) + np.float32(fitted.b) >= self.schedule.evict_thresh
+            self.features[k], self.keys[k] = [X_neg[keep]], [keys[keep]]
+            self.key_sets[k] = {(int(i), int(r)) for i, r in keys[keep]}
+            self.retrains[k].append(T.Retrain(sample.image_index, len(X_neg), int((~keep).sum()), objective,
+                                              fitted.n_iter, fitted.converged))
+        return due
+
+
+def _mine(miner, stream):
+    """Feed ``stream`` to ``miner`` as ``mine_hard_negatives`` does (the last image by look-ahead)."""
+    images = list(stream)
+    for index, sample in enumerate(images):
+        miner.add_image(sample, is_last=index == len(images) - 1)
+    return miner
+
+
+def _overlapping_problem(seed=7, dim=24, classes=5, images=9):
+    """Seeded windows whose candidate sets overlap between classes (most negatives are shared), post-ReLU-like
+    features (zeros included), class 4 without positives, and image 2 visited twice (its keys are cached again)."""
+    rng = np.random.default_rng(seed)
+    stream = []
+    for i in range(images):
+        count = int(rng.integers(120, 220))
+        feats = (np.maximum(rng.normal(0.0, 1.0, (count, dim)), -0.3) * 4).astype(np.float32)
+        feats[feats < 0] = 0.0
+        rows = np.sort(rng.choice(400, count, replace=False))
+        stream.append(T.ImageNegatives(i, feats, rows, rng.random((count, classes)) < 0.6))
+    stream.insert(5, stream[2])  # a revisit: the same windows, the same keys
+    centre = rng.normal(0.0, 1.0, dim)
+    positives = [np.maximum(rng.normal(0.5, 1.0, (12, dim)) + centre * (k % 2), 0).astype(np.float32) * 4
+                 for k in range(classes - 1)] + [np.zeros((0, dim), np.float32)]
+    return stream, positives
+
+
+def _assert_same_mining(miner, reference):
+    np.testing.assert_array_equal(miner.trained, reference.trained)
+    assert np.array_equal(miner.W, reference.W) and np.array_equal(miner.b, reference.b)
+    assert miner.added == reference.added
+    for k, cache in enumerate(miner.caches):
+        assert cache.retrains == reference.retrains[k]  # image, negatives, evicted, objective, n_iter, converged
+        X_neg, keys = cache.consolidate()
+        X_ref, keys_ref = reference.cache(k)
+        assert np.array_equal(keys, keys_ref) and np.array_equal(X_neg, X_ref)
+
+
+def test_shared_store_gives_the_per_class_caches_svms_to_the_bit():
+    stream, positives = _overlapping_problem()
+    solver = SvmSolver(seed=0)
+    schedule = T.MiningSchedule(retrain_limit=100)
+
+    def fit(k, X_pos, X_neg):
+        return fit_linear_svm(X_pos, X_neg, solver)
+
+    reference = _mine(PerClassMiner(positives, fit, schedule), stream)
+    rounds = [len(r) for r in reference.retrains]
+    assert min(rounds[:4]) >= 3 and max(rounds) >= 5 and rounds[4] == 0  # retrains beyond the first and last image
+    assert sum(r.evicted for log in reference.retrains for r in log) > 100  # evictions after retrains
+    assert sum(i == 2 for i, _, _ in reference.added) > 4  # the revisit of image 2 caches some of its keys again
+    miner = T.mine_hard_negatives(stream, positives, fit, schedule)
+    _assert_same_mining(miner, reference)
+
+    # The same with fits in forked processes, a bound that caps them at two at a time and is never reached by the
+    # store: still the same SVMs (the bound changes nothing until the store would exceed it).
+    bound = 2.5 * max(miner._fit_bytes(k, miner.caches[k].negative_ids()) for k in range(4))
+    with svm_fitter(solver, workers=3) as pooled:
+        bounded = T.HardNegativeMiner(positives, lambda k, X_pos, X_neg: pooled(X_pos, X_neg), schedule, workers=3,
+                                      max_cache_bytes=bound)
+        caps, parallel_fits = [], bounded.parallel_fits  # (classes due, fits at once) of every retrain
+        bounded.parallel_fits = lambda classes: caps.append((len(classes), parallel_fits(classes))) or caps[-1][1]
+        _mine(bounded, stream)
+    assert bounded.evicted_for_memory == 0 and max(bounded.store.nbytes, miner.store.nbytes) < bound
+    assert caps[-1] == (4, 2) and all(1 <= cap <= min(3, due) for due, cap in caps)  # the last: the largest sets
+    _assert_same_mining(bounded, reference)
+
+
+def test_shared_store_holds_each_window_once():
+    stream, positives = _overlapping_problem()
+    miner = T.mine_hard_negatives(stream, positives, lambda k, X_pos, X_neg: fit_linear_svm(X_pos, X_neg),
+                                  T.MiningSchedule(retrain_limit=100))
+    store = miner.store
+    held = {}  # key -> classes holding it
+    for cache in miner.caches:
+        for key in map(tuple, cache.consolidate()[1].tolist()):
+            held[key] = held.get(key, 0) + 1
+        assert set(map(tuple, cache.consolidate()[1].tolist())) == cache.key_set
+    live = store.holders > 0
+    assert sorted(map(tuple, store.keys[live].tolist())) == sorted(held)  # each held window once
+    assert [held[key] for key in map(tuple, store.keys[live].tolist())] == store.holders[live].tolist()
+    assert (~live).sum() < T.COMPACT_DEAD_FRACTION * len(store)  # freed at the retrains
+    assert sum(c.num_negatives for c in miner.caches) > 1.4 * len(store)  # per-class copies: 40% more rows here
+    assert store.nbytes == len(store) * store.row_bytes
+
+
+def test_negative_store_add_gather_release_compact():
+    store = T.NegativeStore(2)
+    first = store.add(np.array([[1, 0], [2, 0], [3, 3]], np.float32), np.array([[0, 5], [0, 6], [0, 9]]))
+    second = store.add(np.array([[4, 0], [5, 5]], np.float32), np.array([[1, 0], [1, 2]]))
+    assert first.tolist() == [0, 1, 2] and second.tolist() == [3, 4] and store.nonzeros.tolist() == [1, 1, 2, 1, 2]
+    assert store.gather([4, 0, 3, 2])[:, 0].tolist() == [5, 1, 4, 3]  # across blocks, in the order asked
+    assert store.lookup(np.array([[1, 2], [0, 7]])).tolist() == [4, -1]
+    store.hold(np.array([0, 1, 2, 3, 4]))
+    store.hold(np.array([1, 3]))
+    store.release(np.array([0, 1, 3, 4]))  # rows 0 and 4: no holder left
+    assert store.holders.tolist() == [0, 1, 1, 1, 0] and store.lookup(np.array([[0, 5], [1, 2]])).tolist() == [-1, -1]
+    new_ids = store.compact()
+    assert new_ids.tolist() == [-1, 0, 1, 2, -1] and len(store) == 3 and store.nbytes == 3 * 8
+    assert store.gather([2, 0, 1])[:, 0].tolist() == [4, 2, 3] and store.keys.tolist() == [[0, 6], [0, 9], [1, 0]]
+    store.release(np.array([2]))
+    assert len(store.compact()) == 3 and len(store.blocks) == 1  # an emptied block is dropped
+
+
+class _SignedFit:
+    """Class 0 gets w = [1], class 1 w = [-1] (b = 0): a window's score is its value for class 0, minus it for 1."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, k, X_pos, X_neg):
+        self.calls.append((k, X_neg[:, 0].astype(np.float64).round(6).tolist()))
+        return SvmFit(np.array([1.0 if k == 0 else -1.0], dtype=np.float32), 0.0, 1, True)
+
+
+def test_memory_bound_evicts_the_windows_easiest_for_all_their_classes():
+    fit = _SignedFit()
+    positives = [np.ones((1, 1), np.float32), np.ones((1, 1), np.float32)]
+    miner = T.HardNegativeMiner(positives, fit, T.MiningSchedule(-1.0001, -1.2, 100), max_cache_bytes=4 * 4)
+    miner.add_image(_image(0, [0.1, 0.2]), is_last=False)  # both classes; 2 windows stored once
+    assert len(miner.store) == 2 and miner.store.holders.tolist() == [2, 2]
+    # Scores (class 0, class 1) = (v, -v). Row 0 is hard for class 1 only; row 1 and 3 are candidates of one class.
+    miner.add_image(_image(1, [-2.0, -0.9, 0.8, 0.5, -0.3], [[1, 1], [1, 0], [1, 1], [0, 1], [1, 1]]), is_last=True)
+    # 7 windows, room for 4: the 3 whose highest score over their holders is lowest go: image 1's rows 1 (-0.9) and
+    # 3 (-0.5), image 0's row 0 (0.1). Row 4 (-0.3 / 0.3) and image 1's row 0 (held by class 1 at 2.0) stay.
+    assert miner.evicted_for_memory == 3 and len(miner.store) == 4 and miner.store.nbytes <= 16
+    assert fit.calls[-2:] == [(0, [0.2, 0.8, -0.3]), (1, [0.2, -2.0, 0.8, -0.3])]
+    assert miner.caches[0].key_set == {(0, 1), (1, 2), (1, 4)}
+    assert miner.caches[1].key_set == {(0, 1), (1, 0), (1, 2), (1, 4)}
+    assert miner.added == [(0, 0, 2), (0, 1, 2), (1, 0, 3), (1, 1, 4)]  # the schedule counts what was cached
+
+
+def test_memory_bound_caps_the_fits_running_at_once():
+    import threading
+    import time
+
+    dim, n_neg = 8, 30
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def fit(k, X_pos, X_neg):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return SvmFit(np.zeros(dim, np.float32), 0.0, 1, True)
+
+    positives = [np.ones((2, dim), np.float32)] * 4
+    sample = T.ImageNegatives(0, np.full((n_neg, dim), 0.5, np.float32), np.arange(n_neg), np.ones((n_neg, 4), bool))
+    # Per class: its float32 negatives + fit_memory_bytes (float64 copy, liblinear's nodes); every value nonzero.
+    per_fit = 4 * n_neg * dim + fit_memory_bytes(2 + n_neg, dim, (2 + n_neg) * dim)
+    assert per_fit == 4 * 30 * 8 + 8 * 32 * 8 + 16 * (32 * 8 + 2 * 32)
+    for bound, expected in ((math.inf, 4), (2.5 * per_fit, 2), (0.5 * per_fit, 1)):
+        most[0] = 0
+        miner = T.HardNegativeMiner(positives, fit, workers=4, max_cache_bytes=bound)
+        assert miner.parallel_fits([0]) == 1
+        miner.add_image(sample, is_last=False)
+        assert miner.parallel_fits([0, 1, 2, 3]) == expected and most[0] <= expected
+        assert miner.evicted_for_memory == 0  # the store (960 bytes) is within every bound here
+
+
+def test_max_cache_gb_is_checked_and_recorded():
+    from stages.core.config import build_config
+    from stages.core.errors import SppError
+
+    assert build_config(None, {"svm.max_cache_gb": 2}).svm.max_cache_gb == 2.0
+    for bad in (0, -1.0):
+        with pytest.raises(SppError, match="svm.max_cache_gb"):
+            build_config(None, {"svm.max_cache_gb": bad})
+    record = T._config_record(build_config(None, {}), "pool5", False, (688,))
+    assert record["svm"]["max_cache_gb"] == 8.0  # it can change the SVMs, so it is part of their config

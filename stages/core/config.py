@@ -191,10 +191,15 @@ class SvmConfig:
     workers: int = 0  # classes trained in parallel; 0 = all cores
     tol: float = 1e-4  # liblinear dual stopping tolerance (sklearn's default; liblinear's own 0.1 stops early)
     max_iter: int = 20000  # liblinear dual passes; a fit reaching it is reported as not converged
+    # GiB bound on the hard-negative cache (float32 features, each window once): past it the easiest negatives are
+    # evicted (metrics: cache_evicted_for_memory). The fits running at once are also kept within it, by their
+    # estimated memory (at least one runs), so the stage's peak is about twice this plus the positives. The
+    # embedded dataset never comes near it: there the results are those of unbounded mining.
+    max_cache_gb: float = 8.0
 
     def __post_init__(self) -> None:
         _require_choices(self, "svm")
-        for key in ("C", "pos_weight", "bias_multiplier", "target_norm", "tol"):
+        for key in ("C", "pos_weight", "bias_multiplier", "target_norm", "tol", "max_cache_gb"):
             _require(getattr(self, key) > 0, f"svm.{key}", getattr(self, key), "must be positive")
         _require(0.0 < self.neg_iou <= 1.0, "svm.neg_iou", self.neg_iou, "must be in (0, 1]")
         _require(self.evict_thresh <= self.hard_thresh, "svm.evict_thresh", self.evict_thresh,

@@ -29,6 +29,7 @@ FEATURE_SOURCES: dict[str, tuple[str, str] | None] = {
     "fc7": ("pretrained", "fc7"),
     "ftfc6": ("finetuned", "fc6"),
     "ftfc7": ("finetuned", "fc7"),
+    "softmax": ("finetuned", "softmax"),  # fc8's class probabilities, background first: detect scores with them
 }
 NET_STAGES = {"pretrained": "pretrain", "finetuned": "finetune"}
 DEFAULT_PYRAMID = spp.DEFAULT_PYRAMID  # SPEC §1; used for pool5 when neither the caller nor a net says otherwise

@@ -486,10 +486,13 @@ class SppHead(nn.Module):
         ``"pool5"`` returns the pooled input itself."""
         if layer == "pool5":
             return pooled
-        if layer not in ("fc6", "fc7"):
-            raise ValueError(f"unknown feature layer {layer!r} (known: pool5, fc6, fc7)")
+        if layer not in ("fc6", "fc7", "softmax"):
+            raise ValueError(f"unknown feature layer {layer!r} (known: pool5, fc6, fc7, softmax)")
         x = F.relu(self.fc6(pooled))
-        return x if layer == "fc6" else F.relu(self.fc7(x))
+        if layer == "fc6":
+            return x
+        x = F.relu(self.fc7(x))
+        return x if layer == "fc7" else F.softmax(self.fc8(x).float(), dim=1)
 
     def set_dropout(self, p: float) -> None:
         """Train-time dropout after fc6 and fc7 (pretraining and fine-tuning may use different rates)."""

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FEATURES = ("pool5", "fc6", "fc7", "ftfc6", "ftfc7")  # what the SVMs can use (Table 9's rows)
+# What detect can score windows with: an SVM variant's feature, or "softmax": the fine-tuned net's own fc8
+# softmax, no SVMs (Fast R-CNN found it as good as SVMs; beyond the paper's Table 9).
+SCORERS = FEATURES + ("softmax",)
 CONV_SOURCES = ("pretrain", "finetune")  # whose conv layers make the conv5 maps
 # Tag suffix of what was computed from the conv layers of a model fine-tuned with ``spp finetune --conv``
 # (``02_features/<split>+ftconv``, ``05_bbox/s<n>+ftconv``); without it, from the pretrained conv layers.
@@ -80,14 +83,16 @@ def svm_tag(feature: str, one_scale: bool, n_scales: int) -> str:
 
 
 def detect_tag(split: str, feature: str, one_scale: bool, n_scales: int, bbox: bool) -> str:
-    """Folder tag of a detect/eval run, e.g. ``test-ftfc7-s5-bb``."""
-    return f"{split}-{svm_tag(feature, one_scale, n_scales)}{'-bb' if bbox else ''}"
+    """Folder tag of a detect/eval run, e.g. ``test-ftfc7-s5-bb`` (``test-softmax-s1``: fc8 softmax scores)."""
+    if feature not in SCORERS:
+        raise ValueError(f"unknown scorer {feature!r} (known: {', '.join(SCORERS)})")
+    return f"{split}-{feature}-{scale_tag(one_scale, n_scales)}{'-bb' if bbox else ''}"
 
 
 _FEATURE = "|".join(FEATURES)
 _SVM_TAG = re.compile(rf"(?P<feature>{_FEATURE})-s(?P<n>\d+)")
 _BBOX_TAG = re.compile(rf"s(?P<n>\d+)(?P<ft>{re.escape(FINETUNED_CONV_SUFFIX)})?")
-_DETECT_TAG = re.compile(rf"(?P<split>.+)-(?P<feature>{_FEATURE})-s(?P<n>\d+)(?P<bb>-bb)?")
+_DETECT_TAG = re.compile(rf"(?P<split>.+)-(?P<feature>{'|'.join(SCORERS)})-s(?P<n>\d+)(?P<bb>-bb)?")
 
 
 def command_args(name: str, tag: str | None = None) -> list[str]:

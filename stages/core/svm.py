@@ -77,7 +77,9 @@ def fit_linear_svm(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver = Svm
     """
     if len(X_pos) == 0 or len(X_neg) == 0:
         raise ValueError(f"an SVM needs positives and negatives (got {len(X_pos)} and {len(X_neg)})")
-    X = np.concatenate([X_pos, X_neg]).astype(np.float64, copy=False)
+    # Written straight into float64 (what LinearSVC takes): concatenating first would hold a float32 copy as well.
+    X = np.empty((len(X_pos) + len(X_neg), np.shape(X_pos)[1]), dtype=np.float64)
+    X[:len(X_pos)], X[len(X_pos):] = X_pos, X_neg
     y = np.concatenate([np.ones(len(X_pos)), -np.ones(len(X_neg))])
     model = LinearSVC(penalty="l2", loss="hinge", dual=True, C=solver.C,
                       class_weight={1: solver.pos_weight, -1: 1.0}, fit_intercept=True,
@@ -90,6 +92,13 @@ def fit_linear_svm(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver = Svm
     n_iter = int(np.max(model.n_iter_))
     # classes_ is sorted (-1, 1): coef_ scores the +1 class.
     return SvmFit(model.coef_[0].astype(np.float32), float(model.intercept_[0]), n_iter, n_iter < solver.max_iter)
+
+
+def fit_memory_bytes(rows: int, dim: int, nonzeros: int) -> int:
+    """Bytes one ``fit_linear_svm`` allocates for a ``rows`` x ``dim`` training set with ``nonzeros`` nonzero values:
+    its float64 copy (8 bytes a value) and liblinear's sparse copy of it (sklearn's ``dense_to_sparse``: a 16-byte
+    (index, value) node per nonzero, plus a bias node and an end node per row). Both live until the fit returns."""
+    return 8 * rows * dim + 16 * (nonzeros + 2 * rows)
 
 
 def _fit_and_send(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver, send) -> None:
@@ -127,7 +136,8 @@ def fit_in_fork(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver) -> SvmF
         status, payload = receive.recv()
     except EOFError:
         child.join()
-        hint = " (killed: out of memory? set svm.workers=1 to fit one class at a time)" if child.exitcode == -9 else ""
+        hint = (" (killed: out of memory? lower svm.max_cache_gb, which bounds the negative cache and the fits "
+                "running at once)" if child.exitcode == -9 else "")
         raise SppError(f"the SVM fitting process died with exit code {child.exitcode}{hint}") from None
     finally:
         receive.close()

@@ -17,29 +17,31 @@ Resuming: each image's boxes go to ``partial/<image_id>.npy`` (atomic write) the
 files are consolidated into ``proposals.h5`` (temp file + rename) and removed. A killed run therefore leaves
 complete per-image files only, and a rerun computes only the images missing from ``partial/`` and from an
 existing ``proposals.h5`` made with the same parameters.
+
+The code: this package's ``__init__`` is the stage (``run``, reading precomputed boxes, consolidating into
+``proposals.h5``, recall); ``worker.py`` runs selective search in worker processes; ``journal.py`` keeps the
+per-image results of an unfinished run and finds what an earlier ``proposals.h5`` already holds.
 """
 from __future__ import annotations
 
 import contextlib
-import io
-import json
-import multiprocessing
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
-from .core.artifacts import Run, StageResult, atomic_write_bytes, atomic_write_json, read_manifest, sha256_file
-from .core.config import ProposalConfig
-from .core.errors import InputError, SppError
-from .core.proposals import (SCHEMA, SS_COLOUR_SPACES, SS_RANKING, SS_STRATEGIES, ProposalStore, ProposalWriter,
-                             best_overlaps, filter_boxes, image_seed, read_boxes_group, selective_search)
-from .core.runner import Produced, StagePlan, execute
-from .core.voc import Annotation, VocDataset, resolve_voc_root, voc_to_boxes
+from ..core.artifacts import Run, StageResult, sha256_file
+from ..core.config import ProposalConfig
+from ..core.errors import InputError
+from ..core.proposals import (SCHEMA, SS_COLOUR_SPACES, SS_RANKING, SS_STRATEGIES, ProposalWriter, best_overlaps,
+                              filter_boxes, read_boxes_group)
+from ..core.runner import Produced, StagePlan, execute
+from ..core.voc import Annotation, VocDataset, voc_to_boxes
+from .journal import _Journal, _previous_output, _readable
+from .worker import _map_images, _propose_one
 
 OUTPUT_NAME = "proposals.h5"
 PARTIAL_DIR = "partial"
@@ -47,93 +49,7 @@ METHOD_SS = "selective_search_fast"
 METHOD_FILE = "boxes_file"
 RECALL_IOUS = (0.5, 0.7)
 
-
-# -- worker side --------------------------------------------------------------------------------------------------
-_WORKER: dict = {}
-
-
-def _init_worker(devkit_root: str, params: ProposalConfig, seed: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # one core per worker process: the pool provides the parallelism
-    _WORKER.update(dataset=VocDataset(devkit_root), params=params, seed=seed)
-
-
-def _propose_one(image_id: str) -> tuple[str, np.ndarray | None, str | None, float]:
-    """Worker task: (image_id, boxes float32 [N, 4] or None, error message or None, CPU seconds it took).
-    CPU time, unlike wall time, does not grow when other processes share the cores."""
-    import cv2
-
-    start = time.process_time()
-    try:
-        image = _WORKER["dataset"].load_image(image_id)
-        boxes = selective_search(image, _WORKER["params"], image_seed(_WORKER["seed"], image_id))
-    except SppError as err:
-        return image_id, None, str(err), time.process_time() - start
-    except cv2.error as err:
-        path = _WORKER["dataset"].image_path(image_id)
-        return image_id, None, f"{path}: selective search failed ({' '.join(str(err).split())})", 0.0
-    return image_id, boxes.astype(np.float32), None, time.process_time() - start
-
-
-# -- the resumable per-image journal -------------------------------------------------------------------------------
-class _Journal:
-    """``partial/<image_id>.npy`` per finished image, valid for the parameters in ``partial/params.json``."""
-
-    def __init__(self, folder: Path, params: dict):
-        self.folder = folder
-        params_path = folder / "params.json"
-        try:
-            same = json.loads(params_path.read_text()) == params
-        except (OSError, ValueError):
-            same = False
-        if not same and folder.exists():
-            shutil.rmtree(folder)  # computed with other parameters: useless now
-        folder.mkdir(parents=True, exist_ok=True)
-        if not same:
-            atomic_write_json(params_path, params)
-        for stale in folder.glob(".*.tmp"):  # an atomic write that was killed before its rename
-            stale.unlink(missing_ok=True)
-
-    def done_ids(self) -> set[str]:
-        return {path.stem for path in self.folder.glob("*.npy")}
-
-    def write(self, image_id: str, boxes: np.ndarray) -> None:
-        buffer = io.BytesIO()
-        np.save(buffer, np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
-        atomic_write_bytes(self.folder / f"{image_id}.npy", buffer.getvalue())
-
-    def read(self, image_id: str) -> np.ndarray:
-        path = self.folder / f"{image_id}.npy"
-        try:
-            return np.load(path, allow_pickle=False).reshape(-1, 4)
-        except (OSError, ValueError) as exc:
-            raise SppError(f"unreadable partial result ({exc}); delete it and rerun", path) from None
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _readable(path: Path) -> bool:
-    try:
-        ProposalStore(path).close()
-    except SppError:
-        return False
-    return True
-
-
-def _previous_output(path: Path, params: dict) -> "ProposalStore | None":
-    """An existing ``proposals.h5`` made with the same parameters (its images need no recomputing)."""
-    if not path.exists():
-        return None
-    try:
-        store = ProposalStore(path)
-    except SppError:
-        return None
-    if store.params != params:
-        store.close()
-        return None
-    return store
+__all__ = ["run", "read_boxes_file", "recall_metrics", "format_summary", "_propose_one"]
 
 
 # -- precomputed boxes -----------------------------------------------------------------------------------------------
@@ -322,28 +238,6 @@ def _compute_boxes(dataset: VocDataset, annotations: dict[str, Annotation], cfg,
             "cpu_s_per_image": round(cpu_s / computed, 4) if computed else None}
 
 
-def _map_images(dataset: VocDataset, cfg, image_ids: list[str], workers: int) -> Iterator[tuple]:
-    """Run ``_propose_one`` over ``image_ids``: in this process for one worker, else in a spawn pool (results in
-    completion order). Leaving the generator early (an error, Ctrl-C) terminates the pool."""
-    initargs = (str(dataset.devkit_root), cfg.proposals, cfg.seed)
-    if workers == 1:
-        import cv2
-
-        threads = cv2.getNumThreads()
-        _init_worker(*initargs)
-        try:
-            for image_id in image_ids:
-                yield _propose_one(image_id)
-        finally:
-            cv2.setNumThreads(threads)
-            _WORKER.clear()
-        return
-    # spawn, not fork: the parent may hold torch/OpenMP threads, which a forked child must not inherit.
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=initargs) as pool:
-        yield from pool.imap_unordered(_propose_one, image_ids, chunksize=1)
-
-
 def _import_boxes(path: Path, annotations: dict[str, Annotation], params_cfg: ProposalConfig, folder: Path,
                   params: dict, split: str) -> dict:
     start = time.perf_counter()
@@ -413,6 +307,3 @@ def format_summary(split: str, metrics: dict) -> str:
            f"{metrics.get('cpu_s_per_image'):.2f} CPU s/image" if speed else "nothing computed"),
     ]
     return "\n".join(lines)
-
-
-__all__ = ["run", "read_boxes_file", "recall_metrics", "format_summary"]

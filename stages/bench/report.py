@@ -1,0 +1,90 @@
+"""``spp bench``, its report: the machine it ran on, the per-phase table of the three modes, the speed-ups and
+FLOP ratios, the fc rate against the matmul peak, the SPP layer alone, and the paper's Table 10 beside them.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from .measure import MODE_NAMES, MODES
+
+# SPP-net Table 10 [P §4.3; SPEC §8]: Caffe, GPU, ZF-5 for both, average over 100 VOC07 images, seconds/image.
+PAPER_TABLE10 = {"rcnn_conv_s": 14.37, "spp_1scale_conv_s": 0.053, "spp_5scale_conv_s": 0.293, "spp_fc_s": 0.089,
+                 "speedup_conv_1scale": 270, "speedup_conv_5scale": 49, "speedup_total_1scale": 102,
+                 "speedup_total_5scale": 38}
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({_cpu_model()}, {len(os.sched_getaffinity(0))} cores)"
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else float("inf")
+
+
+def format_report(results: dict) -> str:
+    """The human-readable table of a ``run`` result."""
+    modes = results["modes"]
+    load = results["load_average_before"][0], results["load_average_after"][0]
+    rcnn_info = modes["rcnn"]
+    lines = [
+        f"SPP-net vs R-CNN speed: backbone {results['backbone']}, device {results['device']}, "
+        f"{results['threads']} threads, {results['clock']} clock, load average {load[0]:.2f} before / "
+        f"{load[1]:.2f} after",
+        f"weights: {results['weights']}",
+        f"images: {results['images']}",
+        f"windows: {results['proposals']}",
+        f"SPP scales: 1-scale {results['scales_1scale']}, 5-scale {results['scales_5scale']}; pyramid "
+        f"{results['pyramid']}; fc6/fc7 width {results['fc_dim']} in {results['fc_dtype']}; channels-last convs "
+        f"{results['channels_last']}; TF32 {results['cuda_tf32']}",
+        f"R-CNN: {results['rcnn_input_size']}x{results['rcnn_input_size']} warp, {results['rcnn_context']} px "
+        f"context; conv+pool timed on {results['rcnn_windows_timed']} of {results['windows']} windows/image and "
+        f"scaled x{rcnn_info.get('scale_factor', 1.0):.2f} (its cost is exactly linear in windows); fc timed on all",
+        f"seconds per image (median of {results['repeats']} repeats after warm-up, mean over images):",
+        "",
+        f"{'mode':<13}{'conv':>10}{'pool':>9}{'fc':>9}{'total':>10}{'conv GFLOP':>12}{'conv GF/s':>11}"
+        f"{'fc GFLOP':>10}{'fc GF/s':>9}{'fc rows':>9}",
+    ]
+    for mode in MODES:
+        data = modes[mode]
+        s, f, rate = data["seconds"], data["flops"], data["gflops_per_s"]
+        rows = data.get("unique_windows", data.get("windows", results["windows"]))
+        lines.append(f"{MODE_NAMES[mode]:<13}{s['conv']:>10.3f}{s['pool']:>9.3f}{s['fc']:>9.3f}{s['total']:>10.3f}"
+                     f"{f['conv'] / 1e9:>12.1f}{rate['conv']:>11.1f}{f['fc'] / 1e9:>10.1f}{rate['fc']:>9.1f}"
+                     f"{rows:>9.0f}")
+    paper = results["paper_table10"]
+    pooling = results["pooling"]
+    lines += [
+        "",
+        f"speed-up vs R-CNN: 1-scale total {results['speedup_total_1scale']:.1f}x, conv "
+        f"{results['speedup_conv_1scale']:.1f}x (conv FLOP ratio {results['flop_ratio_conv_1scale']:.1f}); 5-scale "
+        f"total {results['speedup_total_5scale']:.1f}x, conv {results['speedup_conv_5scale']:.1f}x (FLOP ratio "
+        f"{results['flop_ratio_conv_5scale']:.1f})",
+        f"{results['matmul']['dtype']} matmul {'x'.join(map(str, results['matmul']['shape_mkn']))}: "
+        f"{results['matmul_gflops']:.1f} GFLOP/s;"
+        f" SPP 1-scale fc6+fc7: {modes['spp_1scale']['gflops_per_s']['fc']:.1f} GFLOP/s = "
+        f"{100 * results['fc_fraction_of_matmul_peak']:.0f}% of it",
+        f"SPP layer alone ({pooling['windows']} windows, {pooling['map_hw'][0]}x{pooling['map_hw'][1]} conv5 map at "
+        f"{pooling['scale']}): spp.spp_pool {pooling['spp_pool_seconds']:.4f} s vs roi_pool per level "
+        f"{pooling['roi_pool_per_level_seconds']:.4f} s ({pooling['speedup']:.1f}x, max |diff| "
+        f"{pooling['max_abs_difference']:.2g})",
+        f"paper (Table 10, Caffe on a GPU, ZF-5): conv R-CNN {paper['rcnn_conv_s']} s vs SPP "
+        f"{paper['spp_1scale_conv_s']} / {paper['spp_5scale_conv_s']} s ({paper['speedup_conv_1scale']}x / "
+        f"{paper['speedup_conv_5scale']}x), fc "
+        f"{paper['spp_fc_s']} s, overall {paper['speedup_total_1scale']}x / {paper['speedup_total_5scale']}x",
+    ]
+    return "\n".join(lines)
