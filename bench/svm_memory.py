@@ -4,8 +4,9 @@ float32 copy of each negative it cached) against the shared store it has now (ea
 No dataset: synthetic post-ReLU window features of the given dimension, in which a window's hardness is mostly
 shared between classes (as on real images: a cluttered window scores high for many classes). Each layout runs in
 a process of its own, one after the other, on the same stream (seeded per image), and reports its peak RSS
-(``ru_maxrss``), its peak before mining (imports: torch and the rest), the cached rows and a digest of the SVMs,
-which must be the same for both layouts.
+(``ru_maxrss``), its peak before mining (imports: torch and the rest; "mining" is the difference), the peak size
+of the cached features after each image ("cache"), the cached rows at the end (per class, summed) and the distinct
+windows among them, and a digest of the SVMs, which must be the same for both layouts unless the bound was reached.
 
 The fit is a stand-in for liblinear (minutes per class at 16,000-d): it makes the copies a real fit makes
 (``core.svm.fit_memory_bytes``: the float64 training set and a buffer the size of liblinear's nodes) and returns a
@@ -98,11 +99,19 @@ def run_layout(args) -> dict:
     else:
         miner = T.HardNegativeMiner(positives, fit, schedule, objective=no_objective,
                                     max_cache_bytes=args.max_cache_gb * 2 ** 30)
+
+    def cache_bytes() -> int:  # the cached negatives' features: what the layouts differ in
+        if args.layout == "per-class":
+            return sum(x.nbytes for chunks in miner.features for x in chunks)
+        return miner.store.nbytes
+
+    cache_peak = 0
     images = iter(stream)
     current = next(images, None)
     while current is not None:
         upcoming = next(images, None)
         miner.add_image(current, is_last=upcoming is None)
+        cache_peak = max(cache_peak, cache_bytes())  # after the image's retrains (its evictions done)
         current = upcoming
     if args.layout == "per-class":
         rows = sum(len(miner.cache(k)[0]) for k in range(args.classes))
@@ -115,6 +124,7 @@ def run_layout(args) -> dict:
     digest = hashlib.sha256(miner.W.tobytes() + miner.b.tobytes()).hexdigest()[:16]
     return {"layout": args.layout, "peak_gib": round(_rss_gib(), 3), "before_mining_gib": round(before, 3),
             "children_peak_gib": round(_rss_gib(resource.RUSAGE_CHILDREN), 3),
+            "cache_peak_gib": round(cache_peak / 2 ** 30, 3),
             "seconds": round(time.perf_counter() - started, 1), "cached_rows": rows, "distinct_windows": distinct,
             "retrains": retrains, "evicted_for_memory": getattr(miner, "evicted_for_memory", 0), "svms": digest}
 
@@ -144,15 +154,17 @@ def main() -> None:
             sys.exit(f"{layout}: exit code {done.returncode}\n{done.stderr[-2000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"dim {args.dim}, {args.classes} classes, {args.images} images x {args.windows} windows, fit {args.fit}")
-    print(f"{'layout':>10} {'peak GiB':>9} {'mining GiB':>11} {'cached rows':>12} {'distinct':>9} {'retrains':>9} "
-          f"{'evicted':>8} {'s':>7}  svms")
+    print(f"{'layout':>10} {'peak GiB':>9} {'mining GiB':>11} {'cache GiB':>10} {'cached rows':>12} {'distinct':>9} "
+          f"{'retrains':>9} {'evicted':>8} {'s':>7}  svms")
     for r in results:
         print(f"{r['layout']:>10} {r['peak_gib']:>9.2f} {r['peak_gib'] - r['before_mining_gib']:>11.2f} "
-              f"{r['cached_rows']:>12} {r['distinct_windows']:>9} {r['retrains']:>9} {r['evicted_for_memory']:>8} "
-              f"{r['seconds']:>7.1f}  {r['svms']}")
+              f"{r['cache_peak_gib']:>10.2f} {r['cached_rows']:>12} {r['distinct_windows']:>9} {r['retrains']:>9} "
+              f"{r['evicted_for_memory']:>8} {r['seconds']:>7.1f}  {r['svms']}")
     old, new = results
-    print(f"peak RSS ratio per-class / shared: {old['peak_gib'] / new['peak_gib']:.2f} "
-          f"(mining only: {(old['peak_gib'] - old['before_mining_gib']) / (new['peak_gib'] - new['before_mining_gib']):.2f}); "
+    mining = [r["peak_gib"] - r["before_mining_gib"] for r in results]
+    cache = [r["cache_peak_gib"] for r in results]
+    print(f"peak RSS ratio per-class / shared: {old['peak_gib'] / new['peak_gib']:.2f} (mining only: "
+          f"{mining[0] / max(mining[1], 1e-9):.2f}; cache: {cache[0] / max(cache[1], 1e-9):.2f}); "
           f"same SVMs: {'yes' if old['svms'] == new['svms'] else 'NO (expected only when the bound was reached)'}")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k not in ("layout", "json")},

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# The whole SPP-net pipeline on a VOCdevkit folder, one stage after another, with the wall time of every stage:
-# proposals (train + test split), pretrain, extract-features (train + test), finetune, train-svm (ftfc7),
-# train-bbox, detect (with box regression), eval. Prints per-class AP, mAP and a stage-time table, and writes
-# them to <runs-root>/<run>/bench_voc2007.json. Stages that are already up to date skip themselves, so a rerun
-# (or a rerun after an interruption) only does what is missing.
+# The whole SPP-net pipeline on a VOCdevkit folder, one stage after another, with the wall time of every stage,
+# and every row of the paper's Table 9 it can make: proposals (train + test split), pretrain, extract-features
+# (train + test); SVMs on pool5; SVMs on fc7 (only for a trunk with pretrained fc layers: zf5); finetune, SVMs
+# on ftfc7, train-bbox, ftfc7 with and without box regression; beyond the paper, the fine-tuned fc8 softmax as
+# the scorer (no SVMs), with and without box regression. Each row is detected and evaluated on the test split.
+# Prints per-class AP, mAP, Table 9 and a stage-time table, and writes them to <runs-root>/<run>/bench_voc2007.json
+# (with <run>/table9.json and <run>/table9.png, per-class AP of every row). Stages that are already up to date
+# skip themselves, so a rerun (or a rerun after an interruption) only does what is missing.
 #
 #   bench/voc2007.sh VOCDEVKIT [options]
 #
 #   VOCDEVKIT             the folder that holds VOC2007/ (e.g. /work/shared/voc2007/VOCdevkit)
+#   --budget B            gpu (default: the preset's full schedule, the paper's) | cpu (preset voc2007-cpu: the
+#                         recipe for a 2-core CPU, 1 scale; every setting in it was chosen on held-out training
+#                         images, see the preset's comments)
+#   --rows R              Table 9 rows to make, comma-separated (default all: pool5,fc7,ftfc7,ftfc7-bb,softmax,
+#                         softmax-bb); fc7 is left out for an ImageNet trunk without pretrained fc layers
 #   --backbone B          mobilenet_v2 (default: preset voc2007-mobilenet, ImageNet trunk from a local file,
 #                         no classification pretraining: `spp pretrain --epochs 0` adds fresh fc layers)
 #                         | zf5 (preset voc2007-zf5, from scratch: `spp data crops` cuts the train split's
@@ -39,7 +47,8 @@ die() { echo "bench/voc2007.sh: $*" >&2; exit 2; }
 abspath() { [[ "$1" = /* ]] && echo "$1" || echo "$PWD/$1"; }
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-VOC="" BACKBONE=mobilenet_v2 N_SCALES=1 DEVICE=auto TRAIN=train TEST=val RUN="" RUNS_ROOT="" WEIGHTS=""
+VOC="" BACKBONE=mobilenet_v2 N_SCALES=1 DEVICE=auto TRAIN=train TEST=val RUN="" RUNS_ROOT="" WEIGHTS="" BUDGET=gpu
+ROWS=pool5,fc7,ftfc7,ftfc7-bb,softmax,softmax-bb
 CROPS="" DATASET=voc2007
 PROPOSALS_ALL="" USER_SETS=()
 declare -A PROPOSALS_FOR=()
@@ -47,6 +56,8 @@ while (($#)); do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --backbone) BACKBONE=${2:?}; shift 2 ;;
+    --budget) BUDGET=${2:?}; shift 2 ;;
+    --rows) ROWS=${2:?}; shift 2 ;;
     --scales) N_SCALES=${2:?}; shift 2 ;;
     --device) DEVICE=${2:?}; shift 2 ;;
     --train) TRAIN=${2:?}; shift 2 ;;
@@ -69,17 +80,19 @@ while (($#)); do
 done
 [[ -n "$VOC" ]] || { usage >&2; exit 2; }
 [[ -d "$VOC/VOC2007" ]] || die "$VOC: no VOC2007/ folder here (expected the VOCdevkit folder that holds it)"
+case "$BUDGET" in cpu|gpu) ;; *) die "--budget must be cpu or gpu, got $BUDGET" ;; esac
 case "$BACKBONE" in
-  mobilenet_v2) PRESET=voc2007-mobilenet
+  mobilenet_v2) PRESET=$([[ $BUDGET == cpu ]] && echo voc2007-cpu || echo voc2007-mobilenet)
                 default_weights=$(cd "$REPO/.." && pwd)/shared/weights/mobilenet_v2_imagenet_features.pt
                 WEIGHTS=${WEIGHTS:-${SPP_MOBILENET_WEIGHTS:-$default_weights}}
                 [[ -f "$WEIGHTS" ]] || die "$WEIGHTS: no such weights file (pass --weights FILE)" ;;
-  zf5) PRESET=voc2007-zf5 ;;
+  zf5) [[ $BUDGET == gpu ]] || die "--budget cpu is the MobileNetV2 recipe (use --backbone mobilenet_v2)"
+       PRESET=voc2007-zf5 ;;
   *) die "--backbone must be mobilenet_v2 or zf5, got $BACKBONE" ;;
 esac
 case "$DEVICE" in auto|cpu|cuda) ;; *) die "--device must be auto, cpu or cuda, got $DEVICE" ;; esac
 for f in "$PROPOSALS_ALL" "${PROPOSALS_FOR[@]}"; do [[ -z "$f" || -f "$f" ]] || die "$f: no such proposals file"; done
-RUN=${RUN:-voc07-$BACKBONE-s$N_SCALES}
+RUN=${RUN:-voc07-$BACKBONE-s$N_SCALES$([[ $BUDGET == cpu ]] && echo -cpu)}
 RUNS_ROOT=${RUNS_ROOT:-$REPO/data/runs}
 CROPS=${CROPS:-$RUNS_ROOT/$RUN/crops}
 cd "$REPO"
@@ -203,10 +216,48 @@ stage "pretrain" pretrain "${COMMON[@]}"
 for split in "$TRAIN" "$TEST"; do
   stage "features $split" extract-features "${COMMON[@]}" --split "$split"
 done
-stage "finetune" finetune "${COMMON[@]}"
-stage "train-svm ftfc7" train-svm "${COMMON[@]}" --feature ftfc7
-stage "train-bbox" train-bbox "${COMMON[@]}"
-stage "detect $TEST" detect "${COMMON[@]}" --split "$TEST" --feature ftfc7 --bbox
-stage "eval $TEST" eval "${COMMON[@]}" --split "$TEST" --feature ftfc7 --bbox
+# The Table 9 rows: (train-svm feature or "softmax", box regression) -> detect + eval on the test split.
+ONE=$([[ $N_SCALES == 1 ]] && echo --one-scale || true)
+want() { [[ ",$ROWS," == *",$1,"* ]]; }
+row() {  # label, scorer, bbox flag
+  stage "detect $1" detect "${COMMON[@]}" --split "$TEST" --feature "$2" $ONE "$3"
+  stage "eval $1" eval "${COMMON[@]}" --split "$TEST" --feature "$2" $ONE "$3"
+}
+if want pool5; then stage "train-svm pool5" train-svm "${COMMON[@]}" --feature pool5 $ONE; row pool5 pool5 --no-bbox; fi
+if want fc7; then
+  if [[ "$BACKBONE" == zf5 ]]; then stage "train-svm fc7" train-svm "${COMMON[@]}" --feature fc7 $ONE; row fc7 fc7 --no-bbox
+  else echo "== fc7 row left out: the $BACKBONE ImageNet trunk has no pretrained fc layers (fc6/fc7 start random" \
+            "and are trained only by fine-tuning, so 'fc7 without fine-tuning' would be random features)"; fi
+fi
+if want ftfc7 || want ftfc7-bb || want softmax || want softmax-bb; then stage "finetune" finetune "${COMMON[@]}"; fi
+if want ftfc7 || want ftfc7-bb; then stage "train-svm ftfc7" train-svm "${COMMON[@]}" --feature ftfc7 $ONE; fi
+if want ftfc7-bb || want softmax-bb; then stage "train-bbox" train-bbox "${COMMON[@]}" $ONE; fi
+if want ftfc7; then row ftfc7 ftfc7 --no-bbox; fi
+if want ftfc7-bb; then row ftfc7-bb ftfc7 --bbox; fi
+if want softmax; then row softmax softmax --no-bbox; fi
+if want softmax-bb; then row softmax-bb softmax --bbox; fi
+"$PY" -m sppcli table9 "${COMMON[@]}" --json "$RUN_DIR/table9.json"
+"$PY" - "$RUN_DIR/table9.json" "$RUN_DIR/table9.png" <<'EOF'
+import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+table = json.load(open(sys.argv[1]))
+cells = [(label, column, cell) for label, row in table["rows"].items() for column, cell in row.items() if cell]
+classes = list(cells[0][2]["ap"]) if cells else []
+fig, ax = plt.subplots(figsize=(max(8, len(classes) * 0.7), 4.5), dpi=150)
+width = 0.8 / max(1, len(cells))
+for i, (label, column, cell) in enumerate(cells):
+    ax.bar(np.arange(len(classes)) + i * width, [100 * cell["ap"][c] for c in classes], width,
+           label=f"{label} ({column}): mAP {100 * cell['mAP']:.1f}")
+ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2, classes, rotation=45, ha="right")
+ax.set_ylabel("AP (%)")
+ax.set_title(f"Table 9 rows on {table['split']}: run {table['run']} ({table['backbone']})")
+ax.legend(fontsize=7)
+fig.tight_layout()
+fig.savefig(sys.argv[2])
+print(f"written: {sys.argv[2]}")
+EOF
 summary ok
 rm -f "$TIMES"

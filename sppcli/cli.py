@@ -1,6 +1,7 @@
 """``spp``: one thin click command per pipeline stage. Parsing and printing only; the work is in ``stages``."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -41,6 +42,9 @@ def _conv_from_option(func):
                         )(func)
 
 
+_PLACE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+
+
 def _errors_as_one_line(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -54,12 +58,17 @@ def _errors_as_one_line(func):
             sys.exit(130)
         except (OSError, RuntimeError) as err:
             message = disk_full_message(err)
-            if message is None:
-                raise
-            click.echo(f"error: {message}", err=True)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(1)  # HDF5 can crash closing a file whose write failed: skip the interpreter's clean-up
+            if message is not None:
+                click.echo(f"error: {message}", err=True)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)  # HDF5 can crash closing a file whose write failed: skip the interpreter's clean-up
+            if isinstance(err, OSError) and err.filename and err.errno in _PLACE_ERRNOS:
+                # an output path the user named (--out, --json) that cannot be written: one line naming it
+                from stages.core.runner import unusable_reason
+                click.echo(f"error: {err.filename}: cannot write here ({unusable_reason(err)})", err=True)
+                sys.exit(1)
+            raise
     return wrapper
 
 

@@ -26,7 +26,7 @@ from .core.proposals import load_proposals, selective_search
 from .core.svm import SvmModel, load_svm_model
 from .core.registry import bbox_tag, detect_tag, svm_tag
 from .core.runner import Produced, StagePlan, execute
-from .core.voc import VocDataset, load_image_rgb, resolve_voc_root, write_comp4
+from .core.voc import load_image_rgb, write_comp4
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,6 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> Sta
     n_scales = len(cfg.features.scales)
     use_bbox = bool(cfg.detect.bbox)
     tag = detect_tag(split, feature, one_scale, n_scales, use_bbox)
-    dataset = VocDataset.from_config(cfg.data)
     scorer = _Scorer(cfg, run_dir, feature, one_scale, use_bbox, device)
     proposals_manifest = run_dir.require("proposals", split)
     features_manifest = fcfeatures.features_manifest(run_dir, split, feature)

@@ -25,7 +25,7 @@ from .core.artifacts import (MANIFEST_NAME, Run, StageResult, atomic_write_bytes
 from .core.errors import InputError, SppError
 from .core.registry import detect_tag
 from .core.runner import Produced, StagePlan, execute
-from .core.voc import Detections, VocDataset, comp4_path, read_comp4, resolve_voc_root
+from .core.voc import Detections, VocDataset, comp4_path, read_comp4
 
 EVAL_CONFIG_VERSION = 1  # bump when the evaluation itself changes, so old results are not reused
 

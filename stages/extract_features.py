@@ -34,13 +34,13 @@ import torch
 from tqdm import tqdm
 
 from stages.core import nets
-from stages.core.artifacts import Manifest, Run, StageResult, read_manifest, sha256_file
+from stages.core.artifacts import Manifest, Run, StageResult, sha256_file
 from stages.core.config import Config
 from stages.core.errors import InputError, SppError
 from stages.core.features import (SCHEMA_VERSION, FeatureWriter, feature_paths, features_tag, map_name, read_header,
                                   shard_file_name, wait_for_files)
 from stages.core.runner import Produced, StagePlan, execute
-from stages.core.voc import VocDataset, resolve_voc_root
+from stages.core.voc import VocDataset
 
 STAGE = "features"
 
@@ -163,7 +163,7 @@ def run(cfg: Config, split: str, conv_from: str = "pretrain") -> StageResult:
         return all(read_header(path) is not None for path in feature_paths(manifest))
 
     return execute(run_dir, plan, extract, describe=lambda metrics: _summary(tag, metrics), cfg=cfg,
-                   verify=readable, lock_name=f".lock.rank{rank}" if world_size > 1 else ".lock")
+                   verify=readable, lock_name=f".lock.rank{rank}" if rank else ".lock")  # rank 0 meets a plain run
 
 
 def _shard_ready(path: Path, header: dict) -> bool:

@@ -60,6 +60,6 @@ def table9(cfg, json_out: Path | None = None) -> str:
     out = Path(json_out)
     atomic_write_json(out, {"run": cfg.run, "dataset": cfg.data.dataset, "backbone": cfg.model.backbone,
                             "split": split, "scales": list(cfg.features.scales), "one_scale": cfg.features.one_scale,
-                            "rows": rows, "paper": PAPER, "missing": missing})
+                            "rows": rows, "paper": {label: PAPER[label] for label in rows}, "missing": missing})
     lines.append(f"written: {out}")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .core import boxes as box_ops
 from .core import fcfeatures, spp
-from .core.artifacts import Run, StageResult, read_manifest, timed
+from .core.artifacts import Run, StageResult
 from .core.bboxreg import BboxModel, save_bbox_model
 from .core.errors import SppError, require_free_space
 from .core.fcfeatures import training_images
@@ -38,7 +38,7 @@ from .core.proposals import load_proposals
 from .core.roidb import best_gt, build_roidb
 from .core.runner import Produced, StagePlan, execute
 from .core.registry import bbox_tag
-from .core.voc import VocDataset, resolve_voc_root
+from .core.voc import VocDataset
 
 BBOX_FILE = "bbox.npz"
 SPILL_FILE = "samples.partial.h5"

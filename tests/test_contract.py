@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -353,3 +352,32 @@ def test_a_runs_root_in_an_unwritable_folder_is_one_line(finished, tmp_path):
                                    "--dataset", "synth", "--voc-root", str(finished.devkit), "--split", "test"])
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert str(locked) in result.stderr and "permission denied" in result.stderr
+
+
+def test_config_backbone_names_match_the_networks():
+    from stages.core import nets
+    from stages.core.config import CHOICES
+
+    assert CHOICES["model.backbone"] == nets.BACKBONES
+    with pytest.raises(SppError, match="model.backbone: 'foo' is not one of"):
+        build_config("synth", {"model.backbone": "foo"})
+    with pytest.raises(SppError, match="model.width: 0.5 applies to zf5 only"):
+        build_config("voc2007-mobilenet", {"model.width": 0.5})
+
+
+def test_a_value_that_fails_inside_a_stage_is_not_saved(finished, tmp_path):
+    run, common = _copy(finished, tmp_path)
+    before = (run.root / "config.json").read_bytes()
+    (run.stage_dir("svm", "ftfc7-s1") / MANIFEST_NAME).unlink()
+    out = _invoke("train-svm", *common, "--feature", "ftfc7", "--one-scale", "--set", "features.one_scale=777",
+                  expect=1)
+    assert "777" in out and out.count("\n") == 1
+    assert (run.root / "config.json").read_bytes() == before
+
+
+def test_an_unwritable_output_path_outside_the_run_is_one_line(finished, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    _, common = _copy(finished, tmp_path)
+    out = _invoke("table9", *common, "--json", str(blocker / "t.json"), expect=1)
+    assert out.count("\n") == 1 and str(blocker) in out

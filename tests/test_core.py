@@ -269,7 +269,7 @@ def test_manifest_outputs_with_a_relative_run_dir(tmp_path, monkeypatch):
 
 
 def test_conv_source_tags_share_one_suffix():
-    from stages.core.artifacts import conv_suffix
+    from stages.core.registry import conv_suffix
     from stages.core.features import features_tag
     from stages.core.registry import bbox_tag
 

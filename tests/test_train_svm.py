@@ -388,7 +388,8 @@ class PerClassMiner:
     def cache(self, k):
         dim = self.dim
         if len(self.features[k]) != 1:
-            self.features[k] = [np.concatenate(self.features[k]) if self.features[k] else np.zeros((0, dim), np.float32)]
+            self.features[k] = [np.concatenate(self.features[k]) if self.features[k]
+                                else np.zeros((0, dim), np.float32)]
             self.keys[k] = [np.concatenate(self.keys[k]) if self.keys[k] else np.zeros((0, 2), np.int64)]
         return self.features[k][0], self.keys[k][0]
 

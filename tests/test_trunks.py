@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from stages.core import nets
 from stages.core.errors import SppError
 from stages.core.nets import (BACKBONES, BackboneSpec, WithinChannelLRN, build_backbone, build_sppnet,
                               load_checkpoint, receptive_field, save_checkpoint)

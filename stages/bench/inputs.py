@@ -63,7 +63,7 @@ def bench_inputs(cfg, run: Run, n_images: int, windows: int,
     """The run's dataset images (its test split) when the dataset is there, else synthetic random-texture images;
     the run's stored proposals, else live selective search on dataset images, else seeded random boxes. Every
     image gets exactly ``windows`` boxes (topped up with random boxes, and said so, when proposals run short)."""
-    from ..core.voc import VocDataset, resolve_voc_root
+    from ..core.voc import VocDataset
     from ..core.proposals import image_seed, load_proposals, selective_search
 
     rng = np.random.default_rng(cfg.seed)

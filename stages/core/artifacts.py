@@ -25,8 +25,7 @@ MANIFEST_SCHEMA = 1
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
-# The registry owns stage names, folders, commands and tags; these names stay importable from here.
-from .registry import CONV_SOURCES, FINETUNED_CONV_SUFFIX, STAGES, command_line, conv_suffix  # noqa: E402,F401
+from .registry import STAGES, command_line  # noqa: E402  (names, folders and commands of the stages)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

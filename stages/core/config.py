@@ -43,10 +43,6 @@ class DataConfig:
     test_split: str = "test"  # what detect / eval score by default
     skip_bad: bool = False  # warn and skip a bad image/annotation instead of stopping
 
-    def __post_init__(self) -> None:
-        if self.train_split == self.test_split:
-            raise SppError(f"data.train_split and data.test_split are both {self.train_split!r}: fine-tuning "
-                           "must not see the test split")
 
 
 @dataclass(frozen=True)
@@ -85,7 +81,10 @@ class ModelConfig:
                  "model.pyramid", self.pyramid, "must be distinct positive bin counts")
         _require(self.fc_dim >= 1, "model.fc_dim", self.fc_dim, "must be positive")
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "must be in [0, 1)")
+        _require_choices(self, "model")
         _require(0.0 < self.width <= 4.0, "model.width", self.width, "must be in (0, 4]")
+        _require(self.width == 1.0 or self.backbone == "zf5", "model.width", self.width,
+                 f"applies to zf5 only (a {self.backbone} trunk keeps its pretrained channels)")
 
 
 @dataclass(frozen=True)
@@ -307,6 +306,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
 # once with the known words and never reaches a run's saved config.json.
 CHOICES: dict[str, tuple[str, ...]] = {
     "features.scale_rule": ("code", "paper"),
+    # nets.BACKBONES (a test keeps the two equal; nets imports torch, the config must not)
+    "model.backbone": ("zf5", "mobilenet_v2", "mobilenet_v2_c17", "mobilenet_v2_c18", "mobilenet_v2_c19", "alexnet",
+                       "vgg16", "resnet18", "resnet50"),
     "proposals.min_side_applies_to": ("both", "width"),
     "pretrain.optimizer": ("sgd", "adamw"),
     "svm.pruning": ("dedup", "overlap70", "none"),
@@ -316,7 +318,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # Machine settings change how fast a stage runs, never what it computes: they are not experiment parameters, so
 # they are never saved in a run's config.json (each command takes them from its own options or the defaults).
-MACHINE_KEYS: tuple[str, ...] = ("device", "proposals.workers", "pretrain.workers", "svm.workers")
+# (pretrain.workers is not one: each data-loader process draws its own augmentation stream.)
+MACHINE_KEYS: tuple[str, ...] = ("device", "proposals.workers", "svm.workers")
 
 
 def drop_machine_keys(nested: dict) -> dict:

@@ -67,6 +67,8 @@ def up_to_date_manifest(run: Run, plan: StagePlan, verify: Callable[[Manifest], 
     if not run.is_up_to_date(plan.stage, plan.tag, plan.config, plan.inputs, folder=folder):
         return None
     manifest = read_manifest(folder / MANIFEST_NAME)
+    if manifest.data.get("outputs") != plan.outputs:  # the stage now writes other files than it did
+        return None
     return manifest if verify is None or verify(manifest) else None
 
 
@@ -82,9 +84,6 @@ def execute(run: Run, plan: StagePlan, body: Callable[[Path], Produced], *, desc
         done = up_to_date_manifest(run, plan, verify)  # another process may have finished it while we looked
         if done is not None:
             return StageResult(done, summary=describe(done.metrics), skipped=True)
-        if cfg is not None:
-            from .runconfig import save_run_config
-            save_run_config(cfg)
         run.invalidate(plan.stage, plan.tag, folder=folder)
         started = time.perf_counter()
         previous, run.allowed_inputs = run.allowed_inputs, plan.declared_inputs()
@@ -92,6 +91,9 @@ def execute(run: Run, plan: StagePlan, body: Callable[[Path], Produced], *, desc
             produced = body(folder)
         finally:
             run.allowed_inputs = previous
+        if cfg is not None:  # only now: a value that made the stage fail never reaches the run's config
+            from .runconfig import save_run_config
+            save_run_config(cfg)
         if not produced.write_manifest:
             return StageResult(None, summary=produced.summary, extra=produced.extra)
         manifest = run.write_manifest(plan.stage, plan.tag, config=plan.config, inputs=plan.inputs,

@@ -108,6 +108,9 @@ def run(cfg: Config) -> StageResult:
     ft = cfg.finetune
     run_dir = Run(cfg.run_dir)
     split = cfg.data.train_split
+    if split == cfg.data.test_split:  # a stage's rule, not a config invariant: eval on the training split is fine
+        raise SppError(f"data.train_split and data.test_split are both {split!r}: fine-tuning must not see the "
+                       "test split")
     dataset = VocDataset.from_config(cfg.data)
     inputs: dict = {"pretrain": run_dir.require("pretrain"), "proposals": run_dir.require("proposals", split)}
     if not ft.conv:

@@ -104,7 +104,7 @@ def _run(cfg: Config, ranks: _Ranks) -> StageResult:
     plan = StagePlan(STAGE, None, config, inputs, {"model": MODEL_FILE})
     result = execute(run_dir, plan, lambda folder: _train(cfg, ranks, config, inputs, trees, folder),
                      describe=lambda metrics: _summary(metrics, out_dir / MODEL_FILE), cfg=cfg,
-                     lock_name=f".lock.rank{ranks.rank}" if ranks.distributed else ".lock")
+                     lock_name=f".lock.rank{ranks.rank}" if ranks.rank else ".lock")  # rank 0 meets a plain run
     if ranks.distributed and not result.skipped:
         dist.barrier()  # rank 0 has written the manifest
     if result.manifest is None:
