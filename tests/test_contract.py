@@ -381,3 +381,23 @@ def test_an_unwritable_output_path_outside_the_run_is_one_line(finished, tmp_pat
     _, common = _copy(finished, tmp_path)
     out = _invoke("table9", *common, "--json", str(blocker / "t.json"), expect=1)
     assert out.count("\n") == 1 and str(blocker) in out
+
+
+def test_hints_in_artifact_readers_are_commands_of_their_run(tmp_path):
+    runs = tmp_path / "runs"
+    cases = {runs / "r" / "02_features" / "test+ftconv" / "features.h5":
+             f"spp extract-features --run r --runs-root {runs} --split test --conv-from finetune",
+             runs / "r" / "04_svm" / "ftfc7-s1" / "svm.npz":
+             f"spp train-svm --run r --runs-root {runs} --feature ftfc7 --one-scale",
+             runs / "r" / "05_bbox" / "s5" / "bbox.npz": f"spp train-bbox --run r --runs-root {runs}",
+             runs / "r" / "01_proposals" / "val" / "proposals.h5":
+             f"spp proposals --run r --runs-root {runs} --split val",
+             runs / "r" / "00_pretrain" / "model.pt": f"spp pretrain --run r --runs-root {runs}"}
+    for path, command in cases.items():
+        assert registry.command_for_path(path) == command
+    from stages.core.svm import load_svm_model
+    bad = tmp_path / "runs" / "r" / "04_svm" / "pool5-s1" / "svm.npz"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not an npz")
+    with pytest.raises(SppError, match=rf"rerun `spp train-svm --run r --runs-root {runs} --feature pool5 --one-scale`"):
+        load_svm_model(bad)

@@ -280,7 +280,8 @@ def test_truncated_or_damaged_file_is_one_line_error_naming_the_stage(extracted,
     folder.mkdir(parents=True)
     truncated = folder / "features.h5"
     truncated.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
-    with pytest.raises(SppError, match=r"features\.h5.*spp extract-features --split train") as err:
+    with pytest.raises(SppError, match=r"features\.h5.*rerun `spp extract-features --run \S+ --runs-root \S+ "
+                                       r"--split train`") as err:
         FeatureCache(truncated).maps("img0")
     assert "\n" not in str(err.value)
     # Flip bytes inside a stored map: the fletcher32 checksum turns silent garbage into an error.

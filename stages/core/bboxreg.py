@@ -18,6 +18,7 @@ import torch
 from . import boxes as box_ops
 from .artifacts import atomic_write_bytes
 from .errors import SppError
+from .registry import command_for_path
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def load_bbox_model(path: Path) -> BboxModel:
                              pyramid=tuple(int(n) for n in data["pyramid"]),
                              lam=float(data["lam"]), min_iou=float(data["min_iou"]))
     except (OSError, KeyError, ValueError) as exc:
-        raise SppError(f"unreadable box-regression file ({type(exc).__name__}: {exc}); rerun `spp train-bbox`",
+        raise SppError(f"unreadable box-regression file ({type(exc).__name__}: {exc}); rerun `{command_for_path(Path(path))}`",
                        path) from None
 
 

@@ -16,6 +16,7 @@ import torch
 from . import spp
 from .artifacts import Manifest, Run
 from .errors import SppError
+from .registry import command_for_path
 from .nets import load_checkpoint, resolve_device
 
 if TYPE_CHECKING:  # only their public reading APIs are used here
@@ -103,7 +104,7 @@ def training_images(dataset: VocDataset, split: str, cache: FeatureCache) -> lis
     missing = [i for i in image_ids if i not in cache]
     if missing:
         raise SppError(f"the conv5 cache lacks {len(missing)} image(s) of split {split!r} (e.g. {missing[0]!r}); "
-                       f"rerun `spp extract-features --split {split}`", cache.paths[0])
+                       f"rerun `{command_for_path(cache.paths[0])}`", cache.paths[0])
     if not image_ids:
         raise SppError(f"split {split!r} has no usable images", dataset.split_path(split))
     return image_ids

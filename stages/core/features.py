@@ -38,6 +38,7 @@ from .artifacts import Run
 from .registry import features_tag  # noqa: F401  (the features stage's tag, named in the registry)
 from .boxes import flip_boxes
 from .errors import SppError, require_free_space
+from .registry import command_for_path
 from .handles import keep_inherited_handles
 
 SCHEMA_VERSION = 1
@@ -95,8 +96,7 @@ def _plain(value: Any) -> Any:
 
 
 def _rerun_hint(path: Path) -> str:
-    # The file lives in <run>/02_features/<split>/.
-    return f"rerun `spp extract-features --split {Path(path).parent.name}` to rebuild it"
+    return f"rerun `{command_for_path(Path(path))}` to rebuild it"
 
 
 def header_matches(attrs: h5py.AttributeManager, header: dict[str, Any]) -> bool:
@@ -477,7 +477,7 @@ class FeatureCache:
         missing = [s for s in subset if s not in self.scales]
         if missing or not subset:
             raise SppError(f"scales {list(missing) or list(subset)} are not in the feature cache (it holds "
-                           f"{list(self.scales)}); rerun `spp extract-features --split {self.split}` with them",
+                           f"{list(self.scales)}); rerun `{command_for_path(self.paths[0])} --scales ...` with them",
                            self.paths[0])
         return subset
 

@@ -49,6 +49,7 @@ import numpy as np
 from .artifacts import Run
 from .config import CHOICES, ProposalConfig
 from .errors import InputError, SppError, require_free_space
+from .registry import command_for_path
 from .handles import keep_inherited_handles
 
 SCHEMA = 1
@@ -230,8 +231,7 @@ class ProposalStore:
         self._pid: int | None = None
 
     def _rerun_hint(self) -> str:
-        # The file lives in <run>/01_proposals/<split>/.
-        return f"rerun `spp proposals --split {self.path.parent.name}` to rebuild it"
+        return f"rerun `{command_for_path(self.path)}` to rebuild it"
 
     def __len__(self) -> int:
         return len(self.image_ids)

@@ -120,3 +120,23 @@ def command_line(run_dir: Path, name: str, tag: str | None = None) -> str:
     if run_dir.parent.resolve() != Path(DEFAULT_RUNS_ROOT).resolve():
         args += ["--runs-root", str(run_dir.parent)]
     return shlex.join(args + command_args(name, tag))
+
+
+def command_for_path(path: Path) -> str:
+    """The command that remakes the artifact at ``path`` (a file inside ``<run>/<NN_stage>/[<tag>/]``), ready to
+    paste; for a file outside a run's layout, the bare ``spp <command>`` of the stage named by its folder."""
+    path = Path(path)
+    by_folder = {info.folder: info for info in STAGES.values()}
+    for folder in path.parents:
+        info = by_folder.get(folder.name)
+        if info is None:
+            continue
+        tag = None
+        if info.tagged_by:
+            inside = path.relative_to(folder).parts
+            tag = inside[0] if len(inside) > 1 else None
+        try:
+            return command_line(folder.parent, info.name, tag)
+        except ValueError:
+            return f"spp {info.command}"
+    return "spp"

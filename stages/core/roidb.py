@@ -17,6 +17,7 @@ import numpy as np
 
 from .boxes import box_iou, flip_boxes
 from .errors import InputError
+from .registry import command_for_path
 from .voc import Annotation, VocDataset
 
 if TYPE_CHECKING:  # only the store's .boxes(image_id) is used here (any object with it will do)
@@ -84,8 +85,10 @@ def build_roidb(dataset: VocDataset, split: str, proposals: "ProposalStore",
     roidb = []
     for image_id in ids:
         if image_id not in have:
-            raise InputError(f"no proposals for image {image_id!r} of split {split!r}; rerun `spp proposals "
-                             f"--split {split}`", dataset.split_path(split))
+            command = (command_for_path(proposals.path) if hasattr(proposals, "path")
+                       else f"spp proposals --split {split}")
+            raise InputError(f"no proposals for image {image_id!r} of split {split!r}; rerun `{command}`",
+                             dataset.split_path(split))
         roidb.append(image_rois(dataset.annotation(image_id), proposals.boxes(image_id), num_classes))
     return roidb
 

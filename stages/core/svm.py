@@ -29,6 +29,7 @@ from sklearn.svm import LinearSVC
 
 from .artifacts import atomic_write_bytes
 from .errors import SppError
+from .registry import command_for_path
 
 
 @dataclass(frozen=True)
@@ -214,4 +215,5 @@ def load_svm_model(path: Path) -> SvmModel:
                             scales=tuple(int(s) for s in data["scales"]),
                             pyramid=tuple(int(n) for n in data["pyramid"]), trained=data["trained"].astype(bool))
     except (OSError, KeyError, ValueError) as exc:
-        raise SppError(f"unreadable SVM file ({type(exc).__name__}: {exc}); rerun `spp train-svm`", path) from None
+        raise SppError(f"unreadable SVM file ({type(exc).__name__}: {exc}); rerun `{command_for_path(Path(path))}`",
+                       path) from None

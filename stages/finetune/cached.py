@@ -12,6 +12,7 @@ import torch
 from ..core.artifacts import Manifest, Run
 from ..core.config import Config
 from ..core.errors import SppError
+from ..core.registry import command_for_path
 from ..core.roidb import ImageRois
 from .windows import Entry, Pooler
 
@@ -28,14 +29,14 @@ def cached_pooler(cfg: Config, run_dir: Run, features: Manifest, roidb: list[Ima
     cache_file = features.folder
     if cache.backbone != pre_meta.get("backbone", cfg.model.backbone):
         raise SppError(f"the conv5 cache was made with backbone {cache.backbone!r} but the pretrained model is "
-                       f"{pre_meta.get('backbone')!r}; rerun `spp extract-features --split {split}`", cache_file)
+                       f"{pre_meta.get('backbone')!r}; rerun `{command_for_path(cache_file / 'x')}`", cache_file)
     if cache.spec.channels != spec.channels:
         raise SppError(f"the conv5 cache has {cache.spec.channels} channels, the model {spec.channels}",
                        cache_file)
     missing = [r.image_id for r in roidb if r.image_id not in cache]
     if missing:
         raise SppError(f"the conv5 cache lacks {len(missing)} image(s) of split {split!r} (e.g. {missing[0]!r}); "
-                       f"rerun `spp extract-features --split {split}`", cache_file)
+                       f"rerun `{command_for_path(cache_file / 'x')}`", cache_file)
     flip_used = ft.flip and cache.has_flip
     if ft.flip and not cache.has_flip:
         warnings.warn(f"{cache_file}: the conv5 cache holds no mirrored maps; fine-tuning without flips "
