@@ -17,15 +17,22 @@ VOC_ROOT ?= $(if $(filter synth,$(DATASET)),$(SYNTH_ROOT),)
 # The preset every stage builds its config from (stages/configs/<name>.toml, or a TOML path).
 CONFIG ?= $(if $(filter synth,$(DATASET)),synth,voc2007-zf5)
 CONFIG_FILE := $(firstword $(wildcard $(CONFIG) stages/configs/$(CONFIG).toml))
-TRAIN ?= trainval
-TEST ?= test
 R := data/runs/$(RUN)
 ARGS := --run $(RUN) --dataset $(DATASET) $(if $(VOC_ROOT),--voc-root $(VOC_ROOT)) --config $(CONFIG) $(SPP_FLAGS)
-# Table 9 rows: SVMs on pool5, fc7 (no fine-tuning), ftfc7, ftfc7 + box regression; at 1 and at all scales.
-SVM_FEATURES := pool5 fc7 ftfc7
-# The all-scales tag (s<n>) names folders: n comes from the preset itself (stages/core/config.py, stdlib only).
-N_SCALES := $(shell PYTHONPATH=. $(PYTHON) -c 'import sys; from stages.core.config import build_config; \
-	print(len(build_config(sys.argv[1]).features.scales))' $(CONFIG))
+# What names the folders comes from the preset itself (stages/core/config.py, stdlib only): the number of scales
+# (the all-scales tag s<n>), the backbone, and the train / test splits.
+PRESET_FACTS := $(shell PYTHONPATH=. $(PYTHON) -c 'import sys; from stages.core.config import build_config; \
+	c = build_config(sys.argv[1]); print(len(c.features.scales), c.model.backbone, c.data.train_split, \
+	c.data.test_split)' $(CONFIG))
+N_SCALES := $(word 1,$(PRESET_FACTS))
+BACKBONE := $(word 2,$(PRESET_FACTS))
+TRAIN := $(word 3,$(PRESET_FACTS))
+TEST := $(word 4,$(PRESET_FACTS))
+# Table 9 rows: SVMs on pool5, fc7 (no fine-tuning; only ZF-5 has pretrained fc layers: an ImageNet trunk's fc
+# layers start random), ftfc7, ftfc7 + box regression; at 1 and at all scales. On real data also the fine-tuned
+# fc8 softmax as the scorer (beyond the paper), with and without box regression.
+SVM_FEATURES := pool5 $(if $(filter zf5,$(BACKBONE)),fc7) ftfc7
+SCORERS := $(SVM_FEATURES) $(if $(filter synth,$(DATASET)),,softmax)
 
 .PHONY: install test all pipeline clean-run help
 .SECONDARY:
@@ -92,25 +99,27 @@ $(R)/04_svm/$(1)-$(2)/MANIFEST.json: $(TRAIN_INPUTS) $(if $(findstring ft,$(1)),
 endef
 
 define detect_rule
-$(R)/06_detect/$(TEST)-$(1)-$(2)$(3)/MANIFEST.json: $(R)/04_svm/$(1)-$(2)/MANIFEST.json $(TEST_INPUTS) \
+$(R)/06_detect/$(TEST)-$(1)-$(2)$(3)/MANIFEST.json: $(TEST_INPUTS) \
+		$(if $(filter softmax,$(1)),$(R)/03_finetune/MANIFEST.json,$(R)/04_svm/$(1)-$(2)/MANIFEST.json) \
 		$(if $(3),$(R)/05_bbox/$(2)/MANIFEST.json)
 	$(SPP) detect $(ARGS) --split $(TEST) --feature $(1) $(call scale_flag,$(2)) $(if $(3),--bbox,--no-bbox)
 $(R)/07_eval/$(TEST)-$(1)-$(2)$(3)/MANIFEST.json: $(R)/06_detect/$(TEST)-$(1)-$(2)$(3)/MANIFEST.json
 	$(SPP) eval $(ARGS) --split $(TEST) --feature $(1) $(call scale_flag,$(2)) $(if $(3),--bbox,--no-bbox)
 endef
 
-SCALE_TAGS := s1 s$(N_SCALES)
+SCALE_TAGS := $(sort s1 s$(N_SCALES))
+BB_SCORERS := ftfc7 $(filter softmax,$(SCORERS))
 $(foreach f,$(SVM_FEATURES),$(foreach s,$(SCALE_TAGS),$(eval $(call svm_rule,$(f),$(s)))))
-$(foreach f,$(SVM_FEATURES),$(foreach s,$(SCALE_TAGS),$(eval $(call detect_rule,$(f),$(s),))))
-$(foreach s,$(SCALE_TAGS),$(eval $(call detect_rule,ftfc7,$(s),-bb)))
+$(foreach f,$(SCORERS),$(foreach s,$(SCALE_TAGS),$(eval $(call detect_rule,$(f),$(s),))))
+$(foreach f,$(BB_SCORERS),$(foreach s,$(SCALE_TAGS),$(eval $(call detect_rule,$(f),$(s),-bb))))
 
 $(R)/05_bbox/%/MANIFEST.json: $(TRAIN_INPUTS)
 	$(SPP) train-bbox $(ARGS) $(call scale_flag,$*)
 
 # The fine-tuned rows first: Make starts prerequisites in this order, so with parallel jobs fine-tuning (the
 # longest stage after pretraining) starts the moment the trainval features exist, and pool5/fc7 fill the other slot.
-EVALS := $(foreach s,$(SCALE_TAGS),$(R)/07_eval/$(TEST)-ftfc7-$(s)-bb/MANIFEST.json) \
-	$(foreach f,$(filter ftfc7,$(SVM_FEATURES)) $(filter-out ftfc7,$(SVM_FEATURES)),\
+EVALS := $(foreach f,$(BB_SCORERS),$(foreach s,$(SCALE_TAGS),$(R)/07_eval/$(TEST)-$(f)-$(s)-bb/MANIFEST.json)) \
+	$(foreach f,$(filter ftfc7,$(SCORERS)) $(filter-out ftfc7,$(SCORERS)),\
 	$(foreach s,$(SCALE_TAGS),$(R)/07_eval/$(TEST)-$(f)-$(s)/MANIFEST.json))
 
 $(R)/table9.json: $(EVALS)
