@@ -401,3 +401,16 @@ def test_hints_in_artifact_readers_are_commands_of_their_run(tmp_path):
     bad.write_bytes(b"not an npz")
     with pytest.raises(SppError, match=rf"rerun `spp train-svm --run r --runs-root {runs} --feature pool5 --one-scale`"):
         load_svm_model(bad)
+
+
+def test_a_feature_file_open_in_a_reader_is_never_moved(finished, tmp_path):
+    run, common = _copy(finished, tmp_path)
+    final = run.stage_dir("features", "test") / "features.h5"
+    (run.stage_dir("features", "test") / MANIFEST_NAME).unlink()  # a rerun would reuse the finished file
+    with h5py.File(final, "r"):  # a stage reading the maps, as train-svm or detect would
+        result = subprocess.run([str(SPP), "extract-features", *common, "--split", "test", "--device", "cpu"],
+                                capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+        assert "open in another process" in result.stderr and str(final) in result.stderr
+        assert final.exists() and not list(final.parent.glob("*.corrupt*"))
+    assert "up to date" not in _invoke("extract-features", *common, "--split", "test")  # free again: it finishes

@@ -20,6 +20,7 @@ Only a finished file (every image in, file-level ``complete``) is renamed to its
 from __future__ import annotations
 
 import contextlib
+import errno
 import dataclasses
 import json
 import os
@@ -61,6 +62,21 @@ def map_name(scale: int, flip: bool = False) -> str:
 def shard_file_name(rank: int, world_size: int) -> str:
     """``features.h5`` for a single process, ``features.rank<r>.h5`` for torchrun rank r."""
     return FEATURES_FILE if world_size == 1 else f"features.rank{rank}.h5"
+
+
+def _held_by_another_process(exc: OSError) -> bool:
+    """HDF5's own file lock (flock) refused us: another process has the file open."""
+    return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or "unable to lock file" in str(exc).lower()
+
+
+def _refuse_if_in_use(path: Path) -> None:
+    """One line naming ``path`` when another process has it open (HDF5 refuses the write lock)."""
+    try:
+        h5py.File(path, "r+").close()
+    except OSError as exc:
+        if _held_by_another_process(exc):
+            raise SppError("this feature file is open in another process (a stage reading it); wait for it to "
+                           "finish and rerun", path) from None
 
 
 def partial_path(final: Path) -> Path:
@@ -128,6 +144,7 @@ class FeatureWriter:
         """Open the partial file (resuming it when it matches the header); returns the ids already complete."""
         self.final.parent.mkdir(parents=True, exist_ok=True)
         if self.final.exists():
+            _refuse_if_in_use(self.final)  # a stage reading it keeps its file where it is
             if self.partial.exists():  # both: the final one is the newer, finished state
                 self.partial.unlink()
             os.replace(self.final, self.partial)  # finished before, manifest not yet written: reuse its images
@@ -147,6 +164,9 @@ class FeatureWriter:
         try:
             handle = h5py.File(self.partial, "a", libver=LIBVER)
         except OSError as exc:
+            if _held_by_another_process(exc):  # not damage: never move aside a file another process has open
+                raise SppError("this feature file is open in another process; wait for it to finish and rerun",
+                               self.partial) from None
             aside = _move_aside(self.partial, ".corrupt")
             self.notes.append(f"{self.partial}: unreadable partial feature file ({_one_line(exc)}); moved aside to "
                               f"{aside.name}, restarting")
