@@ -303,7 +303,8 @@ def table9(json_out, **common):
 
 @cli.command()
 @_run_options
-@click.option("--backbone", default=None, help="zf5 | mobilenet_v2 | alexnet | vgg16")
+@click.option("--backbone", default=None, type=click.Choice(CHOICES["model.backbone"]),
+              help="Trunk to time (default: the run's model.backbone).")
 @click.option("--images", "n_images", type=int, default=3, show_default=True)
 @click.option("--windows", type=int, default=2000, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True)

@@ -235,7 +235,7 @@ def test_machine_settings_and_reading_commands_write_nothing(finished, tmp_path)
             "--out", str(tmp_path / "elsewhere"))
     _invoke("train-bbox", *common, "--one-scale", "--device", "cuda", "--set", "svm.workers=7")  # up to date
     _invoke("finetune", "--help")
-    _invoke("bench", *common, "--backbone", "foo", expect=1)
+    _invoke("bench", *common, "--backbone", "foo", expect=2)  # refused by the option itself
     assert _snapshot(run.root) == before
     assert "up to date" in _invoke("detect", *common, "--feature", "ftfc7", "--one-scale", "--bbox")
 

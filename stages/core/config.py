@@ -69,7 +69,7 @@ class ProposalConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "zf5"  # zf5 | mobilenet_v2 | alexnet | vgg16 (torchvision, cut at stride 16)
+    backbone: str = "zf5"  # one of CHOICES["model.backbone"] (stages/core/nets.py's table), all at stride 16
     weights: str = ""  # local state-dict file for the torchvision trunk, or torchvision's named weights
     pyramid: tuple[int, ...] = (1, 2, 3, 6)  # SPP levels, concatenated in this order [SPEC §1]
     fc_dim: int = 4096  # fc6/fc7 width [SPEC §1]
