@@ -4,7 +4,6 @@ negative store, the per-class caches and the mining schedule (see the stage's do
 from __future__ import annotations
 
 import math
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -358,25 +357,24 @@ class HardNegativeMiner:
 
     def _retrain(self, classes: list[int], image_index: int) -> None:
         ids = {k: self.caches[k].negative_ids() for k in classes}
-        evaluating = threading.Lock()
 
-        def fit_one(k: int) -> tuple[SvmFit, dict, np.ndarray]:
-            positives = self.caches[k].positives
-            X_neg = self.store.gather(ids[k])  # this fit's own copy, dropped when it returns
-            fitted = self.fit(k, positives, X_neg)
-            # One class at a time: the objective makes a float64 copy of the training set.
-            with evaluating:
-                objective = self.objective(fitted.w, fitted.b, positives, X_neg)
-                z_neg = X_neg @ np.asarray(fitted.w, dtype=np.float32) + np.float32(fitted.b)
-            return fitted, objective, z_neg >= self.schedule.evict_thresh  # evict "easy" ones: z < evict_thresh
+        def fit_one(k: int) -> SvmFit:
+            # Only the gather (a copy, no BLAS) and the fit here: these threads fork the fit processes, and a fork
+            # while another thread is inside a BLAS call can deadlock (it did, in pool5 SVMs on VOC).
+            return self.fit(k, self.caches[k].positives, self.store.gather(ids[k]))
 
         parallel = self.parallel_fits(classes)
         if parallel > 1:
             with ThreadPoolExecutor(max_workers=parallel) as pool:
-                results = list(pool.map(fit_one, classes))
+                fits = list(pool.map(fit_one, classes))
         else:
-            results = [fit_one(k) for k in classes]
-        for k, (fitted, objective, keep) in zip(classes, results):
+            fits = [fit_one(k) for k in classes]
+        for k, fitted in zip(classes, fits):
+            # One class at a time, after every fork: the objective makes a float64 copy of the training set.
+            positives, X_neg = self.caches[k].positives, self.store.gather(ids[k])
+            objective = self.objective(fitted.w, fitted.b, positives, X_neg)
+            keep = X_neg @ np.asarray(fitted.w, dtype=np.float32) + np.float32(fitted.b) >= self.schedule.evict_thresh
+            del X_neg  # evict "easy" negatives: z < evict_thresh
             cache = self.caches[k]
             self.W[:, k] = fitted.w
             self.b[k] = fitted.b
