@@ -19,12 +19,11 @@ from .core import boxes as B
 from .core import fcfeatures
 from .core.artifacts import Run, StageResult, atomic_write_bytes
 from .core.bboxreg import BboxModel, apply_bbox, load_bbox_model
-from .core.config import CHOICES
 from .core.errors import SppError
-from .core.nets import resolve_device
+from .core.nets import BACKGROUND, resolve_device
 from .core.proposals import load_proposals, selective_search
 from .core.svm import SvmModel, load_svm_model
-from .core.registry import bbox_tag, detect_tag, svm_tag
+from .core.registry import bbox_tag, command_for_path, detect_tag, svm_tag
 from .core.runner import Produced, StagePlan, execute
 from .core.voc import load_image_rgb, write_comp4
 
@@ -41,11 +40,6 @@ class ClassModels:
     @property
     def classes(self) -> tuple[str, ...]:
         return self.svm.classes if self.svm is not None else self.softmax_classes
-
-
-def load_class_models(svm_path: Path, bbox_path: Path | None) -> ClassModels:
-    """The variant's ``svm.npz`` and, with ``bbox_path``, its ``bbox.npz``."""
-    return ClassModels(load_svm_model(svm_path), load_bbox_model(bbox_path) if bbox_path is not None else None)
 
 
 def detect_windows(boxes: np.ndarray, scores: np.ndarray, image_wh: tuple[int, int], *, score_thresh: float,
@@ -77,19 +71,17 @@ class _Scorer:
         # Box regressors read pool5 from the same conv layers as the feature (train-bbox --conv-from).
         self.conv_from = fcfeatures.conv_source(run, feature)
         self.bbox_manifest = run.require("bbox", bbox_tag(one_scale, n_scales, self.conv_from)) if use_bbox else None
-        bbox_path = self.bbox_manifest.output("bbox") if self.bbox_manifest else None
+        bbox = load_bbox_model(self.bbox_manifest.output("bbox")) if self.bbox_manifest else None
         self.nets, self.net_manifests = fcfeatures.load_feature_nets(run, feature, cfg, device=device)
         if self.softmax:
             names = tuple(self.nets["finetuned"].class_names)
-            if not names or names[0] != "__background__":
+            if not names or names[0] != BACKGROUND:
+                model_path = self.net_manifests["finetune"].output("model")
                 raise SppError("the fine-tuned model has no background-first class list for softmax scores; rerun "
-                               "`spp finetune`", self.net_manifests["finetune"].output("model"))
-            self.models = ClassModels(None, load_bbox_model(bbox_path) if bbox_path else None, names[1:])
+                               f"`{command_for_path(model_path)}`", model_path)
+            self.models = ClassModels(None, bbox, names[1:])
         else:
-            self.models = load_class_models(self.svm_manifest.output("svm"), bbox_path)
-        known = CHOICES["detect.fc_dtype"]  # merge() checks it; a hand-built config may not have been through it
-        if cfg.detect.fc_dtype not in known:
-            raise SppError(f"unknown detect.fc_dtype {cfg.detect.fc_dtype!r} (known: {', '.join(known)})")
+            self.models = ClassModels(load_svm_model(self.svm_manifest.output("svm")), bbox)
         # fc6/fc7 weight type (bfloat16 moves scores by ~1e-2 of their range, BENCHMARKS.md). The nets are fresh
         # copies loaded for this stage, so converting them in place is safe.
         for net in self.nets.values():

@@ -29,7 +29,7 @@ machine's float32 matmul rate (``matmul_gflops``) is the reference for ``fc_frac
 The code: this package's ``__init__`` runs the benchmark (``run``: warm-up, repeats, aggregation); ``inputs.py``
 makes the images, windows and weights; ``rcnn_mode.py`` and ``spp_mode.py`` time one image in R-CNN and SPP
 mode (``spp_mode.py`` also the SPP layer alone); ``measure.py`` holds the FLOP counter, the phase timer and the
-matmul peak; ``report.py`` the printed report.
+matmul peak; ``formatting.py`` the printed report.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ from .inputs import MIN_BOX_SIDE, SYNTH_IMAGE_HW, BenchInputs, bench_inputs, ben
 from .measure import (CLOCKS, CPU_MATMUL_SHAPE, CUDA_MATMUL_SHAPE, MODE_NAMES, MODES, PHASES, FlopCounter,
                       PhaseTimer, _Setup, _speed_settings, matmul_gflops)
 from .rcnn_mode import time_rcnn
-from .report import PAPER_TABLE10, _device_name, _ratio, format_report
+from .formatting import PAPER_TABLE10, _device_name, _ratio, format_report
 from .spp_mode import SppPathInfo, _pooling_comparison, spp_window_features, time_spp
 
 CPU_RCNN_WINDOWS = 128  # R-CNN windows timed per image on a CPU (then scaled linearly); all of them on a GPU

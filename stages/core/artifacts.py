@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import SppError, StageInputMissing
+from .registry import STAGES, command_line  # names, folders and commands of the stages
 
 MANIFEST_NAME = "MANIFEST.json"
 MANIFEST_SCHEMA = 1
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-
-from .registry import STAGES, command_line  # noqa: E402  (names, folders and commands of the stages)
-
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
@@ -167,10 +165,9 @@ class Run:
                 f"rerun `{self.command_for(stage, tag)}`")
         changed = changed_outputs(manifest)
         if changed:
-            raise StageInputMissing(
-                f"missing input: {what} lost or changed its output {', '.join(str(manifest.folder / c) for c in changed)} "
-                f"since it finished; "
-                f"rerun `{self.command_for(stage, tag)}`")
+            paths = ", ".join(str(manifest.folder / rel) for rel in changed)
+            raise StageInputMissing(f"missing input: {what} lost or changed its output {paths} since it finished; "
+                                    f"rerun `{self.command_for(stage, tag)}`")
         return manifest
 
     def stale_inputs(self, manifest: Manifest) -> list[str]:
@@ -192,13 +189,18 @@ class Run:
                       folder: Path | None = None) -> bool:
         """True when the stage already finished with this config and these exact inputs, and every output it
         recorded is still there with the size it had (so it can be skipped)."""
+        return self.finished_manifest(stage, tag, config, inputs, folder) is not None
+
+    def finished_manifest(self, stage: str, tag: str | None, config: dict, inputs: dict[str, Any],
+                          folder: Path | None = None) -> Manifest | None:
+        """The manifest when ``is_up_to_date``, else None (one read of it)."""
         try:
             manifest = read_manifest((folder or self.stage_dir(stage, tag)) / MANIFEST_NAME)
         except (FileNotFoundError, SppError):
-            return False
-        return (manifest.data.get("config") == json.loads(json.dumps(config, default=_json_default))
-                and manifest.data.get("inputs") == self._input_records(inputs)
-                and not changed_outputs(manifest))
+            return None
+        fresh = (manifest.data.get("config") == json.loads(json.dumps(config, default=_json_default))
+                 and manifest.data.get("inputs") == self._input_records(inputs) and not changed_outputs(manifest))
+        return manifest if fresh else None
 
     def _input_records(self, inputs: dict[str, Any]) -> dict:
         records = {}
@@ -265,11 +267,10 @@ def changed_outputs(manifest: Manifest) -> list[str]:
     for name, rel in manifest.data.get("outputs", {}).items():
         path = manifest.folder / rel
         try:
-            size = output_size(path)
+            size = output_size(path) if path.exists() else None
         except OSError:
-            changed.append(rel)
-            continue
-        if not path.exists() or (name in sizes and sizes[name] != size):
+            size = None
+        if size is None or sizes.get(name, size) != size:  # manifests older than output_sizes: existence only
             changed.append(rel)
     return changed
 

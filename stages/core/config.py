@@ -302,8 +302,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise SppError(f"config {where}: unsupported type {annotation!r}")
 
 
-# Keys that take one of a few words: checked whenever a value is set, so a typo in a preset or a --set fails at
-# once with the known words and never reaches a run's saved config.json.
+# Keys that take one of a few words: checked by the config types whenever one is made (``_require_choices``), so
+# a typo in a preset or a --set fails at once with the known words and never reaches a run's saved config.json.
 CHOICES: dict[str, tuple[str, ...]] = {
     "features.scale_rule": ("code", "paper"),
     # nets.BACKBONES (a test keeps the two equal; nets imports torch, the config must not)
@@ -349,9 +349,7 @@ def merge(cfg: Any, overrides: dict, where: str = "") -> Any:
                 raise SppError(f"config {path}: expected a table, got {value!r}")
             changes[key] = merge(current, value, path)
         else:
-            changes[key] = _coerce(value, fields[key].type, path)
-            if path in CHOICES and changes[key] not in CHOICES[path]:
-                raise SppError(f"config {path}: {changes[key]!r} is not one of {', '.join(CHOICES[path])}")
+            changes[key] = _coerce(value, fields[key].type, path)  # the types' __post_init__ checks the values
     return dataclasses.replace(cfg, **changes)
 
 

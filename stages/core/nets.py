@@ -55,6 +55,7 @@ MOBILENET_V2_CUTS = {"mobilenet_v2": 14, "mobilenet_v2_c17": 17, "mobilenet_v2_c
 RESNETS = ("resnet18", "resnet50")
 BACKBONES = ("zf5", *MOBILENET_V2_CUTS, "alexnet", "vgg16", *RESNETS)
 CHECKPOINT_FORMAT = "sppnet-checkpoint"
+BACKGROUND = "__background__"  # class 0 of a fine-tuned net's fc8 (its class list starts with it)
 CHECKPOINT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -8,8 +8,9 @@ run), the config record its results depend on, and what it writes (paths relativ
 2. makes the stage folder (an unusable place is one line naming it) and takes the folder's lock: a second
    process on the same stage stops with one line naming the first; the lock is the kernel's (``flock``), so a
    killed process leaves nothing that blocks;
-3. saves the run's config (validated, machine settings left out), removes the old manifest, runs the body
-   (which may only ``require`` inputs it declared), times it, and writes the manifest last, atomically.
+3. removes the old manifest, runs the body (which may only ``require`` inputs it declared) and times it; once
+   the body succeeded, saves the run's config (validated, machine settings left out) and writes the manifest
+   last, atomically.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Any, Callable
 
 from filelock import FileLock, Timeout
 
-from .artifacts import MANIFEST_NAME, Manifest, Run, StageResult, read_manifest
+from .artifacts import Manifest, Run, StageResult
 from .errors import SppError
 
 LOCK_NAME = ".lock"
@@ -63,11 +64,8 @@ def stage_folder(run: Run, plan: StagePlan) -> Path:
 def up_to_date_manifest(run: Run, plan: StagePlan, verify: Callable[[Manifest], bool] | None = None
                         ) -> Manifest | None:
     """The stage's manifest when the plan is already done (reads only), else None."""
-    folder = stage_folder(run, plan)
-    if not run.is_up_to_date(plan.stage, plan.tag, plan.config, plan.inputs, folder=folder):
-        return None
-    manifest = read_manifest(folder / MANIFEST_NAME)
-    if manifest.data.get("outputs") != plan.outputs:  # the stage now writes other files than it did
+    manifest = run.finished_manifest(plan.stage, plan.tag, plan.config, plan.inputs, folder=stage_folder(run, plan))
+    if manifest is None or manifest.data.get("outputs") != plan.outputs:  # or it now writes other files than it did
         return None
     return manifest if verify is None or verify(manifest) else None
 

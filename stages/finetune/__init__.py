@@ -58,6 +58,7 @@ from ..core.config import Config
 from ..core.errors import SppError
 from ..core.roidb import build_roidb
 from ..core.runner import Produced, StagePlan, execute
+from ..core.nets import BACKGROUND
 from ..core.voc import VocDataset
 from .cached import cached_pooler
 from .conv import _live_poolers
@@ -70,7 +71,6 @@ STAGE = "finetune"
 MODEL_FILE = "model.pt"
 HISTORY_FILE = "history.json"
 RESUME_FILE = "resume.pt"  # the training state at the last safe point (``training._Resume``)
-BACKGROUND = "__background__"
 
 __all__ = [
     "STAGE", "MODEL_FILE", "HISTORY_FILE", "RESUME_FILE", "BACKGROUND", "IMAGE_OVERSAMPLE", "BIAS_LR_MULT",
