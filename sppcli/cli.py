@@ -242,24 +242,65 @@ def train_bbox(one_scale, conv_from, **common):
 
 
 @cli.command()
+@click.argument("paths", nargs=-1, metavar="[PATHS]...")
 @_run_options
 @_variant_options(scorers=True)
 @click.option("--split", default=None, help="Image set to detect on [data.test_split].")
 @click.option("--bbox/--no-bbox", default=None, help="Apply box regression [detect.bbox].")
-@click.option("--images", multiple=True, type=click.Path(dir_okay=False), help="Run on these image files instead.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="With --images: where to save them drawn.")
+@click.option("--images", "image_options", multiple=True, metavar="PATH",
+              help="Detect on your own images instead of a split: an image file, a folder (its jpg, jpeg, png, "
+                   "bmp, tif, tiff, webp files) or a glob pattern such as 'photos/**/*.jpg' (quote it). Repeatable; "
+                   "any further PATHS count too (--images a.jpg b.jpg), after the --images values.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="With images: the folder for <id>_detections.jpg and detections.json.")
+@click.option("--score-thresh", type=float, default=None,
+              help="With images: keep detections scoring above this.  [default: 0.0 for SVM scores (their "
+                   "decision boundary), 0.5 for --feature softmax (a probability)]")
+@click.option("--skip-bad", is_flag=True, default=False,
+              help="With images: skip an unreadable, corrupt or non-image file with a one-line warning (also "
+                   "--set data.skip_bad=true) instead of stopping at it.")
+@click.option("--comp4", "comp4_name", default=None, metavar="NAME",
+              help="With images: also write devkit files comp4_det_NAME_<class>.txt (1-based inclusive boxes, "
+                   "image ids as in detections.json), e.g. --comp4 test for `spp eval --detections OUT --split "
+                   "test`; pair it with a low --score-thresh such as -1.5 for AP.")
 @_errors_as_one_line
-def detect(feature, one_scale, split, bbox, images, out, **common):
-    """Score every proposal, per-class NMS, optional box regression; writes devkit comp4 files."""
-    from stages import detect as stage
+def detect(paths, feature, one_scale, split, bbox, image_options, out, score_thresh, skip_bad, comp4_name, **common):
+    """Score every proposal, per-class NMS, optional box regression; writes devkit comp4 files.
+
+    Or, with --images (or PATHS), detect on your own images with the run's trained models; nothing is written
+    to the run then.
+
+    \b
+      spp detect --run R --one-scale --images photos/ 'more/*.png' x.jpg --out drawn/
+    \b
+    OUT/<id>_detections.jpg  each image drawn (<id>: its file stem, made unique with _2, _3, ...)
+    OUT/detections.json      {"format", "box_convention", "run", "feature", "classes", "score_thresh", ...,
+                              "complete", "images": [{"image", "id", "drawn", "width", "height",
+                              "detections": [{"class", "score", "box": [x1, y1, x2, y2]}]}], "skipped"}
+    Boxes are float pixel coordinates, 0-based from the image's top-left corner (EXIF orientation applied),
+    x1/y1 inclusive and x2/y2 exclusive (width = x2 - x1), highest score first.
+    """
+    images = [*image_options, *paths]
+    if not images:
+        given = [name for name, value in (("--out", out), ("--score-thresh", score_thresh),
+                                          ("--skip-bad", skip_bad or None), ("--comp4", comp4_name))
+                 if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply with --images")
+        from stages import detect as stage
+
+        cfg = _config(**common, extra={"detect.bbox": bbox})
+        _report(stage.run(cfg, split or cfg.data.test_split, feature=feature, one_scale=one_scale))
+        return
+    if split:
+        raise click.UsageError("--split and --images (or PATHS) cannot go together: detect on a split or on images")
+    if not out:
+        raise click.UsageError("--images needs --out DIR")
+    from stages.detector import Detector, detect_images
 
     cfg = _config(**common, extra={"detect.bbox": bbox})
-    if images:
-        if not out:
-            raise click.UsageError("--images needs --out DIR")
-        _report(stage.run_on_images(cfg, [Path(p) for p in images], Path(out), feature=feature, one_scale=one_scale))
-    else:
-        _report(stage.run(cfg, split or cfg.data.test_split, feature=feature, one_scale=one_scale))
+    detector = Detector(cfg, feature=feature, bbox=cfg.detect.bbox, one_scale=one_scale, score_thresh=score_thresh)
+    _report(detect_images(detector, images, Path(out), comp4=comp4_name, skip_bad=skip_bad or cfg.data.skip_bad))
 
 
 @cli.command("eval")

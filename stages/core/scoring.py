@@ -1,0 +1,146 @@
+"""A run's trained detector applied to one image's windows: class SVM scores (or the fine-tuned fc8's softmax),
+per-class NMS, optional box regression (SPEC §6-7).
+
+Shared by ``spp detect`` (windows and conv5 maps from the run's proposals and feature cache) and
+``stages.detector`` (any image: selective search and conv5 maps computed on the fly, ``LiveMaps``), so that both
+score a window in exactly one way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import boxes as B
+from . import fcfeatures
+from .artifacts import Run
+from .bboxreg import BboxModel, apply_bbox, load_bbox_model
+from .errors import SppError
+from .nets import BACKGROUND, Backbone, load_checkpoint, preprocess
+from .registry import bbox_tag, command_for_path, svm_tag
+from .svm import SvmModel, load_svm_model
+
+
+@dataclass(frozen=True)
+class ClassModels:
+    """What scoring needs: the class SVMs (None: the fine-tuned fc8 softmax scores) and, optionally, the box
+    regressors."""
+
+    svm: SvmModel | None
+    bbox: BboxModel | None
+    softmax_classes: tuple[str, ...] = ()  # without SVMs: the object classes of fc8 (background dropped)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.svm.classes if self.svm is not None else self.softmax_classes
+
+
+def detect_windows(boxes: np.ndarray, scores: np.ndarray, image_wh: tuple[int, int], *, score_thresh: float,
+                   nms_iou: float, max_per_image: int, regress=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per class: keep scores > thresh, greedy NMS (IoU > nms_iou suppressed), top ``max_per_image``; then, with
+    ``regress(class_index, rows) -> boxes`` (rows index ``boxes``), move the survivors, clip them to the image and
+    run NMS again (SPEC §6-7: the released code's evaluation applies NMS 0.3 after regression)."""
+    out = []
+    for k in range(scores.shape[1]):
+        rows = np.flatnonzero(scores[:, k] > score_thresh)
+        rows = rows[B.nms(boxes[rows], scores[rows, k], nms_iou)[:max_per_image]]
+        cls_boxes, cls_scores = boxes[rows], scores[rows, k]
+        if regress is not None and len(rows):
+            cls_boxes = B.clip_boxes(regress(k, rows), *image_wh)
+            keep = B.nms(cls_boxes, cls_scores, nms_iou)
+            cls_boxes, cls_scores = cls_boxes[keep], cls_scores[keep]
+        out.append((cls_boxes, cls_scores))
+    return out
+
+
+class Scorer:
+    """Window features -> SVM scores (or fc8 softmax probabilities) and box regression for one variant of a run
+    (``feature``, ``one_scale``, ``use_bbox``), on one device. Reads the run's trained models; writes nothing."""
+
+    def __init__(self, cfg, run: Run, feature: str, one_scale: bool, use_bbox: bool, device: torch.device):
+        n_scales = len(cfg.features.scales)
+        self.cfg, self.run, self.feature, self.one_scale, self.device = cfg, run, feature, one_scale, device
+        self.softmax = feature == "softmax"  # fc8's class probabilities instead of SVM scores
+        self.svm_manifest = None if self.softmax else run.require("svm", svm_tag(feature, one_scale, n_scales))
+        # Box regressors read pool5 from the same conv layers as the feature (train-bbox --conv-from).
+        self.conv_from = fcfeatures.conv_source(run, feature)
+        self.bbox_manifest = run.require("bbox", bbox_tag(one_scale, n_scales, self.conv_from)) if use_bbox else None
+        bbox = load_bbox_model(self.bbox_manifest.output("bbox")) if self.bbox_manifest else None
+        self.nets, self.net_manifests = fcfeatures.load_feature_nets(run, feature, cfg, device=device)
+        if self.softmax:
+            names = tuple(self.nets["finetuned"].class_names)
+            if not names or names[0] != BACKGROUND:
+                model_path = self.net_manifests["finetune"].output("model")
+                raise SppError("the fine-tuned model has no background-first class list for softmax scores; rerun "
+                               f"`{command_for_path(model_path)}`", model_path)
+            self.models = ClassModels(None, bbox, names[1:])
+        else:
+            self.models = ClassModels(load_svm_model(self.svm_manifest.output("svm")), bbox)
+        # fc6/fc7 weight type (bfloat16 moves scores by ~1e-2 of their range, BENCHMARKS.md). The nets are fresh
+        # copies loaded for this scorer, so converting them in place is safe.
+        for net in self.nets.values():
+            net.head.to(getattr(torch, cfg.detect.fc_dtype))
+        self.scales = (cfg.features.one_scale,) if one_scale else tuple(cfg.features.scales)
+        self.scales_subset = (cfg.features.one_scale,) if one_scale else None
+
+    def conv_backbone(self) -> Backbone:
+        """The conv layers whose conv5 maps this variant was trained on (``conv_from``'s model), in eval mode on
+        the scorer's device: what ``LiveMaps`` runs on an image that has no conv5 cache."""
+        kind = {"pretrain": "pretrained", "finetune": "finetuned"}[self.conv_from]
+        if kind in self.nets:  # already loaded for the features (ftfc6/ftfc7 of a model fine-tuned with --conv)
+            return self.nets[kind].backbone.eval()
+        model, _ = load_checkpoint(self.run.require(self.conv_from).output("model"),
+                                   expect_backbone=self.cfg.model.backbone)
+        return model.backbone.to(self.device).eval()
+
+    def score(self, cache, image_id: str, boxes: np.ndarray, image_wh: tuple[int, int],
+              score_thresh: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per-class (boxes, scores) of one image's windows; conv5 maps are read and pooled once. ``cache`` is a
+        ``FeatureCache`` or ``LiveMaps``; ``score_thresh`` defaults to ``detect.score_thresh``."""
+        fc, cfg = fcfeatures, self.cfg
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if len(boxes) == 0:
+            return [(np.zeros((0, 4)), np.zeros(0)) for _ in self.models.classes]
+        maps = fc.load_maps(cache, image_id, self.scales_subset, device=self.device)
+        # Pool and score each distinct (scale, conv5 rectangle) once; every window then takes its twin's row.
+        distinct = fc.distinct_windows(maps, boxes, rule=cfg.features.scale_rule)
+        pooled = fc.pool_windows(maps, boxes[distinct.rows], fc.feature_pyramid(self.nets, cfg.model.pyramid),
+                                 scale_index=distinct.scale_index, rule=cfg.features.scale_rule)
+        feats = fc.head_features(pooled, self.feature, self.nets, cfg.detect.batch_windows)
+        if self.softmax:
+            distinct_scores = feats[:, 1:].float()  # column 0 is the background
+        else:
+            distinct_scores = self.models.svm.scores(feats)  # on the features' device
+        scores = distinct_scores[torch.as_tensor(distinct.inverse, device=distinct_scores.device)]
+        def regress(k: int, rows: np.ndarray) -> np.ndarray:
+            own = torch.as_tensor(distinct.inverse[rows], device=pooled.device)
+            return apply_bbox(self.models.bbox, k, pooled[own], boxes[rows], image_wh)
+        d = cfg.detect
+        return detect_windows(boxes, scores.double().cpu().numpy(), image_wh,
+                              score_thresh=d.score_thresh if score_thresh is None else float(score_thresh),
+                              nms_iou=d.nms_iou, max_per_image=d.max_per_image,
+                              regress=regress if self.models.bbox is not None else None)
+
+
+class LiveMaps:
+    """The slice of FeatureCache's reading API that scoring uses, over conv5 maps computed on the fly for one
+    image that is in no cache (``stages.detector``)."""
+
+    paths: list = []
+
+    def __init__(self, backbone: Backbone, scales: tuple[int, ...], image: np.ndarray, device: torch.device):
+        self.spec, self.scales = backbone.spec, tuple(scales)
+        self.height, self.width = image.shape[:2]
+        with torch.inference_mode():
+            self._maps = [backbone(preprocess(image, s, self.spec, device=device)[None])[0].float()
+                          for s in self.scales]
+
+    def image_hw(self, image_id: str) -> tuple[int, int]:
+        return self.height, self.width
+
+    def maps(self, image_id: str, flip: bool = False, device="cpu", scales_subset=None) -> list[torch.Tensor]:
+        if flip:
+            raise SppError("live conv5 maps have no flipped copy")
+        scales = self.scales if scales_subset is None else tuple(scales_subset)
+        return [self._maps[self.scales.index(s)].to(device) for s in scales]
