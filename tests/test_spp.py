@@ -155,7 +155,7 @@ def test_spp_pool_bins_hand_values():
     assert spp_pool(fmap, torch.tensor([[3, 0, 4, 0]]), (3,)).tolist() == [[2.0, 3.0, 3.0] * 3]
 
 
-@pytest.mark.parametrize("method", ["table", "roi_pool"])
+@pytest.mark.parametrize("method", ["table", "roi_pool", "auto"])
 @pytest.mark.parametrize("pyramid", [(1, 2, 3, 6), (6, 3, 2, 1), (1, 2, 4, 7), (5, 3), (4,), (1,), (2, 2)])
 def test_spp_pool_matches_loop_reference(pyramid, method):
     rng = np.random.default_rng(sum(pyramid))
@@ -166,6 +166,32 @@ def test_spp_pool_matches_loop_reference(pyramid, method):
         got = spp_pool(fmap, cells, pyramid, method=method)
         assert got.shape == (len(cells), spp_dim(4, pyramid))
         assert torch.equal(got, expected), (height, width, pyramid)
+
+
+def test_pooling_method_by_cost():
+    # A 43 x 57 map: one whole-map window at levels (3, 2) costs 43 * 57 * 2 cells in roi_pool against a table of
+    # (4 + 1) * (4 + 1) maps (bins of 14-19 cells: a = b = 4) * 2.5 -> roi_pool; 2,000 such windows -> table.
+    whole = np.array([[0, 0, 56, 42]])
+    assert spp.pooling_method((43, 57), whole, (3, 2)) == "roi_pool"
+    assert spp.pooling_method((43, 57), np.repeat(whole, 2000, axis=0), (3, 2)) == "table"
+    # Where the two costs meet: 43 * 57 * 2 * k < 2.5 * 25 * 43 * 57  <=>  k < 31.25 windows.
+    assert spp.pooling_method((43, 57), np.repeat(whole, 31, axis=0), (3, 2)) == "roi_pool"
+    assert spp.pooling_method((43, 57), np.repeat(whole, 32, axis=0), (3, 2)) == "table"
+    assert spp.pooling_method((43, 57), whole[:0], (3, 2)) == "table"  # nothing to pool
+
+
+def test_spp_pool_auto_uses_the_cheaper_method(monkeypatch):
+    calls = []
+    real = spp._roi_pool_or_table
+    monkeypatch.setattr(spp, "_roi_pool_or_table", lambda *a: calls.append("roi_pool") or real(*a))
+    fmap = torch.rand(8, 43, 57)
+    few = torch.tensor([[0, 0, 56, 42], [3, 4, 20, 30]])
+    assert torch.equal(spp_pool(fmap, few, (1, 2, 3)), spp_pool_reference(fmap, few, (1, 2, 3)))
+    assert calls == ["roi_pool", "roi_pool"]  # levels 3 and 2 (1 is derived from 2)
+    calls.clear()
+    many = few.repeat(100, 1)
+    assert torch.equal(spp_pool(fmap, many, (1, 2, 3)), spp_pool_reference(fmap, many, (1, 2, 3)))
+    assert calls == []
 
 
 def test_spp_pool_chunks_many_windows(monkeypatch):

@@ -249,14 +249,38 @@ class _RangeMaxTable:
         return result.view(count, n, n, self.channels).permute(0, 3, 1, 2)
 
 
-def _table_for(fmap: torch.Tensor, cells_np: np.ndarray, levels: Sequence[int]) -> _RangeMaxTable:
-    """The smallest table that serves every bin of ``levels`` for these windows."""
+def _table_extent(cells_np: np.ndarray, levels: Sequence[int]) -> tuple[int, int]:
+    """(max_a, max_b) of the smallest table that serves every bin of ``levels`` for these windows."""
     max_a = max_b = 0
     for n in levels:
         xs, xe, ys, ye = _window_bins(cells_np, n)
         max_a = max(max_a, int(_floor_log2(ye - ys).max()))
         max_b = max(max_b, int(_floor_log2(xe - xs).max()))
-    return _RangeMaxTable(fmap, max_a, max_b)
+    return max_a, max_b
+
+
+def _table_for(fmap: torch.Tensor, cells_np: np.ndarray, levels: Sequence[int]) -> _RangeMaxTable:
+    """The smallest table that serves every bin of ``levels`` for these windows."""
+    return _RangeMaxTable(fmap, *_table_extent(cells_np, levels))
+
+
+# Relative cost of one cell x channel in each pooling method (CPU, float32, 320-1280 channels): roi_pool's kernel
+# visits every cell of every bin one by one; the table pays a fixed build, (max_a + 1)(max_b + 1) maps, per image.
+_ROI_POOL_COST_PER_CELL = 1.0
+_TABLE_COST_PER_CELL = 2.5
+
+
+def pooling_method(fmap_hw: tuple[int, int], cells_np: np.ndarray, levels: Sequence[int]) -> str:
+    """"table" or "roi_pool", by expected cost: roi_pool reads every window's cells once per pooled level, the
+    table builds (max_a + 1)(max_b + 1) copies of the map once and then costs four gathers per bin. Few windows on
+    a map (fine-tuning's draws: tens per image) -> roi_pool; thousands (every proposal of an image) -> table."""
+    if len(cells_np) == 0:
+        return "table"
+    areas = (cells_np[:, 2] - cells_np[:, 0] + 1) * (cells_np[:, 3] - cells_np[:, 1] + 1)
+    roi_cost = _ROI_POOL_COST_PER_CELL * float(areas.sum()) * len(levels)
+    max_a, max_b = _table_extent(cells_np, levels)
+    table_cost = _TABLE_COST_PER_CELL * (max_a + 1) * (max_b + 1) * int(fmap_hw[0]) * int(fmap_hw[1])
+    return "roi_pool" if roi_cost < table_cost else "table"
 
 
 def _roi_pool_or_table(fmap: torch.Tensor, cells: torch.Tensor, n: int) -> torch.Tensor:
@@ -300,9 +324,10 @@ def spp_pool(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID
     at ``floor(ik w/m)``, the last ends at ``ceil((i+1)k w/m)``, consecutive bins touch or overlap). For
     {1, 2, 3, 6} that is the 6x6 level plus three tiny max-pools.
 
-    ``method``: "table" (default, "auto"): ``_RangeMaxTable``, exact for any level, windows in chunks written
-    straight into the output. "roi_pool": torchvision's roi_pool per pooled level (the table for the windows
-    where its float bins are inexact). Both are exact and differentiable with respect to ``fmap``.
+    ``method``: "table": ``_RangeMaxTable``, exact for any level, windows in chunks written straight into the
+    output. "roi_pool": torchvision's roi_pool per pooled level (the table for the windows where its float bins
+    are inexact). Both are exact and differentiable with respect to ``fmap``. "auto" (default): whichever
+    ``pooling_method`` expects to be cheaper for these windows (same values either way).
     """
     pyramid = tuple(int(n) for n in pyramid)
     cells = _check_cells(fmap, cells)
@@ -313,7 +338,9 @@ def spp_pool(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID
         return out
     distinct = sorted(set(pyramid), reverse=True)
     roots = [n for n in distinct if not any(m != n and m % n == 0 for m in distinct)]
-    if method in ("auto", "table"):
+    if method == "auto":
+        method = pooling_method(fmap.shape[1:], cells.numpy(), roots)
+    if method == "table":
         cells_np = cells.numpy()
         table = _table_for(fmap, cells_np, roots)
         # Chunks keep each gather near _GATHER_ELEMENTS (small temporaries the allocator reuses).
