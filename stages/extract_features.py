@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import resource
-import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -31,18 +31,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from stages.core import nets
-from stages.core.artifacts import Manifest, Run, StageResult, sha256_file
+from stages.core.artifacts import CONV_LAYERS_PART, Manifest, Run, StageResult, UsedPart, sha256_file
 from stages.core.config import Config
 from stages.core.errors import InputError, SppError
 from stages.core.features import (SCHEMA_VERSION, FeatureWriter, feature_paths, features_tag, map_name, read_header,
                                   shard_file_name, wait_for_files)
+from stages.core.logs import progress as progress_bar
 from stages.core.runner import Produced, StagePlan, execute
 from stages.core.voc import VocDataset
 
 STAGE = "features"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,10 +78,16 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-def model_input(cfg: Config, run: Run, conv_from: str = "pretrain") -> tuple[Manifest | dict, Path | str, bool]:
+def _conv_layers_of(manifest: Manifest) -> UsedPart:
+    """The maps depend on the checkpoint's conv layers only: a new fc_dim, pyramid or class list (which rewrite
+    the pretrain checkpoint) keeps them."""
+    return UsedPart(manifest, CONV_LAYERS_PART)
+
+
+def model_input(cfg: Config, run: Run, conv_from: str = "pretrain") -> tuple[UsedPart | dict, Path | str, bool]:
     """What the conv5 maps are computed with: (input record, weights/checkpoint path, is_checkpoint).
 
-    The pretrain stage's checkpoint when that stage exists (stale or missing -> one-line error naming the command);
+    The pretrain stage's checkpoint (recorded by its conv layers alone) when that stage exists (stale or missing -> one-line error naming the command);
     otherwise ``model.weights`` (a local file, fingerprinted by sha256, or torchvision's named weights).
     ``conv_from="finetune"``: the checkpoint of ``spp finetune --conv`` (its conv layers are its own)."""
     if conv_from == "finetune":
@@ -89,10 +96,10 @@ def model_input(cfg: Config, run: Run, conv_from: str = "pretrain") -> tuple[Man
             raise SppError("this model was fine-tuned without --conv: its conv layers are the pretrained ones, "
                            "whose maps `spp extract-features` (without --conv-from) already stores",
                            manifest.output("model"))
-        return manifest, manifest.output("model"), True
+        return _conv_layers_of(manifest), manifest.output("model"), True
     if run.manifest_path("pretrain").exists() or not cfg.model.weights:
         manifest = run.require("pretrain")
-        return manifest, manifest.output("model"), True
+        return _conv_layers_of(manifest), manifest.output("model"), True
     weights = cfg.model.weights
     if Path(weights).is_file():
         return {"weights": str(weights), "sha256": sha256_file(Path(weights))}, Path(weights), False
@@ -152,8 +159,8 @@ def run(cfg: Config, split: str, conv_from: str = "pretrain") -> StageResult:
         shard_paths = [folder / name for name in shard_names]
         if world_size > 1:
             wait_for_files(shard_paths, lambda p: _shard_ready(p, header),
-                           on_wait=lambda pending: print(f"rank 0: waiting for {', '.join(p.name for p in pending)}",
-                                                         file=sys.stderr, flush=True))
+                           on_wait=lambda pending: log.info("rank 0: waiting for %s",
+                                                            ", ".join(p.name for p in pending)))
         shard_metrics = [metrics] + [_shard_metrics(p) for p in shard_paths[1:]]
         total = aggregate_metrics(shard_metrics, shard_paths)
         total["checkpoint_sha256"] = checkpoint_sha
@@ -308,7 +315,7 @@ def extract_shard(backbone: nets.Backbone, device: torch.device, dataset: VocDat
     """Extract this process's images into ``writer`` (resuming), finish the file, and return its metrics."""
     done = writer.open()
     for note in writer.notes:
-        print(note, file=sys.stderr, flush=True)
+        log.info("%s", note)
     todo = [(index, image_id) for index, image_id in shard if image_id not in done]
     blocks = [todo[lo:lo + batch_images] for lo in range(0, len(todo), batch_images)]
     conv = ConvRunner(backbone, device)
@@ -317,7 +324,8 @@ def extract_shard(backbone: nets.Backbone, device: torch.device, dataset: VocDat
         torch.cuda.reset_peak_memory_stats(device)
     computed_ids, skipped = [], {}
     start = time.perf_counter()
-    progress = tqdm(total=len(shard), initial=len(shard) - len(todo), desc=desc, unit="img", dynamic_ncols=True)
+    progress = progress_bar(total=len(shard), initial=len(shard) - len(todo), desc=desc, unit="img",
+                            dynamic_ncols=True)
     try:
         with ThreadPoolExecutor(max_workers=1) as prefetch:  # decode/resize the next block while this one runs
             future = prefetch.submit(load_block, dataset, blocks[0], scales, store_flip, backbone.spec,

@@ -2,6 +2,7 @@
 torchrun sharding, corrupt files, and FeatureCache.pooled against spp.pool_windows on the maps themselves."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import torch
 
 from stages import extract_features as stage
 from stages.core import nets, spp
-from stages.core.artifacts import Run, sha256_file
+from stages.core.artifacts import CONV_LAYERS_PART, Run, sha256_file
 from stages.core.boxes import flip_boxes
 from stages.core.config import build_config
 from stages.core.errors import SppError, StageInputMissing
@@ -58,7 +59,8 @@ def fake_pretrain(cfg, seed: int = 0) -> Path:
     run = Run(cfg.run_dir)
     path = run.stage_dir("pretrain") / "model.pt"
     nets.save_checkpoint(path, model, {"class_names": ["a", "b", "c"]})
-    run.write_manifest("pretrain", None, config={"seed": seed}, inputs={}, outputs={"model": path})
+    run.write_manifest("pretrain", None, config={"seed": seed}, inputs={}, outputs={"model": path},
+                       metrics={CONV_LAYERS_PART: nets.conv_layers_sha256(path)})
     return path
 
 
@@ -146,6 +148,28 @@ def test_rerun_is_skipped_and_other_scales_recompute(extracted, devkit):
     fake_pretrain(other)
     result = stage.run(other, "train")
     assert not result.skipped and FeatureCache(result.manifest.output("features")).scales == (96,)
+
+
+def test_maps_depend_on_the_conv_layers_alone(devkit, tmp_path):
+    # A new fc_dim (or pyramid, or class list) rewrites the pretrain checkpoint but not its conv layers: the maps
+    # stay up to date. New conv weights make them stale.
+    cfg = make_config(tmp_path, devkit)
+    fake_pretrain(cfg)
+    first = stage.run(cfg, "test")
+    record = first.manifest.data["inputs"]["model"]
+    assert record["part"] == CONV_LAYERS_PART and record["manifest"].startswith("00_pretrain")
+    assert record["fingerprint"] == nets.conv_layers_sha256(Run(cfg.run_dir).stage_dir("pretrain") / "model.pt")
+    torch.manual_seed(0)
+    wider = nets.SppNet(nets.build_backbone("zf5"), fc_dim=64, num_classes=2)  # same seed: same conv weights
+    path = Run(cfg.run_dir).stage_dir("pretrain") / "model.pt"
+    nets.save_checkpoint(path, wider, {"class_names": ["a", "b"]})
+    Run(cfg.run_dir).write_manifest("pretrain", None, config={"seed": 0, "fc_dim": 64}, inputs={},
+                                    outputs={"model": path}, metrics={CONV_LAYERS_PART: nets.conv_layers_sha256(path)})
+    assert stage.run(cfg, "test").skipped
+    features_for(Run(cfg.run_dir), "test")  # and a reader finds them fresh
+    fake_pretrain(cfg, seed=1)  # other conv weights
+    again = stage.run(cfg, "test")
+    assert not again.skipped and again.manifest.data["inputs"]["model"]["fingerprint"] != record["fingerprint"]
 
 
 def test_test_split_has_no_flips_and_batching_does_not_change_maps(extracted, devkit, tmp_path):
@@ -341,7 +365,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_killed_extraction_resumes_without_recomputing_finished_images(extracted, devkit, tmp_path, capsys):
+def test_killed_extraction_resumes_without_recomputing_finished_images(extracted, devkit, tmp_path, caplog):
     cfg = make_config(tmp_path, devkit, **{"features.batch_images": 1})
     fake_pretrain(cfg)
     overrides = {k: v for k, v in {"runs_root": cfg.runs_root, "run": cfg.run, "device": "cpu",
@@ -365,8 +389,9 @@ def test_killed_extraction_resumes_without_recomputing_finished_images(extracted
     assert partial.exists() and not (folder / "features.h5").exists()
     assert not Run(cfg.run_dir).manifest_path("features", "train").exists()
 
-    result = stage.run(cfg, "train")
-    assert "resuming, 1 image(s) already complete, 1 incomplete image(s) dropped" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="stages"):
+        result = stage.run(cfg, "train")
+    assert "resuming, 1 image(s) already complete, 1 incomplete image(s) dropped" in caplog.text
     assert result.extra["computed_ids"] == ["img1", "img2"]  # img0 was finished before the kill: kept
     assert result.manifest.metrics["images_resumed"] == 1 and result.manifest.metrics["images"] == 3
     resumed = read_all(result.manifest.output("features"))

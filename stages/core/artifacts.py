@@ -111,6 +111,29 @@ class Manifest:
         return self.data.get("metrics", {})
 
 
+# A metric of the stages that write a checkpoint: the sha256 of its conv layers alone (``nets.conv_layers_sha256``).
+CONV_LAYERS_PART = "conv_layers_sha256"
+
+
+@dataclass(frozen=True)
+class UsedPart:
+    """An upstream stage of which a stage uses only one part, e.g. only the conv layers of a checkpoint whose fc
+    layers change with ``model.fc_dim``: declared like its manifest, but recorded by the fingerprint of that part
+    (the upstream manifest's metric named ``part``), so a change elsewhere upstream does not make this one stale.
+    A manifest without that metric (written by older code) stands for all its parts: its own fingerprint."""
+
+    manifest: Manifest
+    part: str  # the upstream metric that fingerprints the part, e.g. CONV_LAYERS_PART
+
+    @property
+    def fingerprint(self) -> str:
+        return part_fingerprint(self.manifest, self.part)
+
+
+def part_fingerprint(manifest: Manifest, part: str) -> str:
+    return str(manifest.metrics.get(part) or manifest.fingerprint)
+
+
 def read_manifest(path: Path) -> Manifest:
     try:
         data = json.loads(Path(path).read_text())
@@ -178,7 +201,9 @@ class Run:
                 continue  # a plain file fingerprint: checked by whoever owns that file
             upstream = self.root / recorded["manifest"]
             try:
-                current = read_manifest(upstream).fingerprint
+                manifest_now = read_manifest(upstream)
+                current = (part_fingerprint(manifest_now, recorded["part"]) if "part" in recorded
+                           else manifest_now.fingerprint)
             except (FileNotFoundError, SppError):
                 current = None
             if current != recorded["fingerprint"]:
@@ -207,6 +232,9 @@ class Run:
         for name, value in inputs.items():
             if isinstance(value, Manifest):
                 records[name] = {"manifest": str(value.path.relative_to(self.root)), "fingerprint": value.fingerprint}
+            elif isinstance(value, UsedPart):
+                records[name] = {"manifest": str(value.manifest.path.relative_to(self.root)), "part": value.part,
+                                 "fingerprint": value.fingerprint}
             else:
                 records[name] = value  # already a fingerprint (str or dict), e.g. of the dataset split
         return json.loads(json.dumps(records, default=_json_default))

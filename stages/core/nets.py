@@ -585,6 +585,26 @@ def save_checkpoint(path: str | Path, model: SppNet, meta: dict | None = None) -
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
+def conv_layers_sha256(path: str | Path) -> str:
+    """sha256 of a checkpoint's conv layers alone (backbone name, width and ``backbone.*`` tensors): what its conv5
+    maps depend on. fc6-fc8, the pyramid and the class list can change without changing it."""
+    import hashlib
+
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        meta, state = obj["meta"], obj["state_dict"]
+    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file is one user-facing line
+        raise SppError(f"unreadable checkpoint ({load_failure(exc)})", path) from None
+    digest = hashlib.sha256(f"{meta.get('backbone')}|{meta.get('width', 1.0)}".encode())
+    for key in sorted(k for k in state if k.startswith("backbone.")):
+        tensor = state[key]
+        digest.update(f"|{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        # reshape(-1): a 0-d tensor (BatchNorm's counter) cannot be viewed as bytes
+        digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_checkpoint(path: str | Path, expect_backbone: str | None = None,
                     map_location: str | torch.device = "cpu") -> tuple[SppNet, dict]:
     """(SppNet, meta) from ``save_checkpoint``'s file; any problem is one SppError line naming the file."""

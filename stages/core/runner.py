@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from filelock import FileLock, Timeout
 
-from .artifacts import Manifest, Run, StageResult
+from .artifacts import Manifest, Run, StageResult, UsedPart
 from .errors import SppError
 
 LOCK_NAME = ".lock"
@@ -39,12 +39,13 @@ class StagePlan:
     stage: str  # a name in ``registry.STAGES``
     tag: str | None  # which of the stage's outputs (a split, a variant); None for one-per-run stages
     config: dict  # everything in the config its results depend on
-    inputs: dict[str, Any]  # name -> upstream ``Manifest`` or a fingerprint (str / dict) of something else
+    inputs: dict[str, Any]  # name -> upstream ``Manifest`` (or ``UsedPart`` of one), or a fingerprint (str / dict)
     outputs: dict[str, str]  # name -> path relative to the stage folder
     folder: Path | None = None  # where it writes; default: the run's folder for (stage, tag)
 
     def declared_inputs(self) -> set[tuple[str, str | None]]:
-        return {(m.data["stage"], m.data.get("tag")) for m in self.inputs.values() if isinstance(m, Manifest)}
+        manifests = [m.manifest if isinstance(m, UsedPart) else m for m in self.inputs.values()]
+        return {(m.data["stage"], m.data.get("tag")) for m in manifests if isinstance(m, Manifest)}
 
 
 @dataclass

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.artifacts import Manifest, Run, StageResult, atomic_write_json, sha256_json
+from ..core.artifacts import CONV_LAYERS_PART, Manifest, Run, StageResult, atomic_write_json, sha256_json
 from ..core.config import Config
 from ..core.errors import SppError
 from ..core.roidb import build_roidb
@@ -197,6 +197,7 @@ def _finetune(cfg: Config, run_dir: Run, dataset: VocDataset, inputs: dict, conf
                "train_entries": len(entries), "fg_windows": n_fg, "bg_windows": n_bg, "flip_used": flip_used,
                "num_classes": len(class_names), "device": str(device), "conv": ft.conv,
                "pool_strategy": "per-iteration live pooling (conv)" if ft.conv else
-               "chunked pre-draw, one cache read per image per chunk, float16 buffer on the compute device"}
+               "chunked pre-draw, one cache read per image per chunk, float16 buffer on the compute device",
+               CONV_LAYERS_PART: nets.conv_layers_sha256(folder / MODEL_FILE)}
     _Resume(folder / RESUME_FILE, resume_key, 0).remove()
     return Produced(metrics)

@@ -25,7 +25,7 @@ epoch, validation and the resume checkpoint; ``ranks.py`` the torchrun rank cont
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -34,10 +34,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DistributedSampler, Subset
 from torchvision.datasets import ImageFolder
-from tqdm import tqdm
 
 from ..core import nets
-from ..core.artifacts import Run, StageResult, read_manifest, sha256_file, sha256_json
+from ..core.artifacts import CONV_LAYERS_PART, Run, StageResult, read_manifest, sha256_file, sha256_json
 from ..core.config import Config
 from ..core.errors import InputError, SppError
 from ..core.runner import Produced, StagePlan, execute
@@ -48,6 +47,7 @@ from .training import (OPTIMIZERS, RESUME_FORMAT, UNTRAINED_FC8_CLASSES, _check_
                        _classification_loss, _load_resume, _torch_save_atomic, _train_epoch, build_model, epoch_lr,
                        evaluate, make_optimizer)
 
+log = logging.getLogger(__name__)
 STAGE = "pretrain"
 MODEL_FILE = "model.pt"
 RESUME_FILE = "checkpoint_last.pt"
@@ -136,7 +136,7 @@ def _train(cfg: Config, ranks: _Ranks, config: dict, inputs: dict, trees: dict, 
         else:  # another number of ranks than before: fresh per-rank streams, deterministic in (seed, epoch)
             _seed_all(cfg.seed + 1000 * start_epoch + ranks.rank)
         if ranks.is_main:
-            tqdm.write(f"pretrain: resuming after epoch {start_epoch} from {resume_path}", file=sys.stderr)
+            log.info("pretrain: resuming after epoch %d from %s", start_epoch, resume_path)
     if ranks.distributed:
         dist.barrier()  # every rank has read the checkpoint before rank 0 may overwrite it
 
@@ -181,10 +181,9 @@ def _train(cfg: Config, ranks: _Ranks, config: dict, inputs: dict, trees: dict, 
             _torch_save_atomic({"format": RESUME_FORMAT, "resume_key": resume_key, "epoch": epoch + 1,
                                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                 "rng": rng_states, "history": history, "class_names": class_names}, resume_path)
-            tqdm.write(f"pretrain epoch {epoch + 1}/{pc.epochs} @{size}px lr {lr:g}: train loss {train_loss:.4f} "
-                       f"acc {train_acc:.4f}, val loss {val_loss:.4f} acc {val_acc:.4f} "
-                       f"({history[-1]['seconds']:.1f} s)")
-            sys.stdout.flush()  # seen at once through a pipe, and never re-flushed by a forked loader worker
+            log.info(f"pretrain epoch {epoch + 1}/{pc.epochs} @{size}px lr {lr:g}: train loss {train_loss:.4f} "
+                     f"acc {train_acc:.4f}, val loss {val_loss:.4f} acc {val_acc:.4f} "
+                     f"({history[-1]['seconds']:.1f} s)")
         if ranks.distributed:
             dist.barrier()
 
@@ -210,6 +209,7 @@ def _train(cfg: Config, ranks: _Ranks, config: dict, inputs: dict, trees: dict, 
         "size_per_epoch": [h["size"] for h in history], "lr_per_epoch": [h["lr"] for h in history],
         "seconds_per_epoch": [h["seconds"] for h in history], "world_size": ranks.world,
         "device": str(ranks.device), "weights_from": origin["init_kind"],
+        CONV_LAYERS_PART: nets.conv_layers_sha256(model_path),  # what conv5 maps depend on (extract-features)
     }
     return Produced(metrics)
 
