@@ -318,7 +318,7 @@ fi
 # on cuda R-CNN mode times every window (the CPU subsamples 128).
 if want bench; then
   run_part bench "spp bench" 180 "$PY" -m sppcli bench --run bench --runs-root "$WORK/runs" --config "$BENCH_CONFIG" \
-    --dataset voc2007 --voc-root "$WORK/no_voc" --device "$DEVICE" --images "$BENCH_IMAGES" \
+    --dataset voc2007 --voc-root "$WORK/no_voc" --device "$DEVICE" --num-images "$BENCH_IMAGES" \
     --windows "$BENCH_WINDOWS" --repeats "$BENCH_REPEATS" --json "$WORK/bench.json"
 fi
 

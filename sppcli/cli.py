@@ -3,43 +3,73 @@ from __future__ import annotations
 
 import errno
 import functools
+import logging
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from stages.core.config import CHOICES
+from stages.core.config import CHOICES, PRESET_DIR
 from stages.core.errors import SppError, disk_full_message
-from stages.core.registry import CONV_SOURCES, FEATURES, SCORERS
+from stages.core.registry import CONV_SOURCES, DEFAULT_RUNS_ROOT, FEATURES, SCORERS
+
+log = logging.getLogger(__name__)
+PRESETS = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
+VOC_ROOT_HELP = ("Folder holding VOC2007/ (a VOCdevkit). Relative paths are from the working directory; the run "
+                 "saves it absolute.")
+VOC_ROOT_DEFAULT = "data/synth for --dataset synth; $SPP_VOC_ROOT, else data/VOCdevkit, for voc2007"
+FROM_RUN = "the run's saved value, else the preset's"  # options whose default is the run's config
+
+
+class _Option(click.Option):
+    """click's option, a descriptive default (``show_default="..."``) shown as written: ``[default: text]``
+    (click itself wraps it in parentheses)."""
+
+    def get_help_extra(self, ctx: click.Context):
+        extra = super().get_help_extra(ctx)
+        if isinstance(self.show_default, str) and "default" in extra:
+            extra["default"] = self.show_default
+        return extra
+
+
+option = functools.partial(click.option, cls=_Option)
 
 
 def _run_options(func):
     """Options every stage shares: which run, which config, which dataset, which device."""
     options = [
-        click.option("--run", "run_name", default=None, help="Run name: the run lives in <runs-root>/<run>. [default]"),
-        click.option("--runs-root", default=None, type=click.Path(file_okay=False), help="[data/runs]"),
-        click.option("--config", "preset", default=None,
-                     help="Preset name in configs/ (synth, voc2007-zf5, voc2007-mobilenet) or a TOML path."),
-        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-                     help="Override one config key, e.g. --set finetune.iters=500 (TOML value syntax)."),
-        click.option("--dataset", type=click.Choice(["synth", "voc2007"]), default=None),
-        click.option("--voc-root", default=None, type=click.Path(file_okay=False),
-                     help="Folder holding VOC2007/ (default data/synth, or $SPP_VOC_ROOT / data/VOCdevkit)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None),
-        click.option("--seed", type=int, default=None),
+        option("--run", "run_name", default="default", help="Run name: the run lives in <runs-root>/<run>."),
+        option("--runs-root", default=DEFAULT_RUNS_ROOT, type=click.Path(file_okay=False),
+               help="Folder holding the runs; a relative path is from the working directory (to continue a "
+                    "run from another folder, name its runs root). Runs save every path absolute."),
+        option("--config", "preset", default=None, show_default="the run's saved config; for a new run synth "
+               "(--dataset synth) or voc2007-zf5 (voc2007)",
+               help=f"Preset name in stages/configs/ ({PRESETS}) or a TOML path; replaces the run's saved "
+                    "config."),
+        option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+               help="Override one config key, e.g. --set finetune.iters=500 (TOML value syntax); repeatable."),
+        option("--dataset", type=click.Choice(["synth", "voc2007"]), default=None,
+               show_default=f"{FROM_RUN} (synth)",
+               help="synth: the embedded generated dataset; voc2007: PASCAL VOC 2007."),
+        option("--voc-root", default=None, type=click.Path(file_okay=False), show_default=VOC_ROOT_DEFAULT,
+               help=VOC_ROOT_HELP),
+        option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+               show_default="auto: cuda when available", help="Where the networks run (not saved with the run)."),
+        option("--seed", type=int, default=None, show_default=f"{FROM_RUN} (0)",
+               help="Seed of every random choice; same inputs and seed give the same results on CPU."),
     ]
-    for option in reversed(options):
-        func = option(func)
+    for decorator in reversed(options):
+        func = decorator(func)
     return func
 
 
 def _conv_from_option(func):
-    return click.option("--conv-from", type=click.Choice(CONV_SOURCES), default="pretrain",
-                        show_default=True,
-                        help="Whose conv layers make the conv5 maps: the pretrained ones, or those of a model "
-                             "fine-tuned with `spp finetune --conv` (for its ftfc6/ftfc7 SVMs, boxes, detections)."
-                        )(func)
+    return option("--conv-from", type=click.Choice(CONV_SOURCES), default="pretrain",
+                  show_default=True,
+                  help="Whose conv layers make the conv5 maps: the pretrained ones, or those of a model "
+                       "fine-tuned with `spp finetune --conv` (for its ftfc6/ftfc7 SVMs, boxes, detections)."
+                  )(func)
 
 
 _PLACE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
@@ -88,15 +118,56 @@ def _report(result) -> None:
         click.echo(result.summary)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+EPILOG = """\b
+Output: results (stage summaries, tables) go to stdout; progress notes,
+warnings ("warning: ...") and errors ("error: ...") to stderr.
+
+\b
+Environment:
+  SPP_VOC_ROOT        VOCdevkit folder for --dataset voc2007 when --voc-root
+                      is not given  [default: data/VOCdevkit]
+  SPP_PROGRESS        1: progress bars even when stderr is not a terminal
+                      (one plain line per update, at most every 30 s);
+                      0: never  [default: on when stderr is a terminal]
+  SPP_DISK_MARGIN_MB  free space (MiB) a stage leaves on the disk it writes
+                      to, stopping with one line instead  [default: 256]
+  WORLD_SIZE, RANK, LOCAL_RANK
+                      set by torchrun: pretrain and extract-features share
+                      the work between its processes
+  OMP_NUM_THREADS     CPU threads of the torch kernels
+
+\b
+Shell completion: put the line for your shell in its startup file
+  bash (~/.bashrc):   eval "$(_SPP_COMPLETE=bash_source spp)"
+  zsh (~/.zshrc):     eval "$(_SPP_COMPLETE=zsh_source spp)"
+  fish (~/.config/fish/completions/spp.fish):
+                      _SPP_COMPLETE=fish_source spp | source
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110,
+                               "show_default": True}, epilog=EPILOG)
+@option("-v", "--verbose", count=True, show_default=False,
+        help="More on stderr: -v adds sppnet's debug lines, -vv every library's too.")
+@option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr, and no progress bars unless "
+        "--progress; results still go to stdout.")
+@option("--progress/--no-progress", default=None, show_default="auto: $SPP_PROGRESS, else on when stderr is a "
+        "terminal", help="Progress bars on stderr. On a file or pipe a bar prints one plain line per update, "
+        "at most every 30 s.")
 @click.version_option(package_name="sppnet")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool, progress: bool | None) -> None:
     """SPP-net object detection, stage by stage.
 
     \b
     pretrain -> proposals -> extract-features -> finetune -> train-svm -> train-bbox -> detect -> eval
     Every stage reads the previous stages' artifacts from <runs-root>/<run>/ and writes its own folder there.
     """
+    if verbose and quiet:
+        raise click.UsageError("-v and -q cannot go together")
+    from stages.core import logs
+
+    ctx.call_on_close(logs.configure(verbosity=-1 if quiet else verbose, progress=progress))
 
 
 # -- datasets ---------------------------------------------------------------------------------------------------
@@ -106,51 +177,69 @@ def data() -> None:
 
 
 @data.command("synth")
-@click.option("--out", type=click.Path(file_okay=False), default="data/synth", show_default=True,
-              help="VOCdevkit folder to write (VOC2007/ and classification/ inside).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--images", type=int, default=None, help="Detection images over all splits.  [default: 480]")
-@click.option("--crops-per-class", type=int, default=None,
-              help="Classification train images per class (val gets a quarter).  [default: 1000]")
+@option("--out", type=click.Path(file_okay=False), default="data/synth", show_default=True,
+        help="VOCdevkit folder to write (VOC2007/ and classification/ inside).")
+@option("--seed", type=int, default=0, show_default=True, help="Seed of the generator: same seed, same files.")
+@option("--num-images", type=int, default=None, show_default="480",
+        help="Detection images over all splits.")
+@option("--images", "images_alias", type=int, default=None, hidden=True)  # the old spelling of --num-images
+@option("--crops-per-class", type=int, default=None, show_default="1000",
+        help="Classification train images per class (val gets a quarter).")
 @_errors_as_one_line
-def data_synth(out, seed, images, crops_per_class):
+def data_synth(out, seed, num_images, images_alias, crops_per_class):
     """Generate the embedded default dataset (VOC2007 layout + a classification set), deterministic per seed."""
     from stages import synth
 
-    summary = synth.generate(Path(out), seed=seed, images=synth.DEFAULT_IMAGES if images is None else images,
+    num_images = _num_images(num_images, images_alias)
+    summary = synth.generate(Path(out), seed=seed, images=synth.DEFAULT_IMAGES if num_images is None else num_images,
                              crops_per_class=crops_per_class)
     click.echo(summary)
 
 
+def _num_images(num_images: int | None, images_alias: int | None) -> int | None:
+    """--num-images, or the count given with its old spelling --images (bench, data synth)."""
+    if images_alias is None:
+        return num_images
+    if num_images is not None:
+        raise click.UsageError("--images is the old spelling of --num-images: give one of them")
+    log.warning("--images N is now --num-images N here (--images names image files in spp detect)")
+    return images_alias
+
+
 @data.command("crops")
-@click.option("--dataset", type=click.Choice(["synth", "voc2007"]), default="voc2007", show_default=True)
-@click.option("--voc-root", default=None, type=click.Path(file_okay=False),
-              help="Folder holding VOC2007/ (default data/synth, or $SPP_VOC_ROOT / data/VOCdevkit).")
-@click.option("--split", default="train", show_default=True, help="Detection split whose objects are cut out.")
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="ImageFolder tree to write (train/<class>/*.jpg, val/<class>/*.jpg, CROPS.json).")
-@click.option("--context", type=float, default=0.1, show_default=True,
-              help="Grow each box by this fraction of its width/height on every side.")
-@click.option("--val-fraction", type=float, default=0.2, show_default=True,
-              help="Fraction of the split's images (not crops) whose crops go to val/.")
-@click.option("--short-side", type=int, default=96, show_default=True, help="Crop shorter side after resizing, px.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val division of images.")
+@option("--dataset", type=click.Choice(["synth", "voc2007"]), default="voc2007", show_default=True,
+        help="synth: the embedded generated dataset; voc2007: PASCAL VOC 2007.")
+@option("--voc-root", default=None, type=click.Path(file_okay=False), show_default=VOC_ROOT_DEFAULT,
+        help="Folder holding VOC2007/ (a VOCdevkit).")
+@option("--split", default="train", show_default=True, help="Detection split whose objects are cut out.")
+@option("--out", required=True, type=click.Path(file_okay=False),
+        help="ImageFolder tree to write (train/<class>/*.jpg, val/<class>/*.jpg, CROPS.json).")
+@option("--context", type=float, default=0.1, show_default=True,
+        help="Grow each box by this fraction of its width/height on every side.")
+@option("--val-fraction", type=float, default=0.2, show_default=True,
+        help="Fraction of the split's images (not crops) whose crops go to val/.")
+@option("--short-side", type=int, default=96, show_default=True, help="Crop shorter side after resizing, px.")
+@option("--seed", type=int, default=0, show_default=True, help="Seed of the train/val division of images.")
 @_errors_as_one_line
 def data_crops(dataset, voc_root, split, out, context, val_fraction, short_side, seed):
     """Ground-truth object crops (non-difficult, with context) of a split as an ImageFolder set for pretrain."""
     from stages import crops
 
-    click.echo(crops.write_crops(Path(out), dataset=dataset, voc_root=voc_root, split=split, context=context,
-                                 val_fraction=val_fraction, seed=seed, short_side=short_side))
+    click.echo(crops.write_crops(Path(os.path.abspath(out)), dataset=dataset, voc_root=voc_root, split=split,
+                                 context=context, val_fraction=val_fraction, seed=seed, short_side=short_side))
 
 
 # -- stages -----------------------------------------------------------------------------------------------------
 @cli.command()
 @_run_options
-@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
-              help="ImageFolder tree (train/<class>/*.jpg, val/<class>/*.jpg); default: the synth classification set.")
-@click.option("--epochs", type=int, default=None)
-@click.option("--init", default=None, type=click.Path(dir_okay=False), help="Start from this local weights file.")
+@option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
+        show_default="pretrain.data, else <voc-root>/classification of the synth dataset",
+        help="ImageFolder tree (train/<class>/*.jpg, val/<class>/*.jpg).")
+@option("--epochs", type=int, default=None, show_default=f"pretrain.epochs: {FROM_RUN}",
+        help="Training epochs (0: no training, the initial weights with fresh fc layers).")
+@option("--init", default=None, type=click.Path(dir_okay=False),
+        show_default="pretrain.init, else fresh weights (or model.weights' trunk)",
+        help="Start from this local weights file (an sppnet checkpoint or a trunk state dict).")
 @_errors_as_one_line
 def pretrain(data_dir, epochs, init, **common):
     """Classification pretraining of backbone + SPP + fc6/fc7/fc8, multi-size (torchrun-ready)."""
@@ -162,10 +251,12 @@ def pretrain(data_dir, epochs, init, **common):
 
 @cli.command()
 @_run_options
-@click.option("--split", required=True, help="Image set, e.g. trainval or test.")
-@click.option("--boxes-file", default=None, type=click.Path(dir_okay=False),
-              help="Use precomputed proposals (.h5 with boxes/<id>, or .npz / .mat-like {id: [N,4] x1y1x2y2 1-based}).")
-@click.option("--workers", type=int, default=None, help="Processes (0 = all cores).")
+@option("--split", required=True, help="Image set, e.g. trainval or test.")
+@option("--boxes-file", default=None, type=click.Path(dir_okay=False),
+        show_default="none: run selective search",
+        help="Use precomputed proposals (.h5 with boxes/<id>, or .npz / .mat-like {id: [N,4] x1y1x2y2 1-based}).")
+@option("--workers", type=int, default=None, show_default="proposals.workers (0)",
+        help="Processes (0 = all cores); not saved with the run.")
 @_errors_as_one_line
 def proposals(split, boxes_file, workers, **common):
     """Selective search (fast mode) per image, cached in HDF5, resumable; reports recall@0.5/0.7."""
@@ -177,8 +268,9 @@ def proposals(split, boxes_file, workers, **common):
 
 @cli.command("extract-features")
 @_run_options
-@click.option("--split", required=True)
-@click.option("--scales", default=None, help="Comma-separated shorter sides, e.g. 688 or 480,576,688,874,1200.")
+@option("--split", required=True, help="Image set, e.g. trainval or test.")
+@option("--scales", default=None, show_default=f"features.scales: {FROM_RUN}",
+        help="Comma-separated shorter sides, e.g. 688 or 480,576,688,874,1200.")
 @_conv_from_option
 @_errors_as_one_line
 def extract_features(split, scales, conv_from, **common):
@@ -192,8 +284,10 @@ def extract_features(split, scales, conv_from, **common):
 
 @cli.command()
 @_run_options
-@click.option("--iters", type=int, default=None)
-@click.option("--conv/--no-conv", default=None, help="Also fine-tune the conv layers through SPP (beyond the paper).")
+@option("--iters", type=int, default=None, show_default=f"finetune.iters: {FROM_RUN}",
+        help="Training iterations (mini-batches of finetune.batch_size windows).")
+@option("--conv/--no-conv", default=None, show_default=f"finetune.conv: {FROM_RUN} (off)",
+        help="Also fine-tune the conv layers through SPP (beyond the paper).")
 @_errors_as_one_line
 def finetune(iters, conv, **common):
     """Fine-tune fc6, fc7 and a new (N+1)-way fc8 on SPP-pooled windows from the conv5 cache."""
@@ -207,12 +301,12 @@ def _variant_options(func=None, *, scorers: bool = False):
     """--feature and --one-scale; with ``scorers``, --feature also takes ``softmax`` (detect, eval)."""
     if func is None:
         return functools.partial(_variant_options, scorers=scorers)
-    func = click.option("--one-scale", is_flag=True, help="Use only features.one_scale (the paper's 1-scale rows).")(func)
+    func = option("--one-scale", is_flag=True, help="Use only features.one_scale (the paper's 1-scale rows).")(func)
     help_text = "Features the SVMs use: pool5 (pooled conv5), fc6/fc7 (pretrained), ftfc6/ftfc7."
     if scorers:
         help_text += " softmax: the fine-tuned fc8's class probabilities, no SVMs."
-    func = click.option("--feature", type=click.Choice(SCORERS if scorers else FEATURES), default="ftfc7",
-                        show_default=True, help=help_text)(func)
+    func = option("--feature", type=click.Choice(SCORERS if scorers else FEATURES), default="ftfc7",
+                  show_default=True, help=help_text)(func)
     return func
 
 
@@ -230,7 +324,7 @@ def train_svm(feature, one_scale, **common):
 
 @cli.command("train-bbox")
 @_run_options
-@click.option("--one-scale", is_flag=True)
+@option("--one-scale", is_flag=True, help="Use only features.one_scale (the paper's 1-scale rows).")
 @_conv_from_option
 @_errors_as_one_line
 def train_bbox(one_scale, conv_from, **common):
@@ -245,24 +339,25 @@ def train_bbox(one_scale, conv_from, **common):
 @click.argument("paths", nargs=-1, metavar="[PATHS]...")
 @_run_options
 @_variant_options(scorers=True)
-@click.option("--split", default=None, help="Image set to detect on [data.test_split].")
-@click.option("--bbox/--no-bbox", default=None, help="Apply box regression [detect.bbox].")
-@click.option("--images", "image_options", multiple=True, metavar="PATH",
-              help="Detect on your own images instead of a split: an image file, a folder (its jpg, jpeg, png, "
-                   "bmp, tif, tiff, webp files) or a glob pattern such as 'photos/**/*.jpg' (quote it). Repeatable; "
-                   "any further PATHS count too (--images a.jpg b.jpg), after the --images values.")
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="With images: the folder for <id>_detections.jpg and detections.json.")
-@click.option("--score-thresh", type=float, default=None,
-              help="With images: keep detections scoring above this.  [default: 0.0 for SVM scores (their "
-                   "decision boundary), 0.5 for --feature softmax (a probability)]")
-@click.option("--skip-bad", is_flag=True, default=False,
-              help="With images: skip an unreadable, corrupt or non-image file with a one-line warning (also "
-                   "--set data.skip_bad=true) instead of stopping at it.")
-@click.option("--comp4", "comp4_name", default=None, metavar="NAME",
-              help="With images: also write devkit files comp4_det_NAME_<class>.txt (1-based inclusive boxes, "
-                   "image ids as in detections.json), e.g. --comp4 test for `spp eval --detections OUT --split "
-                   "test`; pair it with a low --score-thresh such as -1.5 for AP.")
+@option("--split", default=None, show_default="data.test_split", help="Image set to detect on.")
+@option("--bbox/--no-bbox", default=None, show_default=f"detect.bbox: {FROM_RUN} (on)",
+        help="Apply box regression (from spp train-bbox).")
+@option("--images", "image_options", multiple=True, metavar="PATH",
+        help="Detect on your own images instead of a split: an image file, a folder (its jpg, jpeg, png, "
+             "bmp, tif, tiff, webp files) or a glob pattern such as 'photos/**/*.jpg' (quote it). Repeatable; "
+             "any further PATHS count too (--images a.jpg b.jpg), after the --images values.")
+@option("--out", default=None, type=click.Path(file_okay=False),
+        help="With images: the folder for <id>_detections.jpg and detections.json.")
+@option("--score-thresh", type=float, default=None,
+        show_default="0.0 for SVM scores (their decision boundary), 0.5 for --feature softmax (a probability)",
+        help="With images: keep detections scoring above this.")
+@option("--skip-bad", is_flag=True, default=False,
+        help="With images: skip an unreadable, corrupt or non-image file with a one-line warning (also "
+             "--set data.skip_bad=true) instead of stopping at it.")
+@option("--comp4", "comp4_name", default=None, metavar="NAME",
+        help="With images: also write devkit files comp4_det_NAME_<class>.txt (1-based inclusive boxes, "
+             "image ids as in detections.json), e.g. --comp4 test for `spp eval --detections OUT --split "
+             "test`; pair it with a low --score-thresh such as -1.5 for AP.")
 @_errors_as_one_line
 def detect(paths, feature, one_scale, split, bbox, image_options, out, score_thresh, skip_bad, comp4_name, **common):
     """Score every proposal, per-class NMS, optional box regression; writes devkit comp4 files.
@@ -306,13 +401,15 @@ def detect(paths, feature, one_scale, split, bbox, image_options, out, score_thr
 @cli.command("eval")
 @_run_options
 @_variant_options(scorers=True)
-@click.option("--split", default=None, help="Image set [data.test_split].")
-@click.option("--bbox/--no-bbox", default=None)
-@click.option("--detections", default=None, type=click.Path(file_okay=False),
-              help="Folder of comp4_det_<split>_<class>.txt files to score (instead of the run's own).")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Where metrics.json and the PR plot go.")
-@click.option("--metric", type=click.Choice(["voc07", "area"]), default="voc07", show_default=True,
-              help="voc07: 11-point (VOCevaldet.m 2007); area: VOC2010+ area under the PR curve.")
+@option("--split", default=None, show_default="data.test_split", help="Image set to score.")
+@option("--bbox/--no-bbox", default=None, show_default=f"detect.bbox: {FROM_RUN} (on)",
+        help="Score the detections made with box regression (or without).")
+@option("--detections", default=None, type=click.Path(file_okay=False),
+        help="Folder of comp4_det_<split>_<class>.txt files to score (instead of the run's own).")
+@option("--out", default=None, type=click.Path(file_okay=False), show_default="the run's 07_eval/<tag>/",
+        help="Where metrics.json and the PR plot go.")
+@option("--metric", type=click.Choice(["voc07", "area"]), default="voc07", show_default=True,
+        help="voc07: 11-point (VOCevaldet.m 2007); area: VOC2010+ area under the PR curve.")
 @_errors_as_one_line
 def eval_(feature, one_scale, split, bbox, detections, out, metric, **common):
     """VOC detection AP exactly as the 2007 devkit computes it; per-class table, metrics.json, PR plot."""
@@ -331,8 +428,8 @@ def eval_(feature, one_scale, split, bbox, detections, out, metric, **common):
 
 @cli.command()
 @_run_options
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
-              help="Also write the rows (mAP and per-class AP of each variant) to this JSON file.")
+@option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
+        help="Also write the rows (mAP and per-class AP of each variant) to this JSON file.")
 @_errors_as_one_line
 def table9(json_out, **common):
     """Print the paper's Table 9 rows for this run (from its eval results); reads the run, writes nothing there."""
@@ -344,21 +441,30 @@ def table9(json_out, **common):
 
 @cli.command()
 @_run_options
-@click.option("--backbone", default=None, type=click.Choice(CHOICES["model.backbone"]),
-              help="Trunk to time (default: the run's model.backbone).")
-@click.option("--images", "n_images", type=int, default=3, show_default=True)
-@click.option("--windows", type=int, default=2000, show_default=True)
-@click.option("--repeats", type=int, default=3, show_default=True)
-@click.option("--json", "json_out", default=None, type=click.Path(dir_okay=False))
-@click.option("--fc-dtype", type=click.Choice(CHOICES["detect.fc_dtype"]), default="float32", show_default=True,
-              help="fc6/fc7 precision in every mode (bfloat16: ~2x on CPUs with AVX512-BF16/AMX and on GPUs).")
-@click.option("--threads", type=int, default=None, help="CPU threads for the kernels [default: all cores].")
-@click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
-              help="cpu: process CPU time (with --threads 1, for a machine shared with other jobs).")
+@option("--backbone", default=None, type=click.Choice(CHOICES["model.backbone"]),
+        show_default="model.backbone of the run or preset", help="Trunk to time.")
+@option("--num-images", "n_images", type=int, default=3, show_default=True,
+        help="Images timed: the first of the run's test split, else synthetic ones.")
+@option("--images", "images_alias", type=int, default=None, hidden=True)  # the old spelling of --num-images
+@option("--windows", type=int, default=2000, show_default=True,
+        help="Windows per image (the run's proposals, topped up with random boxes).")
+@option("--repeats", type=int, default=3, show_default=True,
+        help="Timed passes per image and mode (their median counts).")
+@option("--json", "json_out", default=None, type=click.Path(dir_okay=False),
+        help="Also write the measurements to this JSON file.")
+@option("--fc-dtype", type=click.Choice(CHOICES["detect.fc_dtype"]), default="float32", show_default=True,
+        help="fc6/fc7 precision in every mode (bfloat16: ~2x on CPUs with AVX512-BF16/AMX and on GPUs).")
+@option("--threads", type=int, default=None, show_default="every core this process may use",
+        help="CPU threads for the kernels (0: every core).")
+@option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+        help="cpu: process CPU time (with --threads 1, for a machine shared with other jobs).")
 @_errors_as_one_line
-def bench(backbone, n_images, windows, repeats, json_out, fc_dtype, threads, clock, **common):
+def bench(backbone, n_images, images_alias, windows, repeats, json_out, fc_dtype, threads, clock, **common):
     """Time R-CNN mode vs SPP 1-scale vs SPP 5-scale per image (conv, pool, fc), with FLOP rates."""
     from stages import bench as stage
+
+    if images_alias is not None:
+        n_images = _num_images(None, images_alias)
 
     cfg = _config(**common, extra={"model.backbone": backbone})
     click.echo(stage.run(cfg, n_images=n_images, windows=windows, repeats=repeats,

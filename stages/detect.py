@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .core import fcfeatures
 from .core.artifacts import Run, StageResult, atomic_write_bytes
+from .core.logs import progress
 from .core.nets import resolve_device
 from .core.proposals import load_proposals
 from .core.registry import detect_tag
@@ -54,7 +54,7 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> Sta
         image_ids = proposals.image_ids
         start = time.perf_counter()
         with torch.inference_mode():
-            for image_index, image_id in enumerate(tqdm(image_ids, desc=f"detect {tag}", unit="img", leave=False)):
+            for image_index, image_id in enumerate(progress(image_ids, desc=f"detect {tag}", unit="img", leave=False)):
                 height, width = cache.image_hw(image_id)
                 dets = scorer.score(cache, image_id, proposals.boxes(image_id), (width, height))
                 for k, (kept_boxes, kept_scores) in enumerate(dets):

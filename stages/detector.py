@@ -17,9 +17,9 @@ Boxes follow sppnet's one convention (``core.boxes``), stated in ``BOX_CONVENTIO
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ import torch
 
 from .core.artifacts import Run, StageResult, atomic_write_bytes, atomic_write_json
 from .core.errors import InputError, SppError
+from .core.logs import progress
 from .core.nets import resolve_device
 from .core.proposals import selective_search
 from .core.registry import DEFAULT_RUNS_ROOT, SCORERS
@@ -38,6 +39,7 @@ from .core.runner import make_writable_folder
 from .core.scoring import LiveMaps, Scorer
 from .core.voc import load_image_rgb, write_comp4
 
+log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # folders and globs: these only
 BOX_CONVENTION = ("box = [x1, y1, x2, y2], float pixel coordinates in the image as shown (EXIF orientation "
                   "applied), 0-based, origin at the top-left corner of the top-left pixel; x1, y1 inclusive, "
@@ -338,10 +340,8 @@ def _bare_message(err: SppError) -> str:
     return text[len(prefix):] if prefix and text.startswith(prefix) else text
 
 
-def _stderr_line(message: str) -> None:
-    from tqdm import tqdm
-
-    tqdm.write(message, file=sys.stderr)  # above the progress bar, when there is one
+def _log_warning(message: str) -> None:
+    log.warning("%s", message)  # the CLI prints it as one `warning: ...` line, above the progress bar if any
 
 
 def detect_images(detector: Detector, inputs: Sequence[str | os.PathLike], out: str | Path, *,
@@ -356,9 +356,7 @@ def detect_images(detector: Detector, inputs: Sequence[str | os.PathLike], out: 
     A bad image (unreadable, corrupt, not an image) is skipped with a one-line warning when ``skip_bad``, else
     it stops the run with a one-line InputError naming it; what was drawn before stays, and ``detections.json``
     then lists those images with ``"complete": false``."""
-    from tqdm import tqdm
-
-    warn = warn or _stderr_line
+    warn = warn or _log_warning
     if comp4 is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", comp4):
         raise SppError(f"the comp4 name must be a plain name such as test, got {comp4!r}")
     out = Path(out)
@@ -376,7 +374,7 @@ def detect_images(detector: Detector, inputs: Sequence[str | os.PathLike], out: 
             "images": records, "skipped": skipped})
 
     try:
-        for path, image_id in tqdm(list(zip(paths, ids)), desc="detect", unit="img", disable=None, leave=False):
+        for path, image_id in progress(list(zip(paths, ids)), desc="detect", unit="img", leave=False):
             try:
                 pixels, _ = read_image(path)
             except InputError as err:
@@ -384,7 +382,7 @@ def detect_images(detector: Detector, inputs: Sequence[str | os.PathLike], out: 
                     raise InputError(f"{_bare_message(err)} (--skip-bad, or data.skip_bad=true, skips bad images)",
                                      path) from None
                 skipped.append({"image": str(path), "error": _bare_message(err)})
-                warn(f"warning: {path}: {_bare_message(err)}; skipped")
+                warn(f"{path}: {_bare_message(err)}; skipped")
                 continue
             found = detector.detect_pixels(pixels, str(path))
             drawn = f"{image_id}_detections.jpg"

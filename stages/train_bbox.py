@@ -24,7 +24,6 @@ from typing import Callable, Iterable, Sequence
 import h5py
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .core import boxes as box_ops
 from .core import fcfeatures, spp
@@ -33,6 +32,7 @@ from .core.bboxreg import BboxModel, save_bbox_model
 from .core.errors import SppError, require_free_space
 from .core.fcfeatures import training_images
 from .core.features import cache_of, features_tag
+from .core.logs import progress
 from .core.nets import resolve_device
 from .core.proposals import load_proposals
 from .core.roidb import best_gt, build_roidb
@@ -226,7 +226,7 @@ def _train(cfg, run_dir: Run, dataset: VocDataset, inputs: dict, scales: tuple[i
     spill = SampleSpill(out_dir / SPILL_FILE, dim, len(classes))
     per_class: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in classes]  # (P, G) per image
     try:
-        for image_id in tqdm(image_ids, desc="bbox samples", unit="img", disable=None):
+        for image_id in progress(image_ids, desc="bbox samples", unit="img"):
             rois = rois_of(image_id)
             rows, gt_boxes, labels, _ = regression_samples(rois, cfg.bbox.min_iou)
             if len(rows) == 0:
@@ -260,7 +260,7 @@ def _fit_all(spill: SampleSpill, per_class, scale: float, lam: float, dim: int, 
     Ts = np.tile(np.eye(4), (K, 1, 1))
     T_invs = np.tile(np.eye(4), (K, 1, 1))
     metrics = {}
-    for k, name in enumerate(tqdm(classes, desc="bbox ridge", unit="class", disable=None)):
+    for k, name in enumerate(progress(classes, desc="bbox ridge", unit="class")):
         if not per_class[k]:
             metrics[name] = {"samples": 0, "iou_before": None, "iou_after": None}
             continue

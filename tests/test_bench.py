@@ -261,7 +261,7 @@ def test_bench_cli_passes_precision_threads_and_clock(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(bench, "run", lambda cfg, **kwargs: seen.update(kwargs) or "report")
-    result = CliRunner().invoke(cli, ["bench", "--runs-root", str(tmp_path), "--images", "2", "--fc-dtype",
+    result = CliRunner().invoke(cli, ["bench", "--runs-root", str(tmp_path), "--num-images", "2", "--fc-dtype",
                                       "bfloat16", "--threads", "1", "--clock", "cpu"])
     assert result.exit_code == 0, result.output
     assert (seen["n_images"], seen["fc_dtype"], seen["threads"], seen["clock"]) == (2, "bfloat16", 1, "cpu")

@@ -146,10 +146,10 @@ def test_resuming_after_epoch_one_gives_the_uninterrupted_weights(tmp_path, tree
         read_manifest(Run(straight.run_dir).manifest_path("pretrain")).metrics["val_accuracy_per_epoch"]
 
 
-def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, tree, capsys):
+def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, tree, caplog):
     pretrain.run(tiny_cfg(tmp_path, tree, pretrain__epochs=1))
     result = pretrain.run(tiny_cfg(tmp_path, tree, pretrain__epochs=1, pretrain__lr=0.02))
-    assert "another config" in capsys.readouterr().err
+    assert "another config" in caplog.text  # a warning: the CLI prints it as `warning: ...` on stderr
     assert result.manifest.metrics["epochs"] == 1 and len(result.manifest.metrics["lr_per_epoch"]) == 1
 
 
@@ -161,7 +161,7 @@ def _cli(runs: Path, data: Path, epochs: int, *more: str) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "SPP_PROGRESS": "0"}  # no bar lines
 
 
 @pytest.mark.slow
@@ -173,8 +173,8 @@ def test_killed_process_resumes_to_the_uninterrupted_result(tmp_path, tree):
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     proc = subprocess.Popen(_cli(tmp_path / "killed", tree, 3, *args), env=_env(), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # the per-epoch lines are log lines: stderr
         if line.startswith("pretrain epoch 1/3"):
             os.kill(proc.pid, signal.SIGKILL)
             break
@@ -335,4 +335,4 @@ def test_torchrun_with_two_cpu_ranks(tmp_path, tree):
     model, meta = nets.load_checkpoint(tmp_path / "r" / "00_pretrain" / "model.pt")
     assert meta["class_names"] == list(SHAPES)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert done.stdout.count("pretrain epoch 1/2") == 1  # only rank 0 reports
+    assert done.stderr.count("pretrain epoch 1/2") == 1  # only rank 0 reports (a log line: stderr)

@@ -180,14 +180,14 @@ def test_cli_writes_the_dataset(tmp_path, monkeypatch):
     monkeypatch.setattr(synth, "CROPS_TRAIN_PER_CLASS", 2)  # the CLI's default crop count, made quick
 
     result = CliRunner().invoke(cli, ["data", "synth", "--out", str(tmp_path / "cli"), "--seed", "3",
-                                      "--images", "4"])
+                                      "--num-images", "4"])
     assert result.exit_code == 0, result.output
     assert "4 detection images" in result.output
     assert VocDataset(tmp_path / "cli").image_ids("test")
     assert synth.synth_info(tmp_path / "cli")["classification_per_class"] == {"train": 2, "val": 1}
-    more = CliRunner().invoke(cli, ["data", "synth", "--out", str(tmp_path / "more"), "--images", "3",
+    more = CliRunner().invoke(cli, ["data", "synth", "--out", str(tmp_path / "more"), "--num-images", "3",
                                     "--crops-per-class", "4"])
     assert more.exit_code == 0 and synth.synth_info(tmp_path / "more")["classification_per_class"] == {"train": 4,
                                                                                                       "val": 1}
-    bad = CliRunner().invoke(cli, ["data", "synth", "--out", str(tmp_path / "bad"), "--images", "1"])
+    bad = CliRunner().invoke(cli, ["data", "synth", "--out", str(tmp_path / "bad"), "--num-images", "1"])
     assert bad.exit_code == 1 and "at least 3" in bad.output

@@ -41,12 +41,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..core import nets, rcnn
 from ..core.artifacts import Run, atomic_write_json
 from ..core.config import CHOICES
 from ..core.errors import SppError
+from ..core.logs import progress
 from .inputs import MIN_BOX_SIDE, SYNTH_IMAGE_HW, BenchInputs, bench_inputs, bench_model, random_boxes
 from .measure import (CLOCKS, CPU_MATMUL_SHAPE, CUDA_MATMUL_SHAPE, MODE_NAMES, MODES, PHASES, FlopCounter,
                       PhaseTimer, _Setup, _speed_settings, matmul_gflops)
@@ -147,7 +147,7 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
         first_image, first_boxes = inputs.images[0][1], inputs.boxes[0]
         for mode in MODES:  # warm-up: library initialisation, kernel selection, allocator growth
             _time_mode(mode, setup, first_image, first_boxes, rcnn_keep=min(setup.rcnn_keep, setup.rcnn_batch))
-        with tqdm(total=repeats * len(inputs.images) * len(MODES), desc="bench", unit="run", disable=None) as bar:
+        with progress(total=repeats * len(inputs.images) * len(MODES), desc="bench", unit="run") as bar:
             for _ in range(repeats):
                 for k, ((_image_id, image), boxes) in enumerate(zip(inputs.images, inputs.boxes)):
                     for mode in MODES:

@@ -5,6 +5,7 @@ pooling the windows of a chunk of batches at once (cached conv5 maps) or each st
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -17,12 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ..core.config import FinetuneConfig
 from ..core.errors import SppError
+from ..core.logs import progress as progress_bar
 from .windows import Entry, Pooler, batch_split, draw_batches, pool_draw
 
+log = logging.getLogger(__name__)
 BIAS_LR_MULT = 2.0  # Caffe blobs_lr 1, 2 on every fc layer [S:pascal_finetune_fc_spm_train.prototxt]
 
 
@@ -199,8 +201,8 @@ def train(head: nn.Module, entries: list[Entry], holdout_entries: list[Entry], p
         _freeze_batchnorm(backbone)
     started, pool_seconds, windows = time.perf_counter(), 0.0, 0
     chunk, chunk_pos = None, 0
-    bar = tqdm(total=ft.iters, initial=start, desc="finetune", unit="it", mininterval=1.0, dynamic_ncols=True,
-               disable=None if progress else True)  # None: shown on a terminal only
+    bar = progress_bar(total=ft.iters, initial=start, desc="finetune", unit="it", mininterval=1.0,
+                       dynamic_ncols=True, disable=not progress)  # shown on a terminal only, or when asked
     it = start
     try:
         while it < ft.iters:
@@ -244,9 +246,9 @@ def train(head: nn.Module, entries: list[Entry], holdout_entries: list[Entry], p
                 if error is not None and error < best_error:  # strict: the earliest of equal snapshots
                     best_error, best_iter = error, it
                     best_state = {k: v.detach().clone() for k, v in modules.state_dict().items()}
-                    bar.write(f"iteration {it}: held-out error {error:.4f} (best)")
+                    log.info("iteration %d: held-out error %.4f (best)", it, error)
                 elif error is not None:
-                    bar.write(f"iteration {it}: held-out error {error:.4f}")
+                    log.info("iteration %d: held-out error %.4f", it, error)
             if conv or chunk_pos == chunk[0].shape[0]:
                 resume.maybe_save(snapshot_state, force=ft.checkpoint_every_s <= 0)
     finally:

@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import bisect
 import io
-import sys
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..core import nets
 from ..core.artifacts import atomic_write_bytes
 from ..core.config import CHOICES, Config
 from ..core.errors import SppError
+from ..core.logs import progress
 from .data import _unwrap_worker_error
 from .ranks import _all_sum, _Ranks
 
+log = logging.getLogger(__name__)
 RESUME_FORMAT = "sppnet-pretrain-resume/1"
 OPTIMIZERS = CHOICES["pretrain.optimizer"]
 # fc8 width when there is no classification data to size it (epochs = 0 from an ImageNet trunk): ImageNet's
@@ -106,19 +107,17 @@ def _load_resume(path: Path, resume_key: str, epochs: int) -> dict | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: say so and start over
-        tqdm.write(f"pretrain: ignoring unreadable {path} ({type(exc).__name__}); starting from scratch",
-                   file=sys.stderr)
+        log.warning("pretrain: ignoring unreadable %s (%s); starting from scratch", path, type(exc).__name__)
         return None
     if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
-        tqdm.write(f"pretrain: ignoring {path} (not a pretrain checkpoint); starting from scratch", file=sys.stderr)
+        log.warning("pretrain: ignoring %s (not a pretrain checkpoint); starting from scratch", path)
         return None
     if state.get("resume_key") != resume_key:
-        tqdm.write(f"pretrain: {path} was made with another config or data; starting from scratch",
-                   file=sys.stderr)
+        log.warning("pretrain: %s was made with another config or data; starting from scratch", path)
         return None
     if state["epoch"] > epochs:
-        tqdm.write(f"pretrain: {path} is at epoch {state['epoch']}, past the requested {epochs}; "
-                   "starting from scratch", file=sys.stderr)
+        log.warning("pretrain: %s is at epoch %d, past the requested %d; starting from scratch", path,
+                    state["epoch"], epochs)
         return None
     return state
 
@@ -135,8 +134,8 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
     """One pass; returns (mean loss, accuracy) over all ranks. Stops on a non-finite loss before stepping."""
     model.train()
     loss_sum = correct = seen = 0.0
-    bar = tqdm(loader, desc=f"pretrain epoch {epoch}/{epochs} @{size}px", disable=not ranks.is_main,
-               leave=False, dynamic_ncols=True)
+    bar = progress(loader, desc=f"pretrain epoch {epoch}/{epochs} @{size}px", disable=not ranks.is_main,
+                   leave=False, dynamic_ncols=True)
     iterator = iter(bar)
     iteration = 0
     while True:

@@ -36,6 +36,7 @@ import numpy as np
 from ..core.artifacts import Run, StageResult, sha256_file
 from ..core.config import ProposalConfig
 from ..core.errors import InputError
+from ..core.logs import progress as progress_bar
 from ..core.proposals import (SCHEMA, SS_COLOUR_SPACES, SS_RANKING, SS_STRATEGIES, ProposalWriter, best_overlaps,
                               filter_boxes, read_boxes_group)
 from ..core.runner import Produced, StagePlan, execute
@@ -202,11 +203,9 @@ def _compute_boxes(dataset: VocDataset, annotations: dict[str, Annotation], cfg,
     workers = max(1, min(workers, len(todo)))
     compute_s = cpu_s = 0.0
     if todo:
-        from tqdm import tqdm
-
         start = time.perf_counter()
         results = contextlib.closing(_map_images(dataset, cfg, todo, workers))  # closing stops the pool
-        progress = tqdm(total=len(todo), unit="img", desc=f"proposals {split}", dynamic_ncols=True)
+        progress = progress_bar(total=len(todo), unit="img", desc=f"proposals {split}", dynamic_ncols=True)
         with results as stream, progress as bar:
             for image_id, boxes, error, image_cpu_s in stream:
                 cpu_s += image_cpu_s

@@ -25,6 +25,7 @@ run leaves no manifest and restarts clean.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -32,13 +33,13 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from ..core import fcfeatures
 from ..core.artifacts import Run, StageResult
 from ..core.errors import SppError
 from ..core.fcfeatures import training_images
 from ..core.features import cache_of
+from ..core.logs import progress
 from ..core.nets import resolve_device
 from ..core.proposals import load_proposals
 from ..core.roidb import build_roidb
@@ -51,6 +52,8 @@ try:
     import resource  # peak memory in the metrics; Unix only
 except ImportError:  # pragma: no cover - Windows
     resource = None
+
+log = logging.getLogger(__name__)
 
 from .mining import (COMPACT_DEAD_FRACTION, FC_BATCH, GIB, OVERLAP_PRUNE_IOU, PRUNING_MODES, SVM_FILE, ClassCache,
                      HardNegativeMiner, ImageNegatives, MiningSchedule, NegativeStore, Retrain, dedup_windows,
@@ -88,7 +91,7 @@ class _Context:
 def collect_positives(ctx: _Context, image_ids: Sequence[str], num_classes: int) -> list[np.ndarray]:
     """Unscaled features of every GT box (difficult included), per class [S:spp_train.m get_positive_*]."""
     per_class: list[list[np.ndarray]] = [[] for _ in range(num_classes)]
-    for image_id in tqdm(image_ids, desc="svm positives", unit="img", disable=None):
+    for image_id in progress(image_ids, desc="svm positives", unit="img"):
         rois = ctx.rois(image_id)
         gt_rows = np.flatnonzero(rois.is_gt)
         if len(gt_rows) == 0:
@@ -109,7 +112,7 @@ def collect_positives(ctx: _Context, image_ids: Sequence[str], num_classes: int)
 def negative_stream(ctx: _Context, image_ids: Sequence[str], active: np.ndarray, scale: float, neg_iou: float,
                     pruning: str) -> Iterator[ImageNegatives]:
     """Per image: the pruned negative candidates of every active class and their scaled features."""
-    for index, image_id in enumerate(tqdm(image_ids, desc="svm mining", unit="img", disable=None)):
+    for index, image_id in enumerate(progress(image_ids, desc="svm mining", unit="img")):
         rois = ctx.rois(image_id)
         maps = fcfeatures.load_maps(ctx.cache, image_id, ctx.scales, device=ctx.device)
         scale_index, cells = fcfeatures.window_cells(maps, rois.boxes, ctx.rule)
@@ -225,10 +228,9 @@ def _train(cfg, run_dir: Run, dataset: VocDataset, inputs: dict, feature: str, s
     metrics["cache_windows"] = int((miner.store.holders > 0).sum())  # distinct windows cached at the end
     metrics["cache_evicted_for_memory"] = miner.evicted_for_memory  # 0: svm.max_cache_gb was never reached
     metrics["peak_memory_gb"] = peak_memory_gb()
-    warnings = []
     if metrics["untrained_classes"]:
-        warnings.append("warning: no SVM for " + ", ".join(metrics["untrained_classes"]) + " (no training positives)")
+        log.warning("no SVM for %s (no training positives)", ", ".join(metrics["untrained_classes"]))
     if miner.evicted_for_memory:
-        warnings.append(f"warning: {miner.evicted_for_memory} easy negatives evicted to keep the cache within "
-                        f"svm.max_cache_gb={cfg.svm.max_cache_gb:g}; the SVMs differ from unbounded mining")
-    return Produced(metrics, summary="\n".join(warnings))
+        log.warning("%d easy negatives evicted to keep the cache within svm.max_cache_gb=%g; the SVMs differ from "
+                    "unbounded mining", miner.evicted_for_memory, cfg.svm.max_cache_gb)
+    return Produced(metrics)
