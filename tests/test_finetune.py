@@ -347,6 +347,20 @@ def test_stage_writes_a_k_plus_1_way_checkpoint_and_learns(tiny_run):
     assert again.skipped and again.manifest.fingerprint == result.manifest.fingerprint
 
 
+def test_learning_subset_is_seeded_nested_and_ordered():
+    rois = [f"i{k}" for k in range(20)]
+    five, ten = finetune.learning_subset(rois, 5, seed=3), finetune.learning_subset(rois, 10, seed=3)
+    assert len(five) == 5 and len(ten) == 10 and set(five) <= set(ten)  # nested: a learning curve adds images
+    assert five == [r for r in rois if r in set(five)]  # input order kept
+    assert finetune.learning_subset(rois, 5, seed=3) == five and finetune.learning_subset(rois, 5, seed=4) != five
+    assert finetune.learning_subset(rois, 0, seed=3) == rois == finetune.learning_subset(rois, 99, seed=3)
+
+
+def test_train_images_limits_what_the_stage_learns_from(tiny_run):
+    cfg = _stage_cfg(tiny_run, "subset", finetune__iters=4, finetune__eval_every=2, finetune__train_images=2)
+    assert finetune.run(cfg).manifest.metrics["train_images"] == 2
+
+
 def test_stage_is_deterministic_and_reruns_on_config_change(tiny_run):
     from stages.core.artifacts import Run
 

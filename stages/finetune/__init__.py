@@ -64,8 +64,8 @@ from .cached import cached_pooler
 from .conv import _live_poolers
 from .training import (BIAS_LR_MULT, TrainResult, _Resume, classification_error, lr_at, make_optimizer, set_lr,
                        train)
-from .windows import (IMAGE_OVERSAMPLE, Draw, Entry, Pooler, batch_split, draw_batches, has_windows, make_entries,
-                      pool_draw, select_windows, split_holdout)
+from .windows import (IMAGE_OVERSAMPLE, Draw, Entry, Pooler, batch_split, draw_batches, has_windows,
+                      learning_subset, make_entries, pool_draw, select_windows, split_holdout)
 
 STAGE = "finetune"
 MODEL_FILE = "model.pt"
@@ -75,8 +75,8 @@ RESUME_FILE = "resume.pt"  # the training state at the last safe point (``traini
 __all__ = [
     "STAGE", "MODEL_FILE", "HISTORY_FILE", "RESUME_FILE", "BACKGROUND", "IMAGE_OVERSAMPLE", "BIAS_LR_MULT",
     "run", "stage_config",
-    "Entry", "Draw", "Pooler", "select_windows", "has_windows", "make_entries", "split_holdout", "batch_split",
-    "draw_batches", "pool_draw",
+    "Entry", "Draw", "Pooler", "select_windows", "has_windows", "make_entries", "split_holdout", "learning_subset",
+    "batch_split", "draw_batches", "pool_draw",
     "TrainResult", "lr_at", "make_optimizer", "set_lr", "classification_error", "train",
     "cached_pooler", "_live_poolers",
 ]
@@ -155,6 +155,7 @@ def _finetune(cfg: Config, run_dir: Run, dataset: VocDataset, inputs: dict, conf
     holdout_set = set(holdout_ids)
     train_rois = [r for r in roidb if r.image_id not in holdout_set]
     holdout_rois = [r for r in roidb if r.image_id in holdout_set]
+    train_rois = learning_subset(train_rois, ft.train_images, cfg.seed)
 
     if ft.conv:
         flip_used = ft.flip

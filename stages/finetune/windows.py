@@ -73,6 +73,15 @@ def split_holdout(image_ids: list[str], fraction: float, seed: int) -> tuple[lis
     return ([i for k, i in enumerate(image_ids) if k not in held], [i for k, i in enumerate(image_ids) if k in held])
 
 
+def learning_subset(rois: list, count: int, seed: int) -> list:
+    """A seeded random ``count`` of the training images (input order kept), for learning curves; 0 or more than
+    there are: all. Nested: the first ``k`` of the seeded order, so a smaller subset is part of every larger one."""
+    if count <= 0 or count >= len(rois):
+        return list(rois)
+    chosen = set(np.random.default_rng([seed, 1]).permutation(len(rois))[:count].tolist())
+    return [r for k, r in enumerate(rois) if k in chosen]
+
+
 def batch_split(batch_size: int, fg_fraction: float) -> tuple[int, int]:
     """(foreground, background) windows per batch; 128 x 0.25 -> (32, 96). MATLAB int32() rounds half away."""
     n_fg = int(math.floor(fg_fraction * batch_size + 0.5))
