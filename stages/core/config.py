@@ -160,6 +160,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         for key in ("iters", "batch_size", "eval_every", "conv_images", "pool_memory_mb"):
+    train_images: int = 0  # learn from a seeded subset of this many of the other images (0: all; learning curves)
             _require(getattr(self, key) >= 1, f"finetune.{key}", getattr(self, key), "must be positive")
         _require(self.holdout_batches >= 0, "finetune.holdout_batches", self.holdout_batches, "must be >= 0")
         _require(self.lr > 0, "finetune.lr", self.lr, "must be positive")
@@ -173,6 +174,7 @@ class FinetuneConfig:
         _require(0.0 <= self.holdout_fraction < 1.0, "finetune.holdout_fraction", self.holdout_fraction,
                  "must be in [0, 1)")
         _require(self.conv_lr_factor >= 0, "finetune.conv_lr_factor", self.conv_lr_factor, "must be >= 0")
+        _require(self.train_images >= 0, "finetune.train_images", self.train_images, "must be >= 0 (0: all)")
         _require(self.checkpoint_every_s >= 0, "finetune.checkpoint_every_s", self.checkpoint_every_s, "must be >= 0")
 
 
