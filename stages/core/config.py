@@ -35,13 +35,24 @@ def _require(ok: bool, key: str, value: Any, what: str) -> None:
 
 
 
+# data.dataset: "synth" (the embedded generated set), "voc2007" (PASCAL VOC 2007, its 20 classes), "voc" (your own
+# VOC-layout folder, your classes; docs/own-dataset.md).
+DATASETS: tuple[str, ...] = ("synth", "voc2007", "voc")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "synth"  # "synth" (embedded, generated) or "voc2007"
-    voc_root: str = ""  # folder holding VOC2007/; empty -> data/synth (synth) or $SPP_VOC_ROOT or data/VOCdevkit
-    train_split: str = "trainval"  # what finetune / train-svm / train-bbox learn from
+    dataset: str = "synth"  # one of DATASETS
+    # synth / voc2007: the folder holding VOC2007/; empty -> data/synth (synth) or $SPP_VOC_ROOT or data/VOCdevkit.
+    # voc: the VOC-layout folder (Annotations/, JPEGImages/, ImageSets/Main/) or a folder holding exactly one.
+    voc_root: str = ""
+    train_split: str = "trainval"  # what finetune / train-svm / train-bbox learn from (and voc's classes, when
+    # it has no classes.txt)
     test_split: str = "test"  # what detect / eval score by default
     skip_bad: bool = False  # warn and skip a bad image/annotation instead of stopping
+
+    def __post_init__(self) -> None:
+        _require(self.dataset in DATASETS, "data.dataset", self.dataset, f"is not one of {', '.join(DATASETS)}")
 
 
 
@@ -149,6 +160,7 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     holdout_fraction: float = 0.1  # of training images, for snapshot selection (never the test split)
+    train_images: int = 0  # learn from a seeded subset of this many of the other images (0: all; learning curves)
     eval_every: int = 2000
     flip: bool = True
     conv: bool = False  # also fine-tune the conv layers through SPP (beyond the paper)
@@ -160,9 +172,9 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         for key in ("iters", "batch_size", "eval_every", "conv_images", "pool_memory_mb"):
-    train_images: int = 0  # learn from a seeded subset of this many of the other images (0: all; learning curves)
             _require(getattr(self, key) >= 1, f"finetune.{key}", getattr(self, key), "must be positive")
         _require(self.holdout_batches >= 0, "finetune.holdout_batches", self.holdout_batches, "must be >= 0")
+        _require(self.train_images >= 0, "finetune.train_images", self.train_images, "must be >= 0 (0: all)")
         _require(self.lr > 0, "finetune.lr", self.lr, "must be positive")
         _require(list(self.lr_steps) == sorted(self.lr_steps) and all(s >= 0 for s in self.lr_steps),
                  "finetune.lr_steps", self.lr_steps, "must be ascending iterations")
@@ -174,7 +186,6 @@ class FinetuneConfig:
         _require(0.0 <= self.holdout_fraction < 1.0, "finetune.holdout_fraction", self.holdout_fraction,
                  "must be in [0, 1)")
         _require(self.conv_lr_factor >= 0, "finetune.conv_lr_factor", self.conv_lr_factor, "must be >= 0")
-        _require(self.train_images >= 0, "finetune.train_images", self.train_images, "must be >= 0 (0: all)")
         _require(self.checkpoint_every_s >= 0, "finetune.checkpoint_every_s", self.checkpoint_every_s, "must be >= 0")
 
 
