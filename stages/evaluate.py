@@ -44,7 +44,7 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False, metric
     eval_tag = tag if metric == "voc07" else f"{tag}-{metric}"
     inputs["detect"] = detect_manifest
     return _evaluate_into(run_dir, eval_tag, config, inputs, dataset, split, comp4_dir, metric,
-                          Path(out) if out is not None else None)
+                          Path(out) if out is not None else None, plot_name=tag)
 
 
 def evaluate_folder(cfg, split: str, detections_dir: Path, out_dir: Path, metric: str = "voc07") -> StageResult:
@@ -62,12 +62,15 @@ def evaluate_folder(cfg, split: str, detections_dir: Path, out_dir: Path, metric
     inputs = {"dataset": dataset.fingerprint(split), "detections": hashes}
     # An outside folder, not a run: the runner gets a run rooted there and the folder itself.
     return _evaluate_into(Run(Path(out_dir)), None, _eval_config(cfg, split, metric), inputs, dataset,
-                          split, detections_dir, metric, Path(out_dir))
+                          split, detections_dir, metric, Path(out_dir),
+                          plot_name=f"{detections_dir.resolve().name} ({split})")
 
 
 def _evaluate_into(run: Run, tag: str | None, config: dict, inputs: dict, dataset: VocDataset, split: str,
-                   comp4_dir: Path, metric: str, folder: Path | None = None) -> StageResult:
-    """``folder``: write there instead of the run's eval folder (``--out``)."""
+                   comp4_dir: Path, metric: str, folder: Path | None = None, plot_name: str | None = None
+                   ) -> StageResult:
+    """``folder``: write there instead of the run's eval folder (``--out``). ``plot_name`` titles the PR plot:
+    the variant's tag (``test-ftfc7-s5-bb``), or the detections folder and split."""
     plan = StagePlan("eval", tag, config, inputs, {"metrics": "metrics.json", "pr_curves": "pr_curves.png"},
                      folder=folder)
     if folder is not None:
@@ -80,7 +83,7 @@ def _evaluate_into(run: Run, tag: str | None, config: dict, inputs: dict, datase
         if skipped_images:
             metrics["skipped_images"] = skipped_images
         atomic_write_json(out / "metrics.json", metrics)
-        atomic_write_bytes(out / "pr_curves.png", _pr_plot(result, split, metric))
+        atomic_write_bytes(out / "pr_curves.png", _pr_plot(result, plot_name or tag or split, metric))
         return Produced(metrics, summary=f"written: {out / 'metrics.json'}", extra={"result": result})
 
     return execute(run, plan, evaluate, describe=_table_from_metrics)
@@ -160,23 +163,32 @@ def _table_from_metrics(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _pr_plot(result: dict, split: str, metric: str) -> bytes:
-    """One precision/recall panel per class (Agg canvas, no global matplotlib state), as PNG bytes."""
+PLOT_DPI = 120  # PR plot resolution: readable when opened at full size (72 dpi was blurry)
+
+
+def pr_plot_title(name: str, metric: str, mean_ap: float) -> str:
+    """The PR plot's title: what was evaluated (a variant tag such as ``test-ftfc7-s5-bb``), the metric and mAP."""
+    return f"{name}: {metric} mAP {mean_ap * 100:.1f}"
+
+
+def _pr_plot(result: dict, name: str, metric: str) -> bytes:
+    """One precision/recall panel per class (Agg canvas, no global matplotlib state), as PNG bytes, titled with
+    ``name`` (the variant's tag)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     names = list(result["curves"])
     cols = min(5, max(1, len(names)))
     rows = max(1, -(-len(names) // cols))
-    fig = Figure(figsize=(2.6 * cols, 2.2 * rows + 0.5), dpi=72)
+    fig = Figure(figsize=(2.6 * cols, 2.2 * rows + 0.5), dpi=PLOT_DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).ravel()
-    for ax, name in zip(axes, names):
-        curve = result["curves"][name]
-        if len(curve["recall"]) and result["npos"][name]:
+    for ax, class_name in zip(axes, names):
+        curve = result["curves"][class_name]
+        if len(curve["recall"]) and result["npos"][class_name]:
             ax.plot(curve["recall"], curve["precision"], lw=1, clip_on=False,
                     marker="." if len(curve["recall"]) < 50 else None)
-        ax.set_title(f"{name}: AP {result['ap'][name] * 100:.1f}", fontsize=9)
+        ax.set_title(f"{class_name}: AP {result['ap'][class_name] * 100:.1f}", fontsize=9)
         ax.grid(alpha=0.3)
     for ax in axes[len(names):]:
         ax.set_visible(False)
@@ -188,7 +200,7 @@ def _pr_plot(result: dict, split: str, metric: str) -> bytes:
         ax.set_xlabel("recall", fontsize=8)
     for ax in axes.reshape(rows, cols)[:, 0]:
         ax.set_ylabel("precision", fontsize=8)
-    fig.suptitle(f"{split}: {metric} mAP {result['mAP'] * 100:.2f}", fontsize=11)
+    fig.suptitle(pr_plot_title(name, metric, result["mAP"]), fontsize=11)
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.9, wspace=0.12, hspace=0.35)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

@@ -16,18 +16,20 @@ PAPER = {"pool5": (43.0, 44.9), "fc7": (None, None), "ftfc7": (54.5, 55.2), "ftf
          "softmax": (None, None), "softmax bb": (None, None)}
 
 
-def table9(cfg, json_out: Path | None = None) -> str:
-    """Collect the eight variants' mAPs and return the printed table; with ``json_out``, also write them there.
-    It only reads the run (so it works on a read-only one)."""
+def table9_data(cfg) -> dict:
+    """Table 9 as data, from the run's eval manifests (it only reads the run): ``columns`` maps a column name
+    ("1-scale", "5-scale") to whether it is the 1-scale setting; ``rows`` maps a row label to {column: None (not
+    evaluated) or {"mAP", "ap" (per class), "eval" (its manifest)}}; ``tags`` maps (label, column) to the variant's
+    tag; ``missing`` lists the tags not evaluated yet; ``paper`` the paper's values of the rows shown."""
     run = Run(cfg.run_dir)
     split = cfg.data.test_split
     n_scales = len(cfg.features.scales)
     columns = {"1-scale": True} | ({f"{n_scales}-scale": False} if n_scales > 1 else {})
-    rows, missing = {}, []
+    rows, missing, tags = {}, [], {}
     for label, feature, bbox in TABLE9_ROWS + EXTRA_ROWS:
         row, row_missing = {}, []
         for column, one_scale in columns.items():
-            tag = detect_tag(split, feature, one_scale, n_scales, bbox)
+            tag = tags[label, column] = detect_tag(split, feature, one_scale, n_scales, bbox)
             path = run.manifest_path("eval", tag)
             try:
                 manifest = read_manifest(path)
@@ -40,6 +42,17 @@ def table9(cfg, json_out: Path | None = None) -> str:
             continue  # a row beyond the paper that this run did not evaluate
         rows[label] = row
         missing += row_missing
+    return {"run": cfg.run, "dataset": cfg.data.dataset, "backbone": cfg.model.backbone, "split": split,
+            "scales": list(cfg.features.scales), "one_scale": cfg.features.one_scale, "columns": columns,
+            "rows": rows, "tags": {key: tag for key, tag in tags.items() if key[0] in rows},
+            "paper": {label: PAPER[label] for label in rows}, "missing": missing}
+
+
+def table9(cfg, json_out: Path | None = None) -> str:
+    """Collect the eight variants' mAPs and return the printed table; with ``json_out``, also write them there.
+    It only reads the run (so it works on a read-only one)."""
+    data = table9_data(cfg)
+    split, columns, rows, missing = data["split"], data["columns"], data["rows"], data["missing"]
     lines = [f"Table 9 for run '{cfg.run}' ({cfg.data.dataset}, {cfg.model.backbone}, split {split}): VOC07 mAP (%)",
              f"{'SVM on':<10}" + "".join(f"{c:>10}" for c in columns)
              + "   paper (ZF-5, VOC07 test, 1/5-scale)"]
