@@ -10,15 +10,20 @@ from pathlib import Path
 
 import click
 
-from stages.core.config import CHOICES, PRESET_DIR
+from stages.core.config import CHOICES, DATASETS, PRESET_DIR
 from stages.core.errors import SppError, disk_full_message
 from stages.core.registry import CONV_SOURCES, DEFAULT_RUNS_ROOT, FEATURES, SCORERS
 
 log = logging.getLogger(__name__)
 PRESETS = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.toml")))
-VOC_ROOT_HELP = ("Folder holding VOC2007/ (a VOCdevkit). Relative paths are from the working directory; the run "
-                 "saves it absolute.")
-VOC_ROOT_DEFAULT = "data/synth for --dataset synth; $SPP_VOC_ROOT, else data/VOCdevkit, for voc2007"
+VOC_ROOT_HELP = ("synth, voc2007: the folder holding VOC2007/ (a VOCdevkit). voc: your VOC-layout folder "
+                 "(Annotations/, JPEGImages/, ImageSets/Main/) or a folder holding exactly one. Relative paths are "
+                 "from the working directory; the run saves it absolute.")
+VOC_ROOT_DEFAULT = ("data/synth for --dataset synth; $SPP_VOC_ROOT, else data/VOCdevkit, for voc2007; "
+                    "required for voc")
+DATASET_HELP = ("synth: the embedded generated dataset; voc2007: PASCAL VOC 2007 (its 20 classes); voc: your own "
+                "VOC-layout folder (--voc-root), classes from its classes.txt or its annotations, any image format "
+                "(docs/own-dataset.md).")
 FROM_RUN = "the run's saved value, else the preset's"  # options whose default is the run's config
 
 
@@ -49,9 +54,8 @@ def _run_options(func):
                     "config."),
         option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                help="Override one config key, e.g. --set finetune.iters=500 (TOML value syntax); repeatable."),
-        option("--dataset", type=click.Choice(["synth", "voc2007"]), default=None,
-               show_default=f"{FROM_RUN} (synth)",
-               help="synth: the embedded generated dataset; voc2007: PASCAL VOC 2007."),
+        option("--dataset", type=click.Choice(DATASETS), default=None,
+               show_default=f"{FROM_RUN} (synth)", help=DATASET_HELP),
         option("--voc-root", default=None, type=click.Path(file_okay=False), show_default=VOC_ROOT_DEFAULT,
                help=VOC_ROOT_HELP),
         option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
@@ -62,6 +66,75 @@ def _run_options(func):
     for decorator in reversed(options):
         func = decorator(func)
     return func
+
+
+# -- several processes (torchrun) -----------------------------------------------------------------------------------
+ARGV = "spp.argv"  # the command line the root group was given (``ctx.meta``), for --nproc-per-node to re-run it
+
+
+class _Group(click.Group):
+    """click's group, keeping its command line in ``ctx.meta`` (``--nproc-per-node`` re-runs it under torchrun)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        argv = list(args)
+        ctx = super().make_context(info_name, args, parent=parent, **extra)
+        ctx.meta[ARGV] = argv
+        return ctx
+
+
+class _OneLineBadParameter(click.BadParameter):
+    """A usage error (exit status 2) shown as one line, like every other error of spp."""
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", file=file, err=True)
+
+
+class _ProcessCount(click.ParamType):
+    name = "N"
+
+    def convert(self, value, param, ctx):
+        try:
+            count = int(value)
+        except (TypeError, ValueError):
+            count = 0
+        if count < 1:
+            self.fail(f"{value!r} is not a process count (1 or more)", param, ctx)
+        return count
+
+    def fail(self, message, param=None, ctx=None):
+        raise _OneLineBadParameter(message, ctx=ctx, param=param)
+
+
+def _torchrun_epilog(command: str) -> str:
+    return f"""\b
+Several processes: --nproc-per-node N runs this command again as
+  python -m torch.distributed.run --standalone --nproc-per-node N -m -- sppcli {command} ...
+or launch torchrun yourself, with `--` before the command (without it torchrun
+takes --run for its own --run-path):
+  torchrun --standalone --nproc-per-node N -m -- sppcli {command} --run R ..."""
+
+
+def _nproc_option(share: str):
+    return option("--nproc-per-node", "nproc", type=_ProcessCount(), default=1, show_default=True,
+                  help=f"Processes on this machine (torchrun): {share} Above 1 the command runs itself again "
+                       "under torchrun (see below) and exits with its status; inside torchrun (WORLD_SIZE set) "
+                       "it is ignored. Not saved with the run.")
+
+
+def _torchrun_if_asked(nproc: int) -> None:
+    """``--nproc-per-node N`` (N > 1) outside torchrun: run this very command line in N torchrun workers and exit
+    with their status. The caller has resolved the config first, so a bad value stops once, in one line."""
+    from stages.core import launch
+
+    if nproc == 1:
+        return
+    if launch.under_torchrun():
+        if os.environ.get("WORLD_SIZE") != str(nproc):
+            log.warning(f"--nproc-per-node {nproc} ignored: this is already one of torchrun's "
+                        f"{os.environ.get('WORLD_SIZE')} processes")
+        return
+    ctx = click.get_current_context()
+    ctx.exit(launch.relaunch(nproc, "sppcli", ctx.meta[ARGV]))
 
 
 def _conv_from_option(func):
@@ -112,6 +185,8 @@ def _config(run_name, runs_root, preset, sets, dataset, voc_root, device, seed, 
 
 
 def _report(result) -> None:
+    if result.skipped and os.environ.get("RANK", "0") != "0":
+        return  # a torchrun rank other than 0 found it done: rank 0 says so
     if result.skipped:
         click.echo(f"up to date: {result.manifest.path}")
     if result.summary:
@@ -131,9 +206,13 @@ Environment:
                       0: never  [default: on when stderr is a terminal]
   SPP_DISK_MARGIN_MB  free space (MiB) a stage leaves on the disk it writes
                       to, stopping with one line instead  [default: 256]
-  WORLD_SIZE, RANK, LOCAL_RANK
-                      set by torchrun: pretrain and extract-features share
-                      the work between its processes
+  WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE
+                      set by torchrun: pretrain, proposals and
+                      extract-features share the work between its
+                      processes (--nproc-per-node N launches them)
+  TORCHELASTIC_RUN_ID, TORCHELASTIC_RESTART_COUNT
+                      set by torchrun: rank 0 of proposals takes only
+                      the other ranks' files of this very launch
   OMP_NUM_THREADS     CPU threads of the torch kernels
 
 \b
@@ -145,8 +224,8 @@ Shell completion: put the line for your shell in its startup file
 """
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110,
-                               "show_default": True}, epilog=EPILOG)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110,
+                                          "show_default": True}, epilog=EPILOG)
 @option("-v", "--verbose", count=True, show_default=False,
         help="More on stderr: -v adds sppnet's debug lines, -vv every library's too.")
 @option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr, and no progress bars unless "
@@ -207,10 +286,9 @@ def _num_images(num_images: int | None, images_alias: int | None) -> int | None:
 
 
 @data.command("crops")
-@option("--dataset", type=click.Choice(["synth", "voc2007"]), default="voc2007", show_default=True,
-        help="synth: the embedded generated dataset; voc2007: PASCAL VOC 2007.")
+@option("--dataset", type=click.Choice(DATASETS), default="voc2007", show_default=True, help=DATASET_HELP)
 @option("--voc-root", default=None, type=click.Path(file_okay=False), show_default=VOC_ROOT_DEFAULT,
-        help="Folder holding VOC2007/ (a VOCdevkit).")
+        help=VOC_ROOT_HELP)
 @option("--split", default="train", show_default=True, help="Detection split whose objects are cut out.")
 @option("--out", required=True, type=click.Path(file_okay=False),
         help="ImageFolder tree to write (train/<class>/*.jpg, val/<class>/*.jpg, CROPS.json).")
@@ -230,7 +308,7 @@ def data_crops(dataset, voc_root, split, out, context, val_fraction, short_side,
 
 
 # -- stages -----------------------------------------------------------------------------------------------------
-@cli.command()
+@cli.command(epilog=_torchrun_epilog("pretrain"))
 @_run_options
 @option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
         show_default="pretrain.data, else <voc-root>/classification of the synth dataset",
@@ -240,16 +318,19 @@ def data_crops(dataset, voc_root, split, out, context, val_fraction, short_side,
 @option("--init", default=None, type=click.Path(dir_okay=False),
         show_default="pretrain.init, else fresh weights (or model.weights' trunk)",
         help="Start from this local weights file (an sppnet checkpoint or a trunk state dict).")
+@_nproc_option("DistributedDataParallel (gloo on CPU, nccl with one GPU each); pretrain.batch_size stays the "
+               "global batch, split among them.")
 @_errors_as_one_line
-def pretrain(data_dir, epochs, init, **common):
+def pretrain(data_dir, epochs, init, nproc, **common):
     """Classification pretraining of backbone + SPP + fc6/fc7/fc8, multi-size (torchrun-ready)."""
     from stages import pretrain as stage
 
     cfg = _config(**common, extra={"pretrain.data": data_dir, "pretrain.epochs": epochs, "pretrain.init": init})
+    _torchrun_if_asked(nproc)
     _report(stage.run(cfg))
 
 
-@cli.command()
+@cli.command(epilog=_torchrun_epilog("proposals --split S"))
 @_run_options
 @option("--split", required=True, help="Image set, e.g. trainval or test.")
 @option("--boxes-file", default=None, type=click.Path(dir_okay=False),
@@ -257,28 +338,33 @@ def pretrain(data_dir, epochs, init, **common):
         help="Use precomputed proposals (.h5 with boxes/<id>, or .npz / .mat-like {id: [N,4] x1y1x2y2 1-based}).")
 @option("--workers", type=int, default=None, show_default="proposals.workers (0)",
         help="Processes (0 = all cores); not saved with the run.")
+@_nproc_option("each takes the images r::N (with --workers 0, its share of the cores); rank 0 writes the one "
+               "proposals.h5.")
 @_errors_as_one_line
-def proposals(split, boxes_file, workers, **common):
+def proposals(split, boxes_file, workers, nproc, **common):
     """Selective search (fast mode) per image, cached in HDF5, resumable; reports recall@0.5/0.7."""
     from stages import proposals as stage
 
     cfg = _config(**common, extra={"proposals.workers": workers})
+    _torchrun_if_asked(nproc)
     _report(stage.run(cfg, split, boxes_file=Path(boxes_file) if boxes_file else None))
 
 
-@cli.command("extract-features")
+@cli.command("extract-features", epilog=_torchrun_epilog("extract-features --split S"))
 @_run_options
 @option("--split", required=True, help="Image set, e.g. trainval or test.")
 @option("--scales", default=None, show_default=f"features.scales: {FROM_RUN}",
         help="Comma-separated shorter sides, e.g. 688 or 480,576,688,874,1200.")
 @_conv_from_option
+@_nproc_option("each takes the images r::N into its own features.rank<r>.h5 (one GPU each).")
 @_errors_as_one_line
-def extract_features(split, scales, conv_from, **common):
+def extract_features(split, scales, conv_from, nproc, **common):
     """conv5 maps of every image at every scale into HDF5 (float16, chunked), resumable, torchrun-sharded."""
     from stages import extract_features as stage
 
     extra = {"features.scales": [int(s) for s in scales.split(",")] if scales else None}
     cfg = _config(**common, extra=extra)
+    _torchrun_if_asked(nproc)
     _report(stage.run(cfg, split, conv_from=conv_from))
 
 
@@ -437,6 +523,21 @@ def table9(json_out, **common):
 
     cfg = _config(**common)
     click.echo(report.table9(cfg, json_out=Path(json_out) if json_out else None))
+
+
+@cli.command()
+@_run_options
+@option("--out", default=None, type=click.Path(file_okay=False), show_default="<run>/report",
+        help="Folder for report.html and the PNG figures it shows (not the run itself nor a stage folder).")
+@_errors_as_one_line
+def report(out, **common):
+    """Write one self-contained HTML page about the run: Table 9, per-class AP, PR curves, training curves,
+    proposal recall, stage wall times and drawn test detections; reads the run, writes only into --out."""
+    from stages import report as table
+    from stages import report_page
+
+    cfg = _config(**common)
+    click.echo(report_page.write_report(cfg, table.table9_data(cfg), Path(out) if out else None))
 
 
 @cli.command()

@@ -37,7 +37,8 @@ from stages.core.artifacts import CONV_LAYERS_PART, Manifest, Run, StageResult, 
 from stages.core.config import Config
 from stages.core.errors import InputError, SppError
 from stages.core.features import (SCHEMA_VERSION, FeatureWriter, feature_paths, features_tag, map_name, read_header,
-                                  shard_file_name, wait_for_files)
+                                  shard_file_name)
+from stages.core.launch import process_shard, wait_for_files
 from stages.core.logs import progress as progress_bar
 from stages.core.runner import Produced, StagePlan, execute
 from stages.core.voc import VocDataset
@@ -53,21 +54,6 @@ class LoadedImage:
     image_hw: tuple[int, int] | None  # None: unreadable and skipped (data.skip_bad)
     inputs: dict[tuple[bool, int], torch.Tensor]  # (flip, scale) -> preprocessed [3, h, w]
     error: str = ""
-
-
-def process_shard() -> tuple[int, int]:
-    """(rank, world_size) of this process: torch.distributed when initialised, else torchrun's env vars."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    try:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-    except ValueError:
-        raise SppError(f"RANK/WORLD_SIZE must be integers, got {os.environ.get('RANK')!r}/"
-                       f"{os.environ.get('WORLD_SIZE')!r}") from None
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise SppError(f"invalid torchrun rank {rank} of world size {world_size}")
-    return rank, world_size
 
 
 def select_device(name: str) -> torch.device:
@@ -87,7 +73,8 @@ def _conv_layers_of(manifest: Manifest) -> UsedPart:
 def model_input(cfg: Config, run: Run, conv_from: str = "pretrain") -> tuple[UsedPart | dict, Path | str, bool]:
     """What the conv5 maps are computed with: (input record, weights/checkpoint path, is_checkpoint).
 
-    The pretrain stage's checkpoint (recorded by its conv layers alone) when that stage exists (stale or missing -> one-line error naming the command);
+    The pretrain stage's checkpoint (recorded by its conv layers alone) when that stage exists (stale or missing ->
+    one-line error naming the command);
     otherwise ``model.weights`` (a local file, fingerprinted by sha256, or torchvision's named weights).
     ``conv_from="finetune"``: the checkpoint of ``spp finetune --conv`` (its conv layers are its own)."""
     if conv_from == "finetune":

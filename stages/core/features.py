@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import threading
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -522,21 +521,3 @@ def features_for(run: Run, split: str, conv_from: str = "pretrain") -> FeatureCa
     """The finished, fresh feature cache of a split, made by the pretrained conv layers or (``conv_from=
     "finetune"``) by those of a --conv fine-tuned model; one-line error naming the command when it is not there."""
     return cache_of(run.require("features", features_tag(split, conv_from)))
-
-
-def wait_for_files(paths: Sequence[Path], ready, poll_s: float = 2.0, timeout_s: float | None = None,
-                   on_wait=None) -> None:
-    """Block until ``ready(path)`` holds for every path (torchrun rank 0 waiting for the other ranks' shards)."""
-    start = time.monotonic()
-    announced = False
-    while True:
-        pending = [p for p in paths if not ready(p)]
-        if not pending:
-            return
-        if on_wait is not None and not announced:
-            on_wait(pending)
-            announced = True
-        if timeout_s is not None and time.monotonic() - start > timeout_s:
-            raise SppError(f"timed out after {timeout_s:.0f} s waiting for feature shards: "
-                           + ", ".join(p.name for p in pending), pending[0])
-        time.sleep(poll_s)

@@ -107,9 +107,10 @@ def _run(cfg: Config, ranks: _Ranks) -> StageResult:
                      lock_name=f".lock.rank{ranks.rank}" if ranks.rank else ".lock")  # rank 0 meets a plain run
     if ranks.distributed and not result.skipped:
         dist.barrier()  # rank 0 has written the manifest
-    if result.manifest is None:
-        manifest = read_manifest(run_dir.manifest_path(STAGE))  # rank 0 prints the summary
-        return StageResult(manifest, _summary(manifest.metrics, out_dir / MODEL_FILE))
+    if result.manifest is None:  # another rank: rank 0 has written the model and prints the summary
+        manifest = read_manifest(run_dir.manifest_path(STAGE))
+        return StageResult(manifest, f"pretrain rank {ranks.rank}/{ranks.world}: done; rank 0 wrote "
+                           f"{out_dir / MODEL_FILE}")
     return result
 
 

@@ -18,6 +18,12 @@ files are consolidated into ``proposals.h5`` (temp file + rename) and removed. A
 complete per-image files only, and a rerun computes only the images missing from ``partial/`` and from an
 existing ``proposals.h5`` made with the same parameters.
 
+torchrun (as ``spp extract-features``): rank r of W computes the images ``r::W`` into the one journal, then writes
+``partial/rank<r>-of-<W>.json``; rank 0 polls until every other rank's file is there and consolidates all of
+them into the single ``proposals.h5`` and the manifest, so readers see one file whatever the process count.
+Polling rather than a ``torch.distributed`` barrier, for the same reason (a resumed rank may finish hours early).
+With ``proposals.workers = 0`` (all cores) each rank takes its share of the machine's cores.
+
 The code: this package's ``__init__`` is the stage (``run``, reading precomputed boxes, consolidating into
 ``proposals.h5``, recall); ``worker.py`` runs selective search in worker processes; ``journal.py`` keeps the
 per-image results of an unfinished run and finds what an earlier ``proposals.h5`` already holds.
@@ -25,6 +31,7 @@ per-image results of an unfinished run and finds what an earlier ``proposals.h5`
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 import warnings
@@ -36,6 +43,7 @@ import numpy as np
 from ..core.artifacts import Run, StageResult, sha256_file
 from ..core.config import ProposalConfig
 from ..core.errors import InputError
+from ..core.launch import launch_id, local_processes, process_shard, wait_for_files
 from ..core.logs import progress as progress_bar
 from ..core.proposals import (SCHEMA, SS_COLOUR_SPACES, SS_RANKING, SS_STRATEGIES, ProposalWriter, best_overlaps,
                               filter_boxes, read_boxes_group)
@@ -49,6 +57,7 @@ PARTIAL_DIR = "partial"
 METHOD_SS = "selective_search_fast"
 METHOD_FILE = "boxes_file"
 RECALL_IOUS = (0.5, 0.7)
+log = logging.getLogger(__name__)
 
 __all__ = ["run", "read_boxes_file", "recall_metrics", "format_summary", "_propose_one"]
 
@@ -166,6 +175,7 @@ def _params(cfg, boxes_file: Path | None) -> dict:
 def run(cfg, split: str, boxes_file: Path | None = None) -> StageResult:
     """Compute (or import) the proposals of ``split`` into ``01_proposals/<split>/proposals.h5``."""
     run_dir = Run(cfg.run_dir)
+    rank, world = process_shard()
     dataset = VocDataset.from_config(cfg.data)
     if boxes_file is not None and not Path(boxes_file).exists():
         raise InputError("missing boxes file", boxes_file)
@@ -177,35 +187,44 @@ def run(cfg, split: str, boxes_file: Path | None = None) -> StageResult:
     plan = StagePlan("proposals", split, config, inputs, {"proposals": OUTPUT_NAME})
 
     def propose(folder: Path) -> Produced:
+        if boxes_file is not None and rank != 0:
+            return Produced({}, summary=f"proposals {split} rank {rank}/{world}: rank 0 imports the boxes file",
+                            write_manifest=False)
         annotations = {a.image_id: a for a in dataset.annotations(split)}  # bad ones warned and left out (skip_bad)
         if boxes_file is not None:
             stats = _import_boxes(Path(boxes_file), annotations, cfg.proposals, folder, params, split)
         else:
-            stats = _compute_boxes(dataset, annotations, cfg, folder, params, split)
+            stats = _compute_boxes(dataset, annotations, cfg, folder, params, split, rank, world)
+            if isinstance(stats, Produced):  # a torchrun rank other than 0: its share is in the journal
+                return stats
         kept_ids = stats.pop("kept_ids")
         return Produced({**stats.pop("metrics"), **stats, "images": len(kept_ids),
                          "images_skipped": len(dataset.image_ids(split)) - len(kept_ids)})  # bad annotation/image
 
     return execute(run_dir, plan, propose, describe=lambda metrics: format_summary(split, metrics), cfg=cfg,
-                   verify=lambda manifest: _readable(manifest.output("proposals")))  # truncated: not up to date
+                   verify=lambda manifest: _readable(manifest.output("proposals")),  # truncated: not up to date
+                   lock_name=f".lock.rank{rank}" if rank else ".lock")  # rank 0 meets a plain run
 
 
 def _compute_boxes(dataset: VocDataset, annotations: dict[str, Annotation], cfg, folder: Path, params: dict,
-                   split: str) -> dict:
+                   split: str, rank: int = 0, world: int = 1) -> dict | Produced:
+    """Selective search over the images not done yet (rank r of W: the images ``r::W``), then, on rank 0, one
+    ``proposals.h5``. A rank other than 0 returns its (manifest-less) ``Produced`` once its share is journaled."""
     output = folder / OUTPUT_NAME
-    journal = _Journal(folder / PARTIAL_DIR, params)
+    journal = _Journal(folder / PARTIAL_DIR, params, shared=world > 1)
     previous = _previous_output(output, params)
     reused_ids = set(previous.image_ids) if previous is not None else set()
     done = journal.done_ids() | reused_ids
-    todo = [image_id for image_id in annotations if image_id not in done]
-    failed: set[str] = set()
-    workers = cfg.proposals.workers or os.cpu_count() or 1
+    todo = [image_id for image_id in list(annotations)[rank::world] if image_id not in done]
+    failed: dict[str, str] = {}
+    workers = cfg.proposals.workers or max(1, (os.cpu_count() or 1) // local_processes())
     workers = max(1, min(workers, len(todo)))
     compute_s = cpu_s = 0.0
     if todo:
         start = time.perf_counter()
         results = contextlib.closing(_map_images(dataset, cfg, todo, workers))  # closing stops the pool
-        progress = progress_bar(total=len(todo), unit="img", desc=f"proposals {split}", dynamic_ncols=True)
+        progress = progress_bar(total=len(todo), unit="img", dynamic_ncols=True, desc=f"proposals {split}"
+                                + (f" rank {rank}/{world}" if world > 1 else ""))
         with results as stream, progress as bar:
             for image_id, boxes, error, image_cpu_s in stream:
                 cpu_s += image_cpu_s
@@ -213,11 +232,30 @@ def _compute_boxes(dataset: VocDataset, annotations: dict[str, Annotation], cfg,
                     if not dataset.skip_bad:
                         raise InputError(error)
                     warnings.warn(f"skipping: {error}", stacklevel=2)
-                    failed.add(image_id)
+                    failed[image_id] = error
                 else:
                     journal.write(image_id, boxes)
                 bar.update(1)
         compute_s = time.perf_counter() - start
+    computed = len(todo) - len(failed)
+    if world > 1:
+        mine = {"params": params, "launch": launch_id(), "failed": failed, "images_computed": computed,
+                "workers": workers, "compute_s": compute_s, "cpu_s": cpu_s}
+        if rank != 0:
+            if previous is not None:
+                previous.close()  # before rank 0 replaces the file
+            journal.write_rank_done(rank, world, mine)
+            speed = f"{computed / compute_s:.2f} images/s" if computed and compute_s > 0 else "nothing computed"
+            return Produced({}, summary=f"proposals {split} rank {rank}/{world}: {computed} image(s) computed "
+                            f"({speed}), {len(failed)} skipped; rank 0 writes {OUTPUT_NAME} and the manifest",
+                            write_manifest=False)
+        shares = [mine] + _wait_for_ranks(journal, world, params)
+        for share in shares[1:]:
+            failed.update(share["failed"])
+        computed = sum(share["images_computed"] for share in shares)
+        workers = sum(share["workers"] for share in shares)
+        compute_s = max(share["compute_s"] for share in shares)  # the ranks ran side by side
+        cpu_s = sum(share["cpu_s"] for share in shares)
     kept = [image_id for image_id in annotations if image_id not in failed]
 
     def boxes_of(image_id: str) -> np.ndarray:
@@ -228,13 +266,21 @@ def _compute_boxes(dataset: VocDataset, annotations: dict[str, Annotation], cfg,
         previous.close()  # before the rename replaces the file it reads
     os.replace(tmp, output)
     journal.remove()
-    computed = len(todo) - len(failed)
     return {"metrics": metrics, "kept_ids": kept, "workers": workers, "images_computed": computed,
             "images_reused": len(kept) - computed, "images_skipped": len(failed),
             "compute_s": round(compute_s, 3),
             "images_per_s": round(computed / compute_s, 4) if computed and compute_s > 0 else None,
             # Load-independent cost: CPU seconds per computed image, summed over the worker processes.
             "cpu_s_per_image": round(cpu_s / computed, 4) if computed else None}
+
+
+def _wait_for_ranks(journal: _Journal, world: int, params: dict) -> list[dict]:
+    """Rank 0: the records of ranks 1..W-1, once each has journaled its share (in this launch)."""
+    launch = launch_id()
+    paths = {journal.rank_path(r, world): r for r in range(1, world)}
+    wait_for_files(list(paths), lambda path: journal.rank_done(paths[path], world, params, launch) is not None,
+                   on_wait=lambda pending: log.info("rank 0: waiting for %s", ", ".join(p.name for p in pending)))
+    return [journal.rank_done(r, world, params, launch) for r in range(1, world)]
 
 
 def _import_boxes(path: Path, annotations: dict[str, Annotation], params_cfg: ProposalConfig, folder: Path,
