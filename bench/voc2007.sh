@@ -35,7 +35,7 @@
 #   --dataset D           voc2007 (default) | synth (a devkit written by `spp data synth`)
 #   --set KEY=VALUE       any config key, passed to every stage (repeatable; e.g. --set finetune.iters=500)
 #
-# On a CPU budget (README, "Measured on /work/shared/voc2007"): --set model.fc_dim=1024, a few thousand
+# On a CPU budget (docs/voc2007.md, "Measured earlier on /work/shared/voc2007"): --set model.fc_dim=1024, a few thousand
 # finetune.iters, and for weak features (ZF-5 from scratch) --set svm.tol=0.1, liblinear's own default: with
 # the preset's 1e-4 its SVMs ran over 41 minutes on the 500 train images, with 0.1 in 12.
 #

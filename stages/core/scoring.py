@@ -77,7 +77,7 @@ class Scorer:
             self.models = ClassModels(None, bbox, names[1:])
         else:
             self.models = ClassModels(load_svm_model(self.svm_manifest.output("svm")), bbox)
-        # fc6/fc7 weight type (bfloat16 moves scores by ~1e-2 of their range, BENCHMARKS.md). The nets are fresh
+        # fc6/fc7 weight type (bfloat16 moves scores by ~1e-2 of their range, docs/BENCHMARKS.md). The nets are fresh
         # copies loaded for this scorer, so converting them in place is safe.
         for net in self.nets.values():
             net.head.to(getattr(torch, cfg.detect.fc_dtype))
