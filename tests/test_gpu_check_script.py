@@ -67,6 +67,9 @@ def test_a_run_with_no_budget_left_still_writes_its_summary(tmp_path):
     summary = json.loads(out.read_text())
     assert summary["status"] == "incomplete (budget)" and summary["device"] == "cpu" and summary["failures"] == []
     names = [part["name"] for part in summary["parts"]]
-    assert names[:4] == ["install", "imports", "pytest -m gpu", "spp bench"]
+    # "install" is a part only where wheels were carried (.whl/, made by --prepare): not in a fresh clone.
+    expected = ["imports", "pytest -m gpu", "spp bench"]
+    assert names[:4] == ["install", *expected] if (REPO / ".whl").is_dir() and any((REPO / ".whl").glob("*.whl")) \
+        else names[:3] == expected
     assert all(part["status"] == "skipped (budget spent)" for part in summary["parts"])
     assert not (REPO / "gpu_check.json").exists()
