@@ -162,9 +162,10 @@ def test_maps_depend_on_the_conv_layers_alone(devkit, tmp_path):
     torch.manual_seed(0)
     wider = nets.SppNet(nets.build_backbone("zf5"), fc_dim=64, num_classes=2)  # same seed: same conv weights
     path = Run(cfg.run_dir).stage_dir("pretrain") / "model.pt"
-    nets.save_checkpoint(path, wider, {"class_names": ["a", "b"]})
+    written = nets.save_checkpoint(path, wider, {"class_names": ["a", "b"]})
+    assert written == nets.conv_layers_sha256(path) == record["fingerprint"]  # what it returns = what the file holds
     Run(cfg.run_dir).write_manifest("pretrain", None, config={"seed": 0, "fc_dim": 64}, inputs={},
-                                    outputs={"model": path}, metrics={CONV_LAYERS_PART: nets.conv_layers_sha256(path)})
+                                    outputs={"model": path}, metrics={CONV_LAYERS_PART: written})
     assert stage.run(cfg, "test").skipped
     features_for(Run(cfg.run_dir), "test")  # and a reader finds them fresh
     fake_pretrain(cfg, seed=1)  # other conv weights

@@ -567,9 +567,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def save_checkpoint(path: str | Path, model: SppNet, meta: dict | None = None) -> None:
+def save_checkpoint(path: str | Path, model: SppNet, meta: dict | None = None) -> str:
     """Write ``{format, version, state_dict, meta}`` atomically. ``meta`` is the caller's (plain values: class
-    names, training info); the architecture fields come from ``model`` itself and override it."""
+    names, training info); the architecture fields come from ``model`` itself and override it. Returns the
+    file's ``conv_layers_sha256``, from the tensors just written (no second read)."""
     if not isinstance(model, SppNet):
         raise TypeError(f"save_checkpoint expects an SppNet, got {type(model).__name__}")
     meta = dict(meta or {})
@@ -583,19 +584,24 @@ def save_checkpoint(path: str | Path, model: SppNet, meta: dict | None = None) -
     torch.save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "state_dict": state, "meta": meta},
                buffer)
     atomic_write_bytes(Path(path), buffer.getvalue())
+    return _conv_layers_digest(meta, state)
 
 
 def conv_layers_sha256(path: str | Path) -> str:
     """sha256 of a checkpoint's conv layers alone (backbone name, width and ``backbone.*`` tensors): what its conv5
     maps depend on. fc6-fc8, the pyramid and the class list can change without changing it."""
-    import hashlib
-
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
         meta, state = obj["meta"], obj["state_dict"]
     except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file is one user-facing line
         raise SppError(f"unreadable checkpoint ({load_failure(exc)})", path) from None
+    return _conv_layers_digest(meta, state)
+
+
+def _conv_layers_digest(meta: dict, state: dict) -> str:
+    import hashlib
+
     digest = hashlib.sha256(f"{meta.get('backbone')}|{meta.get('width', 1.0)}".encode())
     for key in sorted(k for k in state if k.startswith("backbone.")):
         tensor = state[key]

@@ -270,15 +270,17 @@ _ROI_POOL_COST_PER_CELL = 1.0
 _TABLE_COST_PER_CELL = 2.5
 
 
-def pooling_method(fmap_hw: tuple[int, int], cells_np: np.ndarray, levels: Sequence[int]) -> str:
+def pooling_method(fmap_hw: tuple[int, int], cells_np: np.ndarray, levels: Sequence[int],
+                   extent: tuple[int, int] | None = None) -> str:
     """"table" or "roi_pool", by expected cost: roi_pool reads every window's cells once per pooled level, the
     table builds (max_a + 1)(max_b + 1) copies of the map once and then costs four gathers per bin. Few windows on
-    a map (fine-tuning's draws: tens per image) -> roi_pool; thousands (every proposal of an image) -> table."""
+    a map (fine-tuning's draws: tens per image) -> roi_pool; thousands (every proposal of an image) -> table.
+    ``extent``: ``_table_extent(cells_np, levels)`` when the caller already has it."""
     if len(cells_np) == 0:
         return "table"
     areas = (cells_np[:, 2] - cells_np[:, 0] + 1) * (cells_np[:, 3] - cells_np[:, 1] + 1)
     roi_cost = _ROI_POOL_COST_PER_CELL * float(areas.sum()) * len(levels)
-    max_a, max_b = _table_extent(cells_np, levels)
+    max_a, max_b = extent if extent is not None else _table_extent(cells_np, levels)
     table_cost = _TABLE_COST_PER_CELL * (max_a + 1) * (max_b + 1) * int(fmap_hw[0]) * int(fmap_hw[1])
     return "roi_pool" if roi_cost < table_cost else "table"
 
@@ -338,11 +340,13 @@ def spp_pool(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID
         return out
     distinct = sorted(set(pyramid), reverse=True)
     roots = [n for n in distinct if not any(m != n and m % n == 0 for m in distinct)]
-    if method == "auto":
-        method = pooling_method(fmap.shape[1:], cells.numpy(), roots)
-    if method == "table":
+    if method in ("auto", "table"):  # the table's extent, computed once for the choice and the build
         cells_np = cells.numpy()
-        table = _table_for(fmap, cells_np, roots)
+        extent = _table_extent(cells_np, roots)
+    if method == "auto":
+        method = pooling_method(fmap.shape[1:], cells_np, roots, extent)
+    if method == "table":
+        table = _RangeMaxTable(fmap, *extent)
         # Chunks keep each gather near _GATHER_ELEMENTS (small temporaries the allocator reuses).
         budget = _GATHER_ELEMENTS if fmap.device.type == "cpu" else _GATHER_ELEMENTS_GPU
         chunk = max(1, budget // (channels * sum(n * n for n in roots)))

@@ -189,7 +189,7 @@ def _finetune(cfg: Config, run_dir: Run, dataset: VocDataset, inputs: dict, conf
             "fc_dim": model.head.fc6.out_features, "num_classes": len(class_names), "class_names": class_names,
             "finetuned": True, "conv_finetuned": ft.conv, "finetune_iteration": result.metrics["best_iteration"],
             "holdout_error": result.metrics["best_holdout_error"], "pretrained_from": str(pretrained_path)}
-    nets.save_checkpoint(folder / MODEL_FILE, model, meta)  # atomic
+    conv_sha256 = nets.save_checkpoint(folder / MODEL_FILE, model, meta)  # atomic
     atomic_write_json(folder / HISTORY_FILE, result.history)
 
     n_fg = sum(len(e.fg_labels) for e in entries)
@@ -199,6 +199,6 @@ def _finetune(cfg: Config, run_dir: Run, dataset: VocDataset, inputs: dict, conf
                "num_classes": len(class_names), "device": str(device), "conv": ft.conv,
                "pool_strategy": "per-iteration live pooling (conv)" if ft.conv else
                "chunked pre-draw, one cache read per image per chunk, float16 buffer on the compute device",
-               CONV_LAYERS_PART: nets.conv_layers_sha256(folder / MODEL_FILE)}
+               CONV_LAYERS_PART: conv_sha256}
     _Resume(folder / RESUME_FILE, resume_key, 0).remove()
     return Produced(metrics)

@@ -199,7 +199,7 @@ def _train(cfg: Config, ranks: _Ranks, config: dict, inputs: dict, trees: dict, 
     meta = {"class_names": class_names, "epochs": pc.epochs, "val_accuracy": val_acc, "sizes": list(pc.sizes),
             "pixel_mode": spec.pixel_mode, "seed": cfg.seed, **origin}
     model_path = out_dir / MODEL_FILE
-    nets.save_checkpoint(model_path, model, meta)
+    conv_sha256 = nets.save_checkpoint(model_path, model, meta)
     metrics = {
         "epochs": pc.epochs, "num_classes": len(class_names), "chance_accuracy": 1 / len(class_names)
         if class_names else None, "val_accuracy": val_acc, "val_loss": val_loss,
@@ -210,7 +210,7 @@ def _train(cfg: Config, ranks: _Ranks, config: dict, inputs: dict, trees: dict, 
         "size_per_epoch": [h["size"] for h in history], "lr_per_epoch": [h["lr"] for h in history],
         "seconds_per_epoch": [h["seconds"] for h in history], "world_size": ranks.world,
         "device": str(ranks.device), "weights_from": origin["init_kind"],
-        CONV_LAYERS_PART: nets.conv_layers_sha256(model_path),  # what conv5 maps depend on (extract-features)
+        CONV_LAYERS_PART: conv_sha256,  # what conv5 maps depend on (extract-features)
     }
     return Produced(metrics)
 
