@@ -34,6 +34,8 @@
 #                         run selective search
 #   --dataset D           voc2007 (default) | synth (a devkit written by `spp data synth`)
 #   --set KEY=VALUE       any config key, passed to every stage (repeatable; e.g. --set finetune.iters=500)
+#                         (finetune.conv=true: fine-tuning also trains the conv layers through the SPP layer;
+#                         its rows are then scored on maps of its own conv layers, extracted after it)
 #
 # On a CPU budget (docs/voc2007.md, "Measured earlier on /work/shared/voc2007"): --set model.fc_dim=1024, a few thousand
 # finetune.iters, and for weak features (ZF-5 from scratch) --set svm.tol=0.1, liblinear's own default: with
@@ -123,8 +125,11 @@ else:
     sys.exit(f"bench/voc2007.sh: --scales {n}: the preset has {len(cfg.features.scales)} scales "
              f"{list(cfg.features.scales)} and 1-scale {cfg.features.one_scale}; use 1, "
              f"{len(cfg.features.scales)} or --set features.scales=[...]")
+print("conv" if cfg.finetune.conv else "fc")  # whether fine-tuning also trains the conv layers (its own maps)
 EOF
 )
+FINETUNE_KIND=${scales##*$'\n'}
+scales=${scales%%$'\n'*}
 SETS+=("features.scales=$scales" "${USER_SETS[@]}")
 COMMON=(--run "$RUN" --runs-root "$RUNS_ROOT" --dataset "$DATASET" --voc-root "$VOC" --config "$PRESET"
         --device "$DEVICE")
@@ -213,12 +218,16 @@ if [[ "$BACKBONE" == zf5 ]]; then
   stage "crops" data crops --dataset "$DATASET" --voc-root "$VOC" --split "$TRAIN" --out "$CROPS"
 fi
 stage "pretrain" pretrain "${COMMON[@]}"
-for split in "$TRAIN" "$TEST"; do
-  stage "features $split" extract-features "${COMMON[@]}" --split "$split"
-done
 # The Table 9 rows: (train-svm feature or "softmax", box regression) -> detect + eval on the test split.
 ONE=$([[ $N_SCALES == 1 ]] && echo --one-scale || true)
 want() { [[ ",$ROWS," == *",$1,"* ]]; }
+# The pretrained trunk's maps: every row's, except that a model fine-tuned with --conv (finetune.conv) trains on
+# the images and is scored on maps of its own conv layers, so its rows need them only for pool5 / fc7.
+if [[ $FINETUNE_KIND == fc ]] || want pool5 || want fc7; then
+  for split in "$TRAIN" "$TEST"; do
+    stage "features $split" extract-features "${COMMON[@]}" --split "$split"
+  done
+fi
 row() {  # label, scorer, bbox flag
   stage "detect $1" detect "${COMMON[@]}" --split "$TEST" --feature "$2" $ONE "$3"
   stage "eval $1" eval "${COMMON[@]}" --split "$TEST" --feature "$2" $ONE "$3"
@@ -230,8 +239,16 @@ if want fc7; then
             "and are trained only by fine-tuning, so 'fc7 without fine-tuning' would be random features)"; fi
 fi
 if want ftfc7 || want ftfc7-bb || want softmax || want softmax-bb; then stage "finetune" finetune "${COMMON[@]}"; fi
+CONV_FROM=()
+if [[ $FINETUNE_KIND == conv ]] && { want ftfc7 || want ftfc7-bb || want softmax || want softmax-bb; }; then
+  CONV_FROM=(--conv-from finetune)
+  if want ftfc7 || want ftfc7-bb || want softmax-bb; then  # SVMs and box regressors learn on the train split
+    stage "features $TRAIN+ftconv" extract-features "${COMMON[@]}" --split "$TRAIN" "${CONV_FROM[@]}"
+  fi
+  stage "features $TEST+ftconv" extract-features "${COMMON[@]}" --split "$TEST" "${CONV_FROM[@]}"
+fi
 if want ftfc7 || want ftfc7-bb; then stage "train-svm ftfc7" train-svm "${COMMON[@]}" --feature ftfc7 $ONE; fi
-if want ftfc7-bb || want softmax-bb; then stage "train-bbox" train-bbox "${COMMON[@]}" $ONE; fi
+if want ftfc7-bb || want softmax-bb; then stage "train-bbox" train-bbox "${COMMON[@]}" $ONE "${CONV_FROM[@]}"; fi
 if want ftfc7; then row ftfc7 ftfc7 --no-bbox; fi
 if want ftfc7-bb; then row ftfc7-bb ftfc7 --bbox; fi
 if want softmax; then row softmax softmax --no-bbox; fi

@@ -110,7 +110,9 @@ def run(cfg: Config, split: str, conv_from: str = "pretrain") -> StageResult:
     dataset = VocDataset.from_config(cfg.data)
     image_ids = dataset.image_ids(split)
     scales = tuple(int(s) for s in cfg.features.scales)
-    store_flip = bool(cfg.features.flip and split == cfg.data.train_split)
+    # Mirrored maps serve fine-tuning on the cache only; a --conv model's own maps feed SVMs and box regressors,
+    # which train on the images as they are.
+    store_flip = bool(cfg.features.flip and split == cfg.data.train_split and conv_from == "pretrain")
     tag = features_tag(split, conv_from)
     model_record, model_source, is_checkpoint = model_input(cfg, run_dir, conv_from)
     dataset_fp = dataset.fingerprint(split)

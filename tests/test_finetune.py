@@ -416,6 +416,49 @@ def test_conv_mode_trains_the_backbone_too(tiny_run):
         extract_features.run(plain, "trainval", conv_from="finetune")
 
 
+def test_conv_frozen_layers_stay_put_and_the_memo_changes_nothing(tiny_run):
+    """--conv with the first layers frozen: those keep the pretrained weights, the rest learns, and keeping the
+    frozen output in memory gives bit-identical weights to recomputing it every step (it is only a speed-up)."""
+    from stages.core.artifacts import Run
+
+    states, metrics = [], []
+    for name, memo_mb in (("frozen_memo", 64), ("frozen_nomemo", 0)):
+        cfg = _stage_cfg(tiny_run, name, finetune__conv=True, finetune__iters=4, finetune__eval_every=2,
+                         finetune__holdout_batches=1, finetune__conv_lr_factor=1.0,
+                         finetune__conv_frozen_layers=4, finetune__conv_memo_mb=memo_mb)
+        metrics.append(finetune.run(cfg).manifest.metrics)
+        states.append(nets.load_checkpoint(Run(cfg.run_dir).stage_dir("finetune") / "model.pt")[0].state_dict())
+    pretrained_net = nets.load_checkpoint(Run(cfg.run_dir).stage_dir("pretrain") / "model.pt")[0]
+    pretrained = pretrained_net.state_dict()
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    first_four = {f"backbone.body.{name}." for name in list(pretrained_net.backbone.body._modules)[:4]}
+    body = [k for k in pretrained if k.startswith("backbone.body.")]
+    frozen = [k for k in body if any(k.startswith(prefix) for prefix in first_four)]
+    trained = [k for k in body if k not in frozen and k.endswith("weight")]
+    assert frozen and trained
+    assert all(torch.equal(states[0][k], pretrained[k]) for k in frozen)
+    assert all(not torch.equal(states[0][k], pretrained[k]) for k in trained)
+    # 4 steps x 2 images + 3 held-out evaluations: with the memo most lookups are hits, without it none are.
+    assert metrics[0]["frozen_memo_hits"] > 0 and metrics[0]["frozen_memo_mb"] > 0
+    assert metrics[1]["frozen_memo_hits"] == 0 and metrics[1]["frozen_memo_mb"] == 0
+    assert metrics[0]["frozen_memo_hits"] + metrics[0]["frozen_memo_misses"] == metrics[1]["frozen_memo_misses"]
+
+
+def test_frozen_memo_keeps_within_its_budget_and_refuses_a_frozen_whole_trunk():
+    memo = finetune.FrozenMemo(budget_mb=3 * 4 / 2**20)  # room for three float32 values
+    made = []
+    for key in ("a", "b", "c", "d", "a"):
+        memo.get(key, lambda key=key: made.append(key) or torch.zeros(1))
+    assert made == ["a", "b", "c", "d", "a"] and memo.bytes == 12  # "a" was dropped first (least recent)
+    assert memo.get("d", lambda: torch.ones(1)).item() == 0 and memo.hits == 1
+    body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    with pytest.raises(SppError, match="conv_frozen_layers = 2, but the trunk has 2 layers"):
+        finetune.split_trunk(body, 2)
+    frozen, trainable = finetune.split_trunk(body, 1)
+    assert not any(p.requires_grad for p in frozen.parameters()) and len(trainable) == 1
+
+
 def test_conv_batches_keep_the_foreground_fraction_when_images_have_few_foreground_windows(tiny_run):
     """--conv draws windows from a few images per batch; an image with 3 foreground windows gives them and 9
     background ones (96/32 per foreground window), not 3 + 125 (which taught the net to call all background)."""

@@ -166,6 +166,10 @@ class FinetuneConfig:
     conv: bool = False  # also fine-tune the conv layers through SPP (beyond the paper)
     conv_lr_factor: float = 0.1  # --conv: conv-layer LR = lr * this (pretrained trunk)
     conv_images: int = 2  # --conv: images per mini-batch (as Fast R-CNN), each at one random scale
+    # --conv: the trunk's first N body layers stay frozen (Fast R-CNN keeps VGG16's conv1-conv2); their output is
+    # computed once per image, flip and scale and kept in memory (conv_memo_mb) instead of every step.
+    conv_frozen_layers: int = 0
+    conv_memo_mb: int = 2048
     holdout_batches: int = 500  # fixed held-out batches per evaluation (released code: test_iter 500)
     pool_memory_mb: int = 2048  # float16 pooled training windows held at once (released: 500-iteration chunks)
     checkpoint_every_s: float = 600.0  # write a resume point at most this often (0: at every chunk end)
@@ -186,6 +190,9 @@ class FinetuneConfig:
         _require(0.0 <= self.holdout_fraction < 1.0, "finetune.holdout_fraction", self.holdout_fraction,
                  "must be in [0, 1)")
         _require(self.conv_lr_factor >= 0, "finetune.conv_lr_factor", self.conv_lr_factor, "must be >= 0")
+        _require(self.conv_frozen_layers >= 0, "finetune.conv_frozen_layers", self.conv_frozen_layers,
+                 "must be >= 0 (0: every conv layer trains)")
+        _require(self.conv_memo_mb >= 0, "finetune.conv_memo_mb", self.conv_memo_mb, "must be >= 0 (0: no memo)")
         _require(self.checkpoint_every_s >= 0, "finetune.checkpoint_every_s", self.checkpoint_every_s, "must be >= 0")
 
 

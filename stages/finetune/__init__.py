@@ -35,7 +35,9 @@ foreground one (so 25% foreground, as the cached path) on the live map with ``sp
 pooling passes gradients back like RoI pooling. The held-out batches are then pooled from live maps at every
 evaluation. Such a model's ftfc6/ftfc7 are computed from conv5 maps of its own conv layers (``spp
 extract-features --conv-from finetune``, and ``spp train-bbox --conv-from finetune`` for its box regressors).
-Conv LR = ``lr * conv_lr_factor``; batch-norm statistics (torchvision trunks) stay frozen.
+Conv LR = ``lr * conv_lr_factor``; batch-norm statistics (torchvision trunks) stay frozen. The trunk's first
+``finetune.conv_frozen_layers`` layers can stay frozen: their output is then computed once per image, mirror and
+scale (kept within ``conv_memo_mb``), so a step runs only the layers that learn.
 
 A resume point (``resume.pt``: weights, optimiser, best snapshot, history and random-generator states) is written
 at chunk ends at most every ``checkpoint_every_s`` seconds; a rerun with the same config and inputs continues from
@@ -61,7 +63,7 @@ from ..core.runner import Produced, StagePlan, execute
 from ..core.nets import BACKGROUND
 from ..core.voc import VocDataset
 from .cached import cached_pooler
-from .conv import _live_poolers
+from .conv import FrozenMemo, _live_poolers, split_trunk
 from .training import (BIAS_LR_MULT, TrainResult, _Resume, classification_error, lr_at, make_optimizer, set_lr,
                        train)
 from .windows import (IMAGE_OVERSAMPLE, Draw, Entry, Pooler, batch_split, draw_batches, has_windows,
@@ -78,7 +80,7 @@ __all__ = [
     "Entry", "Draw", "Pooler", "select_windows", "has_windows", "make_entries", "split_holdout", "learning_subset",
     "batch_split", "draw_batches", "pool_draw",
     "TrainResult", "lr_at", "make_optimizer", "set_lr", "classification_error", "train",
-    "cached_pooler", "_live_poolers",
+    "cached_pooler", "_live_poolers", "FrozenMemo", "split_trunk",
 ]
 
 
@@ -160,7 +162,8 @@ def _finetune(cfg: Config, run_dir: Run, dataset: VocDataset, inputs: dict, conf
     if ft.conv:
         flip_used = ft.flip
         pooler, live_batch = _live_poolers(model, dataset, spec, cfg.features.scales, pyramid,
-                                           cfg.features.scale_rule, device, ft.conv_images)
+                                           cfg.features.scale_rule, device, ft.conv_images,
+                                           frozen_layers=ft.conv_frozen_layers, memo_mb=ft.conv_memo_mb)
         model.to(device)
         backbone = model.backbone
     else:
@@ -200,5 +203,9 @@ def _finetune(cfg: Config, run_dir: Run, dataset: VocDataset, inputs: dict, conf
                "pool_strategy": "per-iteration live pooling (conv)" if ft.conv else
                "chunked pre-draw, one cache read per image per chunk, float16 buffer on the compute device",
                CONV_LAYERS_PART: conv_sha256}
+    if ft.conv:
+        memo = live_batch.memo
+        metrics.update({"conv_frozen_layers": ft.conv_frozen_layers, "frozen_memo_hits": memo.hits,
+                        "frozen_memo_misses": memo.misses, "frozen_memo_mb": memo.bytes / 2**20})
     _Resume(folder / RESUME_FILE, resume_key, 0).remove()
     return Produced(metrics)
