@@ -368,18 +368,21 @@ def extract_features(split, scales, conv_from, nproc, **common):
     _report(stage.run(cfg, split, conv_from=conv_from))
 
 
-@cli.command()
+@cli.command(epilog=_torchrun_epilog("finetune"))
 @_run_options
 @option("--iters", type=int, default=None, show_default=f"finetune.iters: {FROM_RUN}",
         help="Training iterations (mini-batches of finetune.batch_size windows).")
 @option("--conv/--no-conv", default=None, show_default=f"finetune.conv: {FROM_RUN} (off)",
         help="Also fine-tune the conv layers through SPP (beyond the paper).")
+@_nproc_option("DistributedDataParallel (gloo on CPU, nccl with one GPU each); finetune.batch_size stays the "
+               "global batch, its windows (with --conv, its images) split among them.")
 @_errors_as_one_line
-def finetune(iters, conv, **common):
-    """Fine-tune fc6, fc7 and a new (N+1)-way fc8 on SPP-pooled windows from the conv5 cache."""
+def finetune(iters, conv, nproc, **common):
+    """Fine-tune fc6, fc7 and a new (N+1)-way fc8 on SPP-pooled windows from the conv5 cache (torchrun-ready)."""
     from stages import finetune as stage
 
     cfg = _config(**common, extra={"finetune.iters": iters, "finetune.conv": conv})
+    _torchrun_if_asked(nproc)
     _report(stage.run(cfg))
 
 
@@ -396,15 +399,46 @@ def _variant_options(func=None, *, scorers: bool = False):
     return func
 
 
+def _svd_ranks(_ctx, _param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        ranks = [int(part) for part in value.split(",")]
+    except ValueError:
+        ranks = []
+    if len(ranks) != 2:
+        raise click.BadParameter(f"expected two ranks FC6,FC7 such as 1024,256, got {value!r}")
+    return ranks
+
+
+def _fc_compression_options(func):
+    """--fc-compression and --fc-svd-ranks (detect.fc_compression / fc_svd_ranks): train-svm, detect and bench
+    share them, so that SVMs are trained on the fc features that detect computes."""
+    func = option("--fc-svd-ranks", default=None, metavar="FC6,FC7", callback=_svd_ranks,
+                  show_default=f"detect.fc_svd_ranks: {FROM_RUN} (1024,256)",
+                  help="Singular values kept of fc6 and fc7 by --fc-compression svd; a rank >= a layer's "
+                       "smaller side keeps it whole.")(func)
+    return option("--fc-compression", type=click.Choice(CHOICES["detect.fc_compression"]), default=None,
+                  show_default=f"detect.fc_compression: {FROM_RUN} (none)",
+                  help="Less fc6/fc7 work: svd (Fast R-CNN's truncated SVD, no retraining) or int8 (dynamic int8 "
+                       "layers, CPU only); none is exact. train-svm and detect save it in the run, so that both "
+                       "use it from then on.")(func)
+
+
+def _fc_overrides(fc_compression, fc_svd_ranks) -> dict:
+    return {"detect.fc_compression": fc_compression, "detect.fc_svd_ranks": fc_svd_ranks}
+
+
 @cli.command("train-svm")
 @_run_options
 @_variant_options
+@_fc_compression_options
 @_errors_as_one_line
-def train_svm(feature, one_scale, **common):
+def train_svm(feature, one_scale, fc_compression, fc_svd_ranks, **common):
     """Per-class linear SVMs with hard-negative mining (liblinear settings of the released code)."""
     from stages import train_svm as stage
 
-    cfg = _config(**common)
+    cfg = _config(**common, extra=_fc_overrides(fc_compression, fc_svd_ranks))
     _report(stage.run(cfg, feature=feature, one_scale=one_scale))
 
 
@@ -444,8 +478,10 @@ def train_bbox(one_scale, conv_from, **common):
         help="With images: also write devkit files comp4_det_NAME_<class>.txt (1-based inclusive boxes, "
              "image ids as in detections.json), e.g. --comp4 test for `spp eval --detections OUT --split "
              "test`; pair it with a low --score-thresh such as -1.5 for AP.")
+@_fc_compression_options
 @_errors_as_one_line
-def detect(paths, feature, one_scale, split, bbox, image_options, out, score_thresh, skip_bad, comp4_name, **common):
+def detect(paths, feature, one_scale, split, bbox, image_options, out, score_thresh, skip_bad, comp4_name,
+           fc_compression, fc_svd_ranks, **common):
     """Score every proposal, per-class NMS, optional box regression; writes devkit comp4 files.
 
     Or, with --images (or PATHS), detect on your own images with the run's trained models; nothing is written
@@ -470,7 +506,7 @@ def detect(paths, feature, one_scale, split, bbox, image_options, out, score_thr
             raise click.UsageError(f"{', '.join(given)} only apply with --images")
         from stages import detect as stage
 
-        cfg = _config(**common, extra={"detect.bbox": bbox})
+        cfg = _config(**common, extra={"detect.bbox": bbox, **_fc_overrides(fc_compression, fc_svd_ranks)})
         _report(stage.run(cfg, split or cfg.data.test_split, feature=feature, one_scale=one_scale))
         return
     if split:
@@ -479,7 +515,7 @@ def detect(paths, feature, one_scale, split, bbox, image_options, out, score_thr
         raise click.UsageError("--images needs --out DIR")
     from stages.detector import Detector, detect_images
 
-    cfg = _config(**common, extra={"detect.bbox": bbox})
+    cfg = _config(**common, extra={"detect.bbox": bbox, **_fc_overrides(fc_compression, fc_svd_ranks)})
     detector = Detector(cfg, feature=feature, bbox=cfg.detect.bbox, one_scale=one_scale, score_thresh=score_thresh)
     _report(detect_images(detector, images, Path(out), comp4=comp4_name, skip_bad=skip_bad or cfg.data.skip_bad))
 
@@ -559,15 +595,18 @@ def report(out, **common):
         help="CPU threads for the kernels (0: every core).")
 @option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
         help="cpu: process CPU time (with --threads 1, for a machine shared with other jobs).")
+@_fc_compression_options
 @_errors_as_one_line
-def bench(backbone, n_images, images_alias, windows, repeats, json_out, fc_dtype, threads, clock, **common):
-    """Time R-CNN mode vs SPP 1-scale vs SPP 5-scale per image (conv, pool, fc), with FLOP rates."""
+def bench(backbone, n_images, images_alias, windows, repeats, json_out, fc_dtype, threads, clock, fc_compression,
+          fc_svd_ranks, **common):
+    """Time R-CNN mode vs SPP 1-scale vs SPP 5-scale per image (conv, pool, fc), with FLOP rates; then fc6+fc7 in
+    float32, bfloat16, svd and int8 side by side on the same windows (speed-up, distance to float32)."""
     from stages import bench as stage
 
     if images_alias is not None:
         n_images = _num_images(None, images_alias)
 
-    cfg = _config(**common, extra={"model.backbone": backbone})
+    cfg = _config(**common, extra={"model.backbone": backbone, **_fc_overrides(fc_compression, fc_svd_ranks)})
     click.echo(stage.run(cfg, n_images=n_images, windows=windows, repeats=repeats,
                          json_out=Path(json_out) if json_out else None, fc_dtype=fc_dtype, threads=threads,
                          clock=clock))

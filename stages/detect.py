@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import fcfeatures
+from .core import fccompress, fcfeatures
 from .core.artifacts import Run, StageResult, atomic_write_bytes
 from .core.logs import progress
 from .core.nets import resolve_device
@@ -41,7 +41,8 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> Sta
         inputs["svm"] = scorer.svm_manifest
     if scorer.bbox_manifest is not None:
         inputs["bbox"] = scorer.bbox_manifest
-    config = {"detect": cfg.section("detect"), "features": cfg.section("features"), "feature": feature,
+    config = {"detect": fccompress.detect_record(cfg.detect, uses_fc=bool(fcfeatures.required_nets(feature))),
+              "features": cfg.section("features"), "feature": feature,
               "one_scale": one_scale, "split": split}
     plan = StagePlan("detect", tag, config, inputs, {"comp4_dir": "comp4", "detections": "detections.npz"})
 

@@ -226,6 +226,11 @@ def test_pooled_equals_pool_windows_on_the_maps(extracted, devkit):
     assert 0 < index.sum() < len(boxes)  # both scales are used
     assert torch.equal(rand, spp.pool_windows(maps, (height, width), SCALES, boxes, cache.spec, pyramid,
                                               scale_index=index))
+    # Indices chosen beforehand (a torchrun rank pools some of a draw's windows): each window as in the draw.
+    some = np.arange(len(boxes)) % 3 == 1
+    assert torch.equal(cache.pooled("img1", boxes[some], pyramid, scale_choice=index[some]), rand[some])
+    with pytest.raises(ValueError, match="scale indices"):
+        cache.pooled("img1", boxes, pyramid, scale_choice=index[some])
     # Flipped: the flipped boxes on the flipped image's maps.
     flipped = cache.pooled("img1", boxes, pyramid, flip=True)
     assert torch.equal(flipped, spp.pool_windows(cache.maps("img1", flip=True), (height, width), SCALES,

@@ -15,6 +15,8 @@ from stages.core.errors import SppError
 from stages.core.roidb import image_rois
 from stages.core.voc import Annotation
 
+from conftest import E2E
+
 
 # -- window selection ---------------------------------------------------------------------------------------------
 def _roi_with_ious():
@@ -251,61 +253,30 @@ def test_without_held_out_images_the_last_iteration_is_kept():
     assert all(torch.equal(result.best_state[f"head.{k}"], v) for k, v in head.state_dict().items())
 
 
-# -- the stage end to end on a tiny devkit ------------------------------------------------------------------------
-E2E = {"device": "cpu", "data.dataset": "voc2007", "proposals.workers": 1, "proposals.min_side": 4,
-       "features.scales": [128, 192], "model.fc_dim": 32, "finetune.iters": 150, "finetune.lr": 0.01,
-       "finetune.lr_steps": [120], "finetune.batch_size": 16, "finetune.eval_every": 30,
-       "finetune.holdout_batches": 4, "finetune.holdout_fraction": 0.34, "model.dropout": 0.0}
+def test_ranks_pool_their_rows_of_the_same_draw():
+    """torchrun ranks pool their own rows of every batch (rank_rows) of one draw: together they give the whole
+    buffer, and each rank's random stream ends where pooling all of it leaves it, so the next draw is the same."""
+    def pooler(entry, boxes, scale_choice, rng, keep=None):  # a random "scale" per window, as the real poolers
+        feats = torch.from_numpy(boxes[:, :1] + rng.integers(0, 2, (len(boxes), 1))).float().repeat(1, TOY_DIM)
+        return feats if keep is None else feats[torch.from_numpy(keep)]
+
+    entries = _toy_entries(5, 0)
+    draw = finetune.draw_batches(entries, 3, 10, 0.3, np.random.default_rng(1))
+    whole_rng = np.random.default_rng(2)
+    whole, labels = finetune.pool_draw(draw, entries, pooler, TOY_DIM, "random", whole_rng, "cpu")
+    assert [finetune.rank_rows(10, rank, 3) for rank in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    in_batch = np.arange(30) % 10
+    for rank in range(3):
+        lo, hi = finetune.rank_rows(10, rank, 3)
+        part = (in_batch >= lo) & (in_batch < hi)
+        rng = np.random.default_rng(2)
+        mine, my_labels = finetune.pool_draw(draw, entries, pooler, TOY_DIM, "random", rng, "cpu", part)
+        assert torch.equal(mine, whole[torch.from_numpy(part)])
+        assert torch.equal(my_labels, labels[torch.from_numpy(part)])
+        assert rng.bit_generator.state == whole_rng.bit_generator.state
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """A run with imported proposals, a 'pretrained' random ZF-5 (see below) and the trainval conv5 cache with
-    flips: 6 images of a red and a green rectangle. Returns (runs_root, devkit)."""
-    from conftest import write_devkit
-    from stages import extract_features, proposals
-    from stages.core.artifacts import Run
-    from stages.core.config import build_config
-
-    tmp = tmp_path_factory.mktemp("ft")
-    rng = np.random.default_rng(0)
-    images, boxes_voc = {}, {}
-    for k in range(6):
-        img = (rng.random((64, 80, 3)) * 60).astype(np.uint8)
-        x0 = 8 + 2 * k
-        img[10:40, x0:x0 + 38] = (200, 30, 30)
-        img[45:60, 55:75] = (30, 200, 30)
-        objects = [("red", (x0 + 1, 11, x0 + 38, 40), False), ("green", (56, 46, 75, 60), k == 3)]
-        images[f"im{k}"] = (img, objects)
-        # Proposals (1-based inclusive): near-copies of each GT (foreground) and wider jitter (mostly background).
-        props = [np.array(b, float) + rng.normal(0, 2, (8, 4)) for _, b, _ in objects]
-        props += [np.array(b, float) + rng.uniform(-18, 18, (16, 4)) for _, b, _ in objects]
-        props = np.vstack(props)
-        props[:, 2:] = np.maximum(props[:, 2:], props[:, :2] + 6)
-        boxes_voc[f"im{k}"] = np.clip(props, 1, [80, 64, 80, 64])
-    devkit = write_devkit(tmp / "devkit", images, {"trainval": list(images), "test": ["im0"]},
-                          classes=("red", "green"))
-    np.savez(tmp / "boxes.npz", **boxes_voc)
-    cfg = build_config(None, {**E2E, "runs_root": str(tmp / "runs"), "run": "base", "data.voc_root": str(devkit)})
-    run = Run(cfg.run_dir)
-    proposals.run(cfg, "trainval", boxes_file=tmp / "boxes.npz")
-    torch.manual_seed(0)
-    # Stand-in for a pretrained net: random ZF-5 with conv5 scaled so that pooled features have norms ~20 (what
-    # fc6 of a trained net sees) and He-initialised fc6/fc7 that pass the signal on. Its dropout (pretraining's)
-    # is not the one fine-tuning uses: that is model.dropout, 0 on 32 units (E2E).
-    net = nets.build_sppnet("zf5", fc_dim=32, num_classes=5, dropout=0.3, class_names=tuple("abcde"))
-    with torch.no_grad():
-        net.backbone.body.conv5.weight.mul_(nets.ZF5_PIXEL_STD / 75)  # undo conv1's input-scale init, then / 75
-    for layer in (net.head.fc6, net.head.fc7):
-        torch.nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
-    folder = run.stage_dir("pretrain")
-    folder.mkdir(parents=True, exist_ok=True)
-    nets.save_checkpoint(folder / "model.pt", net, {})
-    run.write_manifest("pretrain", None, config={"test": True}, inputs={}, outputs={"model": "model.pt"})
-    extract_features.run(cfg, "trainval")
-    return tmp / "runs", devkit
-
-
+# -- the stage end to end on a tiny devkit (conftest's tiny_run) --------------------------------------------------
 def _stage_cfg(tiny_run, name, **sets):
     import shutil
 
@@ -481,6 +452,15 @@ def test_conv_batches_keep_the_foreground_fraction_when_images_have_few_foregrou
     # Without foreground anywhere (fg_fraction 0): background only, the batch split between the images.
     features, labels = live_batch([empty], 0, 96, rng)
     assert features.shape[0] == 96 and (labels == 0).all()
+    # torchrun ranks: rank r runs the backbone on the images r::2 of the same draws; together, one process's batch.
+    whole_rng = np.random.default_rng(5)
+    whole = live_batch([few, empty], 32, 96, whole_rng)
+    for rank in (0, 1):
+        rank_rng = np.random.default_rng(5)
+        features, labels = live_batch([few, empty], 32, 96, rank_rng, rank, 2)
+        assert torch.equal(features, whole[0][12 * rank:12 * rank + 12])
+        assert torch.equal(labels, whole[1][12 * rank:12 * rank + 12])
+        assert rank_rng.bit_generator.state == whole_rng.bit_generator.state
 
 
 def test_stage_input_errors(tiny_run, tmp_path):

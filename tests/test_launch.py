@@ -1,6 +1,7 @@
 """Several processes: ``--nproc-per-node N`` (the command runs itself again under torchrun), torchrun's own command
-line, and 2 CPU (gloo) processes against one for pretrain (same weights), extract-features (same maps) and
-proposals (same boxes), plus proposals' rank sharding in-process (shares, rank 0's merge, stale rank files)."""
+line, and 2 CPU (gloo) processes against one for pretrain (same weights), extract-features (same maps),
+proposals (same boxes) and finetune (same model, cached and --conv), plus proposals' rank sharding in-process
+(shares, rank 0's merge, stale rank files)."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,7 @@ import torch
 from click.testing import CliRunner
 
 from sppcli import cli as spp_cli
+from stages import finetune as finetune_stage
 from stages import proposals as proposals_stage
 from stages.core import launch, nets
 from stages.core.artifacts import CONV_LAYERS_PART, Run, read_manifest
@@ -24,11 +26,12 @@ from stages.core.config import build_config
 from stages.core.errors import SppError
 from stages.core.features import features_for
 from stages.core.proposals import load_proposals
+from stages.core.runconfig import resolve_config
 
 from conftest import write_devkit
 
 REPO = Path(__file__).resolve().parents[1]
-SHARDED = {"pretrain": [], "proposals": ["--split", "val"], "extract-features": ["--split", "val"]}
+SHARDED = {"pretrain": [], "proposals": ["--split", "val"], "extract-features": ["--split", "val"], "finetune": []}
 
 
 def _spp(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -359,3 +362,101 @@ def test_proposals_in_two_processes_give_the_one_process_boxes(scenes, one_proce
     manifest = Run(cfg.run_dir).require("proposals", "val")
     for key in _SAME_METRICS:
         assert manifest.metrics[key] == single.metrics[key], key
+
+
+def _finetune_cfg(root: Path, sets=()):
+    """The config ``spp finetune --runs-root ROOT --run r --device cpu --set ...`` resolves (the run's saved one)."""
+    return resolve_config(None, {"run": "r", "runs_root": str(root), "device": "cpu"}, sets)
+
+
+def _finetune_pair(tiny_run, tmp_path: Path, *sets: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """Fine-tuning in this process (one thread, as conftest sets) and ``spp finetune --nproc-per-node 2`` on
+    copies of the tiny run (conftest; its saved config is E2E, model.dropout 0); returns the 2-process
+    output and, per process count, the stage folder, its manifest, history and weights."""
+    import shutil
+
+    runs, _ = tiny_run
+    out = {}
+    for name in ("one", "two"):
+        shutil.copytree(runs / "base", tmp_path / name / "r")
+    finetune_stage.run(_finetune_cfg(tmp_path / "one", sets))
+    two = _spp("finetune", "--runs-root", str(tmp_path / "two"), "--run", "r", "--device", "cpu",
+               "--nproc-per-node", "2", *[a for s in sets for a in ("--set", s)])
+    for name in ("one", "two"):
+        folder = tmp_path / name / "r" / "03_finetune"
+        out[name] = {"folder": folder, "manifest": read_manifest(folder / "MANIFEST.json"),
+                     "history": json.loads((folder / "history.json").read_text()),
+                     "weights": nets.load_checkpoint(folder / "model.pt")[0].state_dict()}
+    return two, out
+
+
+HELD_OUT_WINDOW = 1 / 64  # one of the 4 held-out batches x 16 windows of the tiny run
+
+
+def _assert_same_finetuned_model(out: dict, trained: tuple[str, ...]) -> None:
+    """Every weight within 1e-5 of the largest weight, and the difference under 1% of what fine-tuning changed
+    in that tensor (0 where nothing changed: frozen layers stay exactly the pretrained ones); the ``trained``
+    tensors did change. Held-out errors within one held-out window at every evaluation."""
+    one, two = out["one"], out["two"]
+    m1, m2 = one["manifest"].metrics, two["manifest"].metrics
+    assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    assert two["manifest"].data["config"] == one["manifest"].data["config"]  # the process count is no parameter
+    pretrained = nets.load_checkpoint(one["folder"].parent / "00_pretrain" / "model.pt")[0].state_dict()
+    scale = max(float(w.abs().max()) for w in one["weights"].values())
+    moved_tensors = set()
+    for key, w1 in one["weights"].items():
+        diff = float((two["weights"][key] - w1).abs().max())
+        assert diff <= 1e-5 * scale, f"{key}: 2 processes differ from 1 by {diff:.3g} (largest weight {scale:.3g})"
+        if key in pretrained and pretrained[key].shape == w1.shape:  # not the new fc8
+            moved = float((w1 - pretrained[key]).abs().max())
+            assert diff <= 0.01 * moved, f"{key}: 2 processes differ from 1 by {diff:.3g}, training moved {moved:.3g}"
+            moved_tensors |= {key} if moved > 0 else set()
+    assert all(any(k.startswith(prefix) for k in moved_tensors) for prefix in trained), sorted(moved_tensors)
+    assert [h["iteration"] for h in two["history"]] == [h["iteration"] for h in one["history"]]
+    for h1, h2 in zip(one["history"], two["history"], strict=True):
+        assert abs(h1["holdout_error"] - h2["holdout_error"]) <= HELD_OUT_WINDOW + 1e-12
+        assert h2["train_loss"] == pytest.approx(h1["train_loss"], rel=1e-4)
+    assert m2["initial_holdout_error"] == m1["initial_holdout_error"]  # the same weights, the same batches
+    assert abs(m2["best_holdout_error"] - m1["best_holdout_error"]) <= HELD_OUT_WINDOW + 1e-12
+    assert sorted(p.name for p in two["folder"].iterdir()) == [".lock", ".lock.rank1", "MANIFEST.json",
+                                                               "history.json", "model.pt"]  # one set, no resume.pt
+
+
+@pytest.mark.slow
+def test_finetune_in_two_gloo_processes_gives_the_one_process_model(tiny_run, tmp_path):
+    """Every rank draws the same chunk of batches from the same streams (the random scales of all its windows
+    too) and pools its half of every batch; its summed loss, scaled by 2 / 16, makes DDP's average of the two
+    gradients the gradient of the batch's mean, as in one process. With model.dropout 0 nothing else is random,
+    so what remains is float32 rounding (sums over 8 + 8 windows, then the all-reduce): over 150 SGD steps
+    measured 2.6e-7 of the largest weight (tolerance 1e-5) and 2e-6 of what training changed in fc6/fc7
+    (tolerance 1%). The held-out batches are split between the ranks, whole, and the wrong counts summed: the
+    errors at every evaluation were equal; allowed: one of the 64 held-out windows (a near tie of two logits
+    could flip on other kernels). With dropout the ranks draw their own masks (seed + rank), so such a run is
+    another sample of the same training, as another seed for the masks would be."""
+    two, out = _finetune_pair(tiny_run, tmp_path)
+    assert two.stdout.count("finetune: 150 iterations") == 1 and "finetune rank 1/2: done" in two.stdout
+    assert two.stderr.count("iteration 150: held-out error") == 1  # only rank 0 logs
+    _assert_same_finetuned_model(out, ("head.fc6", "head.fc7"))
+
+    # A rerun, in two processes or one, is up to date: both ranks skip, rank 0 says so once, nothing is written.
+    manifest = out["two"]["folder"] / "MANIFEST.json"
+    written = manifest.stat().st_mtime_ns
+    again = _spp("finetune", "--runs-root", str(tmp_path / "two"), "--run", "r", "--device", "cpu",
+                 "--nproc-per-node", "2")
+    assert again.stdout.count("up to date:") == 1 and again.stdout.count("finetune: 150 iterations") == 1
+    assert finetune_stage.run(_finetune_cfg(tmp_path / "two")).skipped
+    assert manifest.stat().st_mtime_ns == written
+
+
+@pytest.mark.slow
+def test_finetune_conv_in_two_gloo_processes_gives_the_one_process_model(tiny_run, tmp_path):
+    """--conv: rank r runs the backbone on the batch's images r::2 (one each) after all of the batch's draws, so
+    the windows are one process's; the trunk's first 4 layers (conv1 and its ReLU, norm, pool) stay frozen,
+    each rank keeping its own memo of their output. Measured: 4e-9 of the largest weight apart after 4 steps,
+    under 6e-4 of what training changed in conv2-conv5 (one float32 step of those weights: a conv LR of 1e-3
+    moves them by ~7e-6), held-out errors equal."""
+    sets = ("finetune.conv=true", "finetune.iters=4", "finetune.eval_every=2", "finetune.conv_frozen_layers=4")
+    two, out = _finetune_pair(tiny_run, tmp_path, *sets)
+    assert two.stdout.count("finetune: 4 iterations") == 1 and "finetune rank 1/2: done" in two.stdout
+    _assert_same_finetuned_model(out, ("backbone.body.conv2", "backbone.body.conv5", "head.fc6"))
+    assert out["two"]["manifest"].metrics["conv"] is True

@@ -20,7 +20,11 @@ windows that land on the same conv5 rectangle at the same scale pooled and pushe
 are identical: the released code de-duplicates the same way, SPEC §5), fc6/fc7 as large contiguous float32 GEMMs,
 all cores in use, channels-last (NHWC) convolutions in every mode. On CUDA, TF32 matmuls and convolutions
 (``cuda_tf32``; scores change by < 1e-2 relative, tests/test_bench.py). ``fc_dtype="bfloat16"`` runs fc6/fc7 of
-every mode in bfloat16 (opt-in: about 2x the GEMM rate where the hardware has it, fc7 within ~1e-2 relative).
+every mode in bfloat16 (opt-in: about 2x the GEMM rate where the hardware has it, fc7 within ~1e-2 relative), and
+``detect.fc_compression`` ("svd" / "int8", ``core/fccompress.py``) compresses them in every mode.
+
+The fc variants side by side (``fc_variants.py``): float32, bfloat16, SVD and int8 fc6+fc7 on the same pooled
+windows, with their speed-up over float32 and how far their fc7 features and scores are from float32's.
 
 FLOPs are counted from the layer shapes with forward hooks (``FlopCounter``: 2 x multiply-adds of every Conv2d
 and Linear actually executed; biases, ReLU, LRN and pooling not counted) and divided by each phase's time. The
@@ -28,12 +32,11 @@ machine's float32 matmul rate (``matmul_gflops``) is the reference for ``fc_frac
 
 The code: this package's ``__init__`` runs the benchmark (``run``: warm-up, repeats, aggregation); ``inputs.py``
 makes the images, windows and weights; ``rcnn_mode.py`` and ``spp_mode.py`` time one image in R-CNN and SPP
-mode (``spp_mode.py`` also the SPP layer alone); ``measure.py`` holds the FLOP counter, the phase timer and the
-matmul peak; ``formatting.py`` the printed report.
+mode (``spp_mode.py`` also the SPP layer alone); ``fc_variants.py`` the fc variants; ``measure.py`` holds the
+FLOP counter, the phase timer and the matmul peak; ``formatting.py`` the printed report.
 """
 from __future__ import annotations
 
-import copy
 import os
 import statistics
 import time
@@ -42,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core import nets, rcnn
+from ..core import fccompress, nets, rcnn
 from ..core.artifacts import Run, atomic_write_json
 from ..core.config import CHOICES
 from ..core.errors import SppError
@@ -50,6 +53,7 @@ from ..core.logs import progress
 from .inputs import MIN_BOX_SIDE, SYNTH_IMAGE_HW, BenchInputs, bench_inputs, bench_model, random_boxes
 from .measure import (CLOCKS, CPU_MATMUL_SHAPE, CUDA_MATMUL_SHAPE, MODE_NAMES, MODES, PHASES, FlopCounter,
                       PhaseTimer, _Setup, _speed_settings, matmul_gflops)
+from . import fc_variants
 from .rcnn_mode import time_rcnn
 from .formatting import PAPER_TABLE10, _device_name, _ratio, format_report
 from .spp_mode import SppPathInfo, _pooling_comparison, spp_window_features, time_spp
@@ -107,6 +111,8 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
     ``channels_last``: NHWC convolutions for every mode (faster with oneDNN and cuDNN, same results to float
     rounding). ``fc_dtype``: "float32" (default: exact results) or "bfloat16" (fc6/fc7 of every mode in bfloat16,
     ~2x the GEMM rate on CPUs with AVX512-BF16 or AMX and on GPUs; fc7 changes by ~1e-2 relative).
+    ``cfg.detect.fc_compression`` / ``fc_svd_ranks``: fc6/fc7 compressed in every mode ("none": exact); every fc
+    variant is also timed and compared side by side (``fc_variants``, the report's last table).
     ``threads``: CPU threads for the kernels, default one per available core. ``rcnn_windows``: R-CNN windows
     timed per image (default: 128 on a CPU, every window on a GPU). ``clock``: "wall" (default) or "cpu" (process
     CPU time, for a machine shared with other jobs: use with ``threads=1``; see ``PhaseTimer``).
@@ -119,6 +125,7 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
     if fc_dtype not in CHOICES["detect.fc_dtype"]:
         raise SppError(f"unknown fc dtype {fc_dtype!r} (known: {', '.join(CHOICES['detect.fc_dtype'])})")
     device = nets.resolve_device(cfg.device)
+    fccompress.check_combination(cfg.detect.fc_compression, fc_dtype, device)  # before any work
     if rcnn_windows is None:
         rcnn_windows = CPU_RCNN_WINDOWS if device.type == "cpu" else windows
     PhaseTimer(device, clock)  # an unusable clock fails here, before any work
@@ -132,7 +139,10 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
     model, weights = bench_model(cfg, run_dir)
     model = model.to(device).eval()
     model.backbone.to(memory_format=memory_format)
-    head = model.head if fc_dtype == "float32" else copy.deepcopy(model.head).to(torch.bfloat16)
+    selected = (cfg.detect.fc_compression, fc_dtype)
+    head = fccompress.compress_head(model.head, cfg.detect.fc_compression, cfg.detect.fc_svd_ranks,
+                                    getattr(torch, fc_dtype))
+    heads, made = fc_variants.variant_heads(model.head, device, cfg.detect.fc_svd_ranks, selected, head)
     setup = _Setup(backbone=model.backbone, head=head, device=device, pyramid=tuple(cfg.model.pyramid),
                    scales={"spp_1scale": [int(cfg.features.one_scale)],
                            "spp_5scale": [int(s) for s in cfg.features.scales]},
@@ -154,6 +164,8 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
                         samples[mode][k].append(_time_mode(mode, setup, image, boxes))
                         bar.update()
         pooling = _pooling_comparison(setup, first_image, first_boxes, max(3, repeats))
+        compared = fc_variants.compare_fc_variants(setup, model.head, heads, made, inputs.images, inputs.boxes,
+                                                   repeats, cfg.detect.fc_svd_ranks, selected)
     load_after = os.getloadavg()
 
     modes = {mode: _aggregate(samples[mode]) for mode in MODES}
@@ -184,6 +196,9 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
         "channels_last": bool(channels_last),
         "cuda_tf32": bool(cuda_tf32 and device.type == "cuda"),
         "fc_dtype": fc_dtype,
+        "fc_compression": cfg.detect.fc_compression,
+        "fc_svd_ranks": list(cfg.detect.fc_svd_ranks),
+        "fc_layers": fccompress.layer_summary(head),
         "modes": modes,
         "speedup_total_1scale": ratio(seconds["rcnn"]["total"], seconds["spp_1scale"]["total"]),
         "speedup_conv_1scale": ratio(seconds["rcnn"]["conv"], seconds["spp_1scale"]["conv"]),
@@ -198,6 +213,7 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
         "spp_5scale_seconds_per_image": seconds["spp_5scale"]["total"],
         "rcnn_seconds_per_image": seconds["rcnn"]["total"],
         "pooling": pooling,
+        "fc_variants": compared,
         "paper_table10": PAPER_TABLE10,
         "raw": {mode: [[s["seconds"] for s in reps] for reps in samples[mode]] for mode in MODES},
         "wall_seconds": time.perf_counter() - started,

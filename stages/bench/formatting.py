@@ -49,7 +49,8 @@ def format_report(results: dict) -> str:
         f"images: {results['images']}",
         f"windows: {results['proposals']}",
         f"SPP scales: 1-scale {results['scales_1scale']}, 5-scale {results['scales_5scale']}; pyramid "
-        f"{results['pyramid']}; fc6/fc7 width {results['fc_dim']} in {results['fc_dtype']}; channels-last convs "
+        f"{results['pyramid']}; fc6/fc7 width {results['fc_dim']} in {results['fc_dtype']}"
+        f"{_compression_note(results)}; channels-last convs "
         f"{results['channels_last']}; TF32 {results['cuda_tf32']}",
         f"R-CNN: {results['rcnn_input_size']}x{results['rcnn_input_size']} warp, {results['rcnn_context']} px "
         f"context; conv+pool timed on {results['rcnn_windows_timed']} of {results['windows']} windows/image and "
@@ -87,4 +88,38 @@ def format_report(results: dict) -> str:
         f"{paper['speedup_conv_5scale']}x), fc "
         f"{paper['spp_fc_s']} s, overall {paper['speedup_total_1scale']}x / {paper['speedup_total_5scale']}x",
     ]
+    if "fc_variants" in results:
+        lines += ["", *format_fc_variants(results["fc_variants"])]
     return "\n".join(lines)
+
+
+def _compression_note(results: dict) -> str:
+    compression = results.get("fc_compression", "none")
+    if compression == "svd":
+        return f", truncated SVD (ranks fc6/fc7 {'/'.join(map(str, results['fc_svd_ranks']))})"
+    return ", int8" if compression == "int8" else ""
+
+
+def format_fc_variants(compared: dict) -> list[str]:
+    """The fc variants' table: seconds, speed-up and FLOPs of fc6+fc7, and their distance to float32."""
+    lines = [
+        f"fc6+fc7 variants on the same windows ({compared['windows_per_image']:.0f} per image pooled at "
+        f"{compared['scale'][0]}, {compared['images']} image(s); * = the one timed above): svd ranks "
+        f"{'/'.join(map(str, compared['svd_ranks']))}, {compared['quantized_engine']} int8 kernels, native "
+        f"bfloat16 {compared['bfloat16_native']}",
+        "differences to float32: max |diff| / max |float32| and mean |diff| / mean |float32|, of fc7 and of the "
+        "scores the float32 fc8 gives each variant's fc7",
+        f"{'variant':<15}{'fc s':>9}{'speed-up':>10}{'MFLOP/win':>11}{'fc7 max':>10}{'fc7 mean':>10}"
+        f"{'score max':>11}{'score mean':>11}{'top-1 same':>11}",
+    ]
+    for name, data in compared["variants"].items():
+        label = f"{name}{' *' if name == compared['selected'] else ''}"
+        if "skipped" in data:
+            lines.append(f"{label:<15}  skipped: {data['skipped']}")
+            continue
+        lines.append(f"{label:<15}{data['seconds']:>9.4f}{data['speedup']:>9.2f}x"
+                     f"{data['flops_per_window'] / 1e6:>11.2f}"
+                     f"{data['fc7_max_rel_diff']:>10.1e}{data['fc7_mean_rel_diff']:>10.1e}"
+                     f"{data['score_max_rel_diff']:>11.1e}{data['score_mean_rel_diff']:>11.1e}"
+                     f"{100 * data['top1_agreement']:>10.1f}%")
+    return lines

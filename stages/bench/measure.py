@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as Int8Linear  # detect.fc_compression = "int8"
 
 from ..core import nets
 from ..core.errors import SppError
@@ -26,8 +27,9 @@ PHASES = ("conv", "pool", "fc")
 
 
 class FlopCounter:
-    """Counts the FLOPs (2 x multiply-adds) of every ``nn.Conv2d`` and ``nn.Linear`` run inside ``with``, from the
-    layer shapes and each call's output size, through forward hooks; grouped by the ``groups`` each layer is in.
+    """Counts the FLOPs (2 x multiply-adds) of every ``nn.Conv2d`` and ``nn.Linear`` (int8 ones too: their integer
+    multiply-adds) run inside ``with``, from the layer shapes and each call's output size, through forward hooks;
+    grouped by the ``groups`` each layer is in.
 
     ``with FlopCounter({"conv": backbone, "fc": head}) as counter: ...`` then ``counter.flops["conv"]`` and
     ``counter.by_layer["conv.body.conv1"]``. Bias additions, activations, LRN and pooling are not counted.
@@ -44,14 +46,14 @@ class FlopCounter:
         if isinstance(module, nn.Conv2d):  # each output element: in/groups x kh x kw multiply-adds
             kh, kw = module.kernel_size
             return 2 * output.numel() * (module.in_channels // module.groups) * kh * kw
-        if isinstance(module, nn.Linear):  # each output element: in_features multiply-adds
+        if isinstance(module, (nn.Linear, Int8Linear)):  # each output element: in_features multiply-adds
             return 2 * output.numel() * module.in_features
         return 0
 
     def __enter__(self) -> "FlopCounter":
         for group, root in self.groups.items():
             for name, module in root.named_modules():
-                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                if isinstance(module, (nn.Conv2d, nn.Linear, Int8Linear)):
                     self._handles.append(module.register_forward_hook(self._hook(group, f"{group}.{name}")))
         return self
 
@@ -146,7 +148,8 @@ def _speed_settings(device: torch.device, threads: int, cuda_tf32: bool) -> Iter
 
 @dataclass
 class _Setup:
-    """What every timed run shares: the modules (``head`` may be a bfloat16 copy), scales, sizes, formats."""
+    """What every timed run shares: the modules (``head`` may be a bfloat16 or compressed copy), scales, sizes,
+    formats."""
 
     backbone: nets.Backbone
     head: nets.SppHead

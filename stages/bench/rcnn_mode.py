@@ -30,7 +30,7 @@ def time_rcnn(setup: _Setup, image: np.ndarray, boxes: np.ndarray, keep: int, ti
     # fc on as many rows as there are windows: the same GEMMs the full R-CNN run would do.
     rows = pooled.index_select(0, torch.arange(len(boxes), device=pooled.device) % len(subset))
     with timer("fc"):
-        rows = rows.to(head.fc6.weight.dtype)
+        rows = rows.to(head.input_dtype)
         for i in range(0, len(rows), setup.fc_batch):
             head.features(rows[i:i + setup.fc_batch], "fc7").float()
     seconds = {"conv": timer.seconds["conv"] * factor, "pool": timer.seconds["pool"] * factor,

@@ -73,7 +73,7 @@ def spp_window_features(backbone: nets.Backbone, head: nets.SppHead, image: np.n
             unique_features = pooled
         else:
             step = max(1, int(fc_batch))
-            dtype = head.fc6.weight.dtype  # a bfloat16 copy of the head takes bfloat16 input
+            dtype = head.input_dtype  # a bfloat16 copy of the head takes bfloat16 input
             parts = [head.features(pooled[i:i + step].to(dtype), layer) for i in range(0, len(pooled), step)]
             unique_features = (torch.cat(parts).float() if parts
                                else pooled.new_zeros((0, getattr(head, layer).out_features)))

@@ -248,12 +248,22 @@ class DetectConfig:
     bbox: bool = True  # apply box regression when a regressor exists
     batch_windows: int = 4096  # windows per fc batch
     fc_dtype: str = "float32"  # "bfloat16": fc6/fc7 in bfloat16, ~2x faster with AVX512-BF16/AMX or a GPU (opt-in)
+    # Less fc6/fc7 work, shared by train-svm, detect and bench (opt-in; core/fccompress.py): "svd" (Fast R-CNN's
+    # truncated SVD, SPEC §10), "int8" (dynamic int8 layers, CPU only, float32 input), "none" (exact).
+    fc_compression: str = "none"
+    # (fc6, fc7) ranks kept by "svd" (Fast R-CNN's for VGG16); a rank >= min(in, out) keeps that layer whole, and
+    # a rank saves work only below in * out / (in + out)
+    fc_svd_ranks: tuple[int, int] = (1024, 256)
 
     def __post_init__(self) -> None:
         _require_choices(self, "detect")
         _require(0.0 < self.nms_iou <= 1.0, "detect.nms_iou", self.nms_iou, "must be in (0, 1]")
         _require(self.max_per_image >= 1, "detect.max_per_image", self.max_per_image, "must be positive")
         _require(self.batch_windows >= 1, "detect.batch_windows", self.batch_windows, "must be positive")
+        _require(min(self.fc_svd_ranks) >= 1, "detect.fc_svd_ranks", self.fc_svd_ranks,
+                 "must be positive ranks (fc6, fc7)")
+        _require(not (self.fc_compression == "int8" and self.fc_dtype != "float32"), "detect.fc_compression",
+                 self.fc_compression, f"takes float32 input, not detect.fc_dtype {self.fc_dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -333,6 +343,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pretrain.optimizer": ("sgd", "adamw"),
     "svm.pruning": ("dedup", "overlap70", "none"),
     "detect.fc_dtype": ("float32", "bfloat16"),
+    "detect.fc_compression": ("none", "svd", "int8"),
 }
 
 

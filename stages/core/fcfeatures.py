@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from . import spp
+from . import fccompress, spp
 from .artifacts import Manifest, Run
 from .errors import SppError
 from .registry import command_for_path
@@ -72,7 +72,9 @@ def features_manifest(run: Run, split: str, feature: str) -> Manifest:
 
 def load_feature_nets(run: Run, feature: str, cfg, device: torch.device | str | None = None,
                       expect_backbone: str | None = None) -> tuple[dict, dict[str, Manifest]]:
-    """The nets a feature needs, in eval mode on ``device`` (default ``cfg.device``), and their manifests.
+    """The nets a feature needs, in eval mode on ``device`` (default ``cfg.device``), and their manifests; their
+    heads' fc6/fc7 compressed as ``detect.fc_compression`` says (``fccompress``: train-svm and detect both load
+    their nets here, so SVMs and detections see the same fc layers).
 
     Returns ``({"pretrained": SppNet} or {"finetuned": SppNet} or {}, {"pretrain"|"finetune": Manifest})``.
     """
@@ -85,7 +87,9 @@ def load_feature_nets(run: Run, feature: str, cfg, device: torch.device | str | 
         if bool(meta.get("conv_finetuned")) != bool(manifest.metrics.get("conv")):  # the file vs its manifest
             raise SppError("the model file does not match its manifest (fine-tuned with --conv or not); rerun "
                            "`spp finetune`", manifest.output("model"))
-        nets[kind] = net.to(device).eval()
+        net = net.to(device).eval()
+        net.head = fccompress.configured_head(net.head, cfg.detect)
+        nets[kind] = net
     return nets, manifests
 
 
@@ -197,7 +201,7 @@ def head_features(pooled: torch.Tensor, feature: str, nets_by_kind: dict, batch:
     head.eval()
     try:
         with torch.inference_mode():
-            dtype = head.fc6.weight.dtype  # a bfloat16 head (detect.fc_dtype) takes bfloat16 input
+            dtype = head.input_dtype  # a bfloat16 head (detect.fc_dtype) takes bfloat16 input
             parts = [head.features(pooled[i:i + batch].to(dtype), layer)
                      for i in range(0, len(pooled), max(1, batch))]
     finally:

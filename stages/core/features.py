@@ -445,12 +445,17 @@ class FeatureCache:
         are read). On the CPU these are the cached tensors themselves: do not modify them in place."""
         return [self._map(image_id, scale, flip).to(device) for scale in self._candidate_scales(scales_subset)]
 
-    def scale_indices(self, image_id: str, boxes: np.ndarray, scale_choice: str | int = "best",
+    def scale_indices(self, image_id: str, boxes: np.ndarray, scale_choice: str | int | np.ndarray = "best",
                       rng: np.random.Generator | None = None, scales_subset: Sequence[int] | None = None,
                       rule: str = "code") -> tuple[tuple[int, ...], np.ndarray]:
         """The candidate scales and each window's index into them, as ``pooled`` chooses them."""
         scales = self._candidate_scales(scales_subset)
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if isinstance(scale_choice, np.ndarray):  # chosen already, one index per window
+            index = scale_choice.astype(np.int64).reshape(-1)
+            if len(index) != len(boxes) or (len(index) and not 0 <= index.min() <= index.max() < len(scales)):
+                raise ValueError(f"{len(index)} scale indices for {len(boxes)} windows and scales {scales}")
+            return scales, index
         if isinstance(scale_choice, (int, np.integer)) and not isinstance(scale_choice, bool):
             if not 0 <= int(scale_choice) < len(scales):
                 raise ValueError(f"scale index {scale_choice} out of range for scales {scales}")
@@ -465,16 +470,18 @@ class FeatureCache:
             return scales, rng.integers(0, len(scales), size=len(boxes)).astype(np.int64)
         raise ValueError(f"scale_choice must be 'best', 'random' or an index, got {scale_choice!r}")
 
-    def pooled(self, image_id: str, boxes: np.ndarray, pyramid: Sequence[int], scale_choice: str | int = "best",
+    def pooled(self, image_id: str, boxes: np.ndarray, pyramid: Sequence[int],
+               scale_choice: str | int | np.ndarray = "best",
                rng: np.random.Generator | None = None, flip: bool = False,
                scales_subset: Sequence[int] | None = None, device: str | torch.device = "cpu",
                rule: str = "code") -> torch.Tensor:
         """SPP features [N, C*sum(n*n)] float32 of windows given in original-image coordinates.
 
         ``scale_choice``: "best" (SPEC §2 scale choice over the candidate scales), "random" (uniform per window,
-        from ``rng``), or an index into the candidate scales. Candidates are ``scales_subset`` (e.g. ``(688,)``
-        for the 1-scale setting) or all cached scales. ``flip``: pool the same windows of the flipped image
-        (boxes are flipped here). Only the maps of scales actually chosen are read.
+        from ``rng``), an index into the candidate scales, or an array of one such index per window. Candidates
+        are ``scales_subset`` (e.g. ``(688,)`` for the 1-scale setting) or all cached scales. ``flip``: pool the
+        same windows of the flipped image (boxes are flipped here). Only the maps of scales actually chosen are
+        read.
         """
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         scales, index = self.scale_indices(image_id, boxes, scale_choice, rng, scales_subset, rule)

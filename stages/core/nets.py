@@ -477,6 +477,12 @@ class SppHead(nn.Module):
     def in_features(self) -> int:
         return self.fc6.in_features
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """What fc6 takes: its weights' type (bfloat16 for a bfloat16 copy, detect.fc_dtype); float32 for int8
+        layers, which hold no float weights (core/fccompress.py)."""
+        return next((p.dtype for p in self.fc6.parameters()), torch.float32)
+
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         x = self.dropout(F.relu(self.fc6(pooled)))
         x = self.dropout(F.relu(self.fc7(x)))

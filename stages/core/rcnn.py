@@ -142,6 +142,6 @@ def rcnn_window_features(backbone: torch.nn.Module, head: nets.SppHead, image, b
         if len(pooled) == 0:
             return pooled.new_zeros((0, getattr(head, layer).out_features))
         step = max(1, int(fc_batch))
-        dtype = head.fc6.weight.dtype  # a bfloat16 copy of the head takes bfloat16 input
+        dtype = head.input_dtype  # a bfloat16 copy of the head takes bfloat16 input
         return torch.cat([head.features(pooled[i:i + step].to(dtype), layer)
                           for i in range(0, len(pooled), step)]).float()

@@ -77,8 +77,10 @@ class Scorer:
             self.models = ClassModels(None, bbox, names[1:])
         else:
             self.models = ClassModels(load_svm_model(self.svm_manifest.output("svm")), bbox)
-        # fc6/fc7 weight type (bfloat16 moves scores by ~1e-2 of their range, docs/BENCHMARKS.md). The nets are fresh
-        # copies loaded for this scorer, so converting them in place is safe.
+        # fc6/fc7 weight type (bfloat16 moves scores by ~1e-2 of their range, docs/BENCHMARKS.md); the heads are
+        # already compressed as detect.fc_compression says (load_feature_nets). The nets are fresh copies loaded
+        # for this scorer, so converting them in place is safe (an int8 head stays float32: the config refuses
+        # int8 with bfloat16).
         for net in self.nets.values():
             net.head.to(getattr(torch, cfg.detect.fc_dtype))
         self.scales = (cfg.features.one_scale,) if one_scale else tuple(cfg.features.scales)

@@ -43,6 +43,14 @@ A resume point (``resume.pt``: weights, optimiser, best snapshot, history and ra
 at chunk ends at most every ``checkpoint_every_s`` seconds; a rerun with the same config and inputs continues from
 it and gives, on CPU, the same result as an uninterrupted run.
 
+Several processes (``--nproc-per-node N``, or torchrun): DistributedDataParallel, gloo on CPU, nccl with one GPU
+each. ``finetune.batch_size`` stays the global batch: every rank draws the same batches from the same seeded
+streams and pools and trains on its own rows of each (with ``--conv``: the batch's images r::N), so the gradient
+is one process's up to float rounding; the held-out batches are shared out and the counts summed, so all ranks
+keep the same snapshot; rank 0 alone writes ``model.pt``, ``history.json``, ``resume.pt`` and the manifest. With
+``model.dropout = 0`` the model is one process's to float rounding (tested with 2 gloo processes); dropout
+masks come from per-rank streams (seed + rank), so with dropout the run is another sample of the same training.
+
 The code: this package's ``__init__`` is the stage (its plan, ``run`` and the model it writes); ``windows.py``
 selects, draws and pools the training windows and splits off the held-out images; ``training.py`` is the
 training loop (optimiser, schedule, held-out error, resume point); ``cached.py`` pools windows from the conv5
@@ -55,9 +63,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.artifacts import CONV_LAYERS_PART, Manifest, Run, StageResult, atomic_write_json, sha256_json
+from ..core.artifacts import (CONV_LAYERS_PART, Manifest, Run, StageResult, atomic_write_json, read_manifest,
+                              sha256_json)
 from ..core.config import Config
 from ..core.errors import SppError
+from ..core.ranks import Ranks, all_sum, barrier, join_ranks, leave_ranks
 from ..core.roidb import build_roidb
 from ..core.runner import Produced, StagePlan, execute
 from ..core.nets import BACKGROUND
@@ -67,7 +77,7 @@ from .conv import FrozenMemo, _live_poolers, split_trunk
 from .training import (BIAS_LR_MULT, TrainResult, _Resume, classification_error, lr_at, make_optimizer, set_lr,
                        train)
 from .windows import (IMAGE_OVERSAMPLE, Draw, Entry, Pooler, batch_split, draw_batches, has_windows,
-                      learning_subset, make_entries, pool_draw, select_windows, split_holdout)
+                      learning_subset, make_entries, pool_draw, rank_rows, select_windows, split_holdout)
 
 STAGE = "finetune"
 MODEL_FILE = "model.pt"
@@ -78,7 +88,7 @@ __all__ = [
     "STAGE", "MODEL_FILE", "HISTORY_FILE", "RESUME_FILE", "BACKGROUND", "IMAGE_OVERSAMPLE", "BIAS_LR_MULT",
     "run", "stage_config",
     "Entry", "Draw", "Pooler", "select_windows", "has_windows", "make_entries", "split_holdout", "learning_subset",
-    "batch_split", "draw_batches", "pool_draw",
+    "batch_split", "draw_batches", "pool_draw", "rank_rows",
     "TrainResult", "lr_at", "make_optimizer", "set_lr", "classification_error", "train",
     "cached_pooler", "_live_poolers", "FrozenMemo", "split_trunk",
 ]
@@ -107,6 +117,14 @@ def _summary(m: dict, model_path: Path) -> str:
 
 def run(cfg: Config) -> StageResult:
     """``spp finetune``: see the module docstring."""
+    ranks = join_ranks(cfg.device)
+    try:
+        return _run(cfg, ranks)
+    finally:
+        leave_ranks(ranks)
+
+
+def _run(cfg: Config, ranks: Ranks) -> StageResult:
     ft = cfg.finetune
     run_dir = Run(cfg.run_dir)
     split = cfg.data.train_split
@@ -119,18 +137,31 @@ def run(cfg: Config) -> StageResult:
         inputs["features"] = run_dir.require("features", split)
     inputs["dataset"] = dataset.fingerprint(split)
     config = stage_config(cfg)
+    # Every rank needs a share of each batch (with --conv: of its images), else DDP would wait for its gradients.
+    shared, what = (ft.conv_images, "finetune.conv_images") if ft.conv else (ft.batch_size, "finetune.batch_size")
+    if shared < ranks.world:
+        raise SppError(f"{what} {shared} is smaller than the {ranks.world} torchrun ranks")
     plan = StagePlan(STAGE, None, config, inputs, {"model": MODEL_FILE, "history": HISTORY_FILE})
-    return execute(run_dir, plan, lambda folder: _finetune(cfg, run_dir, dataset, inputs, config, folder),
-                   describe=lambda metrics: _summary(metrics, run_dir.stage_dir(STAGE) / MODEL_FILE), cfg=cfg)
+    model_path = run_dir.stage_dir(STAGE) / MODEL_FILE
+    result = execute(run_dir, plan, lambda folder: _finetune(cfg, ranks, run_dir, dataset, inputs, config, folder),
+                     describe=lambda metrics: _summary(metrics, model_path), cfg=cfg,
+                     lock_name=f".lock.rank{ranks.rank}" if ranks.rank else ".lock")  # rank 0 meets a plain run
+    if ranks.distributed and not result.skipped:
+        barrier(ranks)  # rank 0 has written the manifest
+    if result.manifest is None:  # another rank: rank 0 has written the model and prints the summary
+        manifest = read_manifest(run_dir.manifest_path(STAGE))
+        return StageResult(manifest, f"finetune rank {ranks.rank}/{ranks.world}: done; rank 0 wrote {model_path}")
+    return result
 
 
-def _finetune(cfg: Config, run_dir: Run, dataset: VocDataset, inputs: dict, config: dict, folder: Path) -> Produced:
+def _finetune(cfg: Config, ranks: Ranks, run_dir: Run, dataset: VocDataset, inputs: dict, config: dict,
+              folder: Path) -> Produced:
     from ..core import nets, spp
     from ..core.proposals import load_proposals
 
     ft = cfg.finetune
     split = cfg.data.train_split
-    device = nets.resolve_device(cfg.device)
+    device = ranks.device
 
     # The model: pretrained conv + fc6/fc7 with model.dropout, a new (K+1)-way fc8: seeded N(0, 0.01), bias 0.
     pretrained_path = _pretrained_model_path(inputs["pretrain"])
@@ -178,7 +209,11 @@ def _finetune(cfg: Config, run_dir: Run, dataset: VocDataset, inputs: dict, conf
     resume_key = sha256_json({"config": config, "inputs": {k: v.fingerprint if isinstance(v, Manifest) else v
                                                              for k, v in inputs.items()}})
     result = train(model.head, entries, holdout_entries, pooler, dim, ft, cfg.seed, device, backbone=backbone,
-                   live_batch=live_batch, resume_path=folder / RESUME_FILE, resume_key=resume_key)
+                   live_batch=live_batch, resume_path=folder / RESUME_FILE, resume_key=resume_key, ranks=ranks)
+    memo = live_batch.memo if ft.conv else None
+    memo_sums = all_sum([memo.hits, memo.misses, memo.bytes], ranks) if memo else None  # each rank has its own
+    if not ranks.is_main:
+        return Produced({}, write_manifest=False)
 
     # Save the best snapshot as a whole SppNet checkpoint.
     best = {k.split(".", 1)[1]: v for k, v in result.best_state.items() if k.startswith("head.")}
@@ -199,13 +234,14 @@ def _finetune(cfg: Config, run_dir: Run, dataset: VocDataset, inputs: dict, conf
     n_bg = sum(len(e.bg_boxes) for e in entries)
     metrics = {**result.metrics, "train_images": len(train_rois), "holdout_images": len(holdout_rois),
                "train_entries": len(entries), "fg_windows": n_fg, "bg_windows": n_bg, "flip_used": flip_used,
-               "num_classes": len(class_names), "device": str(device), "conv": ft.conv,
+               "num_classes": len(class_names), "device": str(device), "world_size": ranks.world,
+               "conv": ft.conv,
                "pool_strategy": "per-iteration live pooling (conv)" if ft.conv else
                "chunked pre-draw, one cache read per image per chunk, float16 buffer on the compute device",
                CONV_LAYERS_PART: conv_sha256}
-    if ft.conv:
-        memo = live_batch.memo
-        metrics.update({"conv_frozen_layers": ft.conv_frozen_layers, "frozen_memo_hits": memo.hits,
-                        "frozen_memo_misses": memo.misses, "frozen_memo_mb": memo.bytes / 2**20})
+    if ft.conv:  # summed over the ranks
+        hits, misses, memo_bytes = memo_sums
+        metrics.update({"conv_frozen_layers": ft.conv_frozen_layers, "frozen_memo_hits": int(hits),
+                        "frozen_memo_misses": int(misses), "frozen_memo_mb": memo_bytes / 2**20})
     _Resume(folder / RESUME_FILE, resume_key, 0).remove()
     return Produced(metrics)

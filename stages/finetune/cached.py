@@ -43,7 +43,11 @@ def cached_pooler(cfg: Config, run_dir: Run, features: Manifest, roidb: list[Ima
                       "(set features.flip = true and rerun extract-features to train on flips)", stacklevel=3)
     rule = cfg.features.scale_rule
 
-    def pooler(entry: Entry, boxes: np.ndarray, scale_choice: str, rng: np.random.Generator) -> torch.Tensor:
+    def pooler(entry: Entry, boxes: np.ndarray, scale_choice: str, rng: np.random.Generator,
+               keep: np.ndarray | None = None) -> torch.Tensor:
+        if keep is not None:  # a torchrun rank's share: scales drawn for every window, only the kept ones pooled
+            _, index = cache.scale_indices(entry.image_id, boxes, scale_choice, rng, rule=rule)
+            boxes, scale_choice = boxes[keep], index[keep]
         return cache.pooled(entry.image_id, boxes, pyramid, scale_choice=scale_choice, rng=rng,
                             flip=entry.flip, device=device, rule=rule)
 

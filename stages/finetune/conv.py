@@ -1,6 +1,7 @@
 """``spp finetune --conv``: the poolers that run the backbone on the image itself, so that gradients reach the
 conv layers through the SPP layer (``spp.pool_windows`` max-pools like RoI pooling). ``_live_poolers`` gives
-the held-out pooler (a ``windows.Pooler``) and the training batch maker that ``training.train`` calls each step.
+the held-out pooler (a ``windows.Pooler``) and the training batch maker that ``training.train`` calls each step
+(a torchrun rank runs the backbone on its share of the step's images only).
 
 With ``finetune.conv_frozen_layers = N`` the trunk's first N body layers stay frozen: their output for an image
 (mirrored or not) at a scale never changes, so ``FrozenMemo`` computes it once and keeps it, which leaves each step
@@ -89,19 +90,28 @@ def _live_poolers(model: nn.Module, dataset: VocDataset, spec, scales: tuple[int
         return spp.pool_windows(maps, (entry.height, entry.width), [scales[u] for u in used], boxes, spec, pyramid,
                                 scale_index=np.searchsorted(used, scale_index), rule=rule)
 
-    def pooler(entry: Entry, boxes: np.ndarray, scale_choice: str, rng: np.random.Generator) -> torch.Tensor:
+    def pooler(entry: Entry, boxes: np.ndarray, scale_choice: str, rng: np.random.Generator,
+               keep: np.ndarray | None = None) -> torch.Tensor:
         if scale_choice == "best":
             index = np.asarray(spp.choose_scale(boxes, (entry.height, entry.width), scales, rule=rule),
-                               dtype=np.int64)
+                               dtype=np.int64).reshape(-1)
         else:
             index = rng.integers(len(scales), size=len(boxes))
+        if keep is not None:  # a torchrun rank's share: the scales were drawn for every window
+            boxes, index = boxes[keep], index[keep]
+            if not len(boxes):
+                return torch.zeros((0, spp.spp_dim(spec.channels, pyramid)), device=device)
         return pool_at(entry, boxes, index)
 
-    def live_batch(entries: list[Entry], n_fg: int, n_bg: int, rng: np.random.Generator):
+    def live_batch(entries: list[Entry], n_fg: int, n_bg: int, rng: np.random.Generator, rank: int = 0,
+                   world: int = 1):
         """Windows of ``images_per_batch`` random images (or mirrors), each at one random scale. Each image gives
         up to its share of the ``n_fg`` foreground windows and ``n_bg / n_fg`` background windows per foreground
         one, so the batch keeps the cached path's foreground fraction even when an image has only a few
-        foreground windows (filling up with background instead taught the net to call everything background)."""
+        foreground windows (filling up with background instead taught the net to call everything background).
+
+        torchrun rank ``rank`` of ``world`` runs the backbone on the batch's images ``rank::world`` only and
+        returns their windows; every rank makes all the draws, so the batch is the one a single process draws."""
         with_fg = [e for e in entries if len(e.fg_labels)] if n_fg else []
         pool = with_fg or [e for e in entries if len(e.bg_boxes)]
         if not pool:
@@ -109,7 +119,7 @@ def _live_poolers(model: nn.Module, dataset: VocDataset, spec, scales: tuple[int
         fg_share = math.ceil(n_fg / images_per_batch)
         bg_per_fg = n_bg / n_fg if n_fg else 0.0
         features, labels = [], []
-        for _ in range(images_per_batch):
+        for k in range(images_per_batch):
             entry = pool[int(rng.integers(len(pool)))]
             fg_take = min(fg_share, len(entry.fg_labels)) if with_fg else 0
             bg_want = round(fg_take * bg_per_fg) if with_fg else math.ceil(n_bg / images_per_batch)
@@ -118,6 +128,8 @@ def _live_poolers(model: nn.Module, dataset: VocDataset, spec, scales: tuple[int
             bg_pick = rng.choice(len(entry.bg_boxes), size=bg_take, replace=False)
             boxes = np.concatenate([entry.fg_boxes[fg_pick], entry.bg_boxes[bg_pick]]).reshape(-1, 4)
             scale = int(rng.integers(len(scales)))
+            if k % world != rank:
+                continue  # another rank's image
             features.append(pool_at(entry, boxes, np.full(len(boxes), scale, np.int64)).float())
             labels.append(np.concatenate([entry.fg_labels[fg_pick], np.zeros(bg_take, np.int64)]))
         return torch.cat(features), torch.from_numpy(np.concatenate(labels)).to(device)

@@ -1,6 +1,7 @@
 """``spp finetune``, its training loop: the optimiser (Caffe's LR and weight-decay multipliers), the LR schedule,
 the held-out classification error, the resume point (``resume.pt``) and ``train``, which runs the iterations,
-pooling the windows of a chunk of batches at once (cached conv5 maps) or each step's live (``--conv``).
+pooling the windows of a chunk of batches at once (cached conv5 maps) or each step's live (``--conv``), in one
+process or as one of several torchrun ranks (DistributedDataParallel; see ``train``).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from torch import nn
 from ..core.config import FinetuneConfig
 from ..core.errors import SppError
 from ..core.logs import progress as progress_bar
-from .windows import Entry, Pooler, batch_split, draw_batches, pool_draw
+from ..core.ranks import Ranks, all_sum, barrier, gather_objects, main_decides
+from .windows import Entry, Pooler, batch_split, draw_batches, pool_draw, rank_rows
 
 log = logging.getLogger(__name__)
 BIAS_LR_MULT = 2.0  # Caffe blobs_lr 1, 2 on every fc layer [S:pascal_finetune_fc_spm_train.prototxt]
@@ -64,10 +66,17 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
         group["lr"] = base_lr * group["lr_mult"]
 
 
-@torch.no_grad()
 def classification_error(head: nn.Module, features: torch.Tensor, labels: torch.Tensor,
                          batch_size: int) -> tuple[float, float]:
     """(error, mean cross-entropy) of ``head`` in eval mode (no dropout) over fixed batches."""
+    wrong, loss_sum, count = _classification_sums(head, features, labels, batch_size)
+    return wrong / max(1, count), loss_sum / max(1, count)
+
+
+@torch.no_grad()
+def _classification_sums(head: nn.Module, features: torch.Tensor, labels: torch.Tensor,
+                         batch_size: int) -> tuple[int, float, int]:
+    """(wrong, summed cross-entropy, windows): what torchrun ranks add up over their shares of the batches."""
     was_training = head.training
     head.eval()
     wrong, loss_sum = 0, 0.0
@@ -77,7 +86,7 @@ def classification_error(head: nn.Module, features: torch.Tensor, labels: torch.
         wrong += int((logits.argmax(1) != target).sum())
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
     head.train(was_training)
-    return wrong / max(1, len(labels)), loss_sum / max(1, len(labels))
+    return wrong, loss_sum, len(labels)
 
 
 def _freeze_batchnorm(module: nn.Module) -> None:
@@ -113,11 +122,12 @@ class _Resume:
             return None  # made with another config or other inputs
         return state
 
-    def maybe_save(self, make_state: Callable[[], dict], force: bool = False) -> None:
-        if self.path is None or (not force and time.monotonic() - self.last < self.every_s):
-            return
+    def due(self, force: bool = False) -> bool:
+        return self.path is not None and (force or time.monotonic() - self.last >= self.every_s)
+
+    def save(self, state: dict) -> None:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        torch.save({"key": self.key, **make_state()}, tmp)
+        torch.save({"key": self.key, **state}, tmp)
         os.replace(tmp, self.path)
         self.last = time.monotonic()
 
@@ -127,34 +137,69 @@ class _Resume:
                 self.path.unlink()
 
 
+class _Step(nn.Module):
+    """One training step's forward as a module: DistributedDataParallel has to run the forward itself to reduce
+    the gradients of ``trained`` (the head, with --conv the backbone too) in the backward pass."""
+
+    def __init__(self, trained: nn.Module):
+        super().__init__()
+        self.trained = trained
+
+    def forward(self, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return compute()
+
+
+def _rng_streams() -> dict:
+    """This rank's torch streams (dropout): the only random state that differs between torchrun ranks."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
 def train(head: nn.Module, entries: list[Entry], holdout_entries: list[Entry], pooler: Pooler, dim: int,
           ft: FinetuneConfig, seed: int, device: torch.device, *, backbone: nn.Module | None = None,
           live_batch: Callable | None = None, resume_path: Path | None = None, resume_key: str = "",
-          chunk_iters: int | None = None, progress: bool = True) -> TrainResult:
-    """Fine-tune ``head`` (and ``backbone`` when given, with ``live_batch(entries, n_fg, n_bg, rng)`` returning
-    one step's pooled features, with gradients, and labels) for ``ft.iters`` iterations; returns the best
-    held-out snapshot (keys ``head.*`` and, with a backbone, ``backbone.*``).
+          chunk_iters: int | None = None, progress: bool = True, ranks: Ranks | None = None) -> TrainResult:
+    """Fine-tune ``head`` (and ``backbone`` when given, with ``live_batch(entries, n_fg, n_bg, rng, rank, world)``
+    returning one step's pooled features, with gradients, and labels) for ``ft.iters`` iterations; returns the
+    best held-out snapshot (keys ``head.*`` and, with a backbone, ``backbone.*``).
 
-    Random streams (all from ``seed``): the held-out draw, the training draws and scales, and torch's (dropout)."""
+    Random streams (all from ``seed``): the held-out draw, the training draws and scales, and torch's (dropout).
+
+    As one of several torchrun ``ranks`` (DistributedDataParallel): every rank makes the same draws from the
+    same streams, so the batches are those of one process; rank r pools and trains on rows ``rank_rows`` of
+    every cached batch (with --conv: the batch's images r::W), its loss scaled so that DDP's average of the
+    ranks' gradients is the gradient of the whole batch's mean. The held-out batches are shared out (r::W) and
+    the counts summed, so every rank sees the same error and keeps the same snapshot. Dropout masks come from
+    per-rank torch streams (seed + rank). Rank 0 alone writes the resume point, with every rank's torch stream."""
+    ranks = ranks or Ranks(device=torch.device(device))
     conv = backbone is not None
     if not any(len(e.fg_labels) + len(e.bg_boxes) for e in entries):
         raise SppError(f"none of the {len(entries)} fine-tuning images has a window with max IoU >= "
                        f"{ft.bg_iou[0]}: check the proposals")
     modules = nn.ModuleDict({"head": head, **({"backbone": backbone} if conv else {})})
     holdout_rng, train_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + ranks.rank)
     optimizer = make_optimizer(head, ft, backbone)
     n_fg, n_bg = batch_split(ft.batch_size, ft.fg_fraction)
     bytes_per_batch = ft.batch_size * dim * 2
     if chunk_iters is None:  # iterations whose windows are pooled at once, within the memory budget
         chunk_iters = 1 if conv else max(1, min(ft.iters, ft.pool_memory_mb * 2**20 // bytes_per_batch))
+    # This rank's rows of every training batch (all of them in one process: no mask, the plain pooling).
+    lo, hi = rank_rows(ft.batch_size, ranks.rank, ranks.world)
+    in_share = (np.arange(ft.batch_size) >= lo) & (np.arange(ft.batch_size) < hi)
 
-    # Fixed held-out batches (best scale, no flip); pooled once unless the conv layers change.
-    holdout = None
+    def train_part(n_batches: int) -> np.ndarray | None:
+        return np.tile(in_share, n_batches) if ranks.distributed else None
+
+    # Fixed held-out batches (best scale, no flip); pooled once unless the conv layers change. Ranks evaluate
+    # whole batches r::W, so each batch is classified as in one process.
+    holdout, holdout_part = None, None
     if holdout_entries and ft.holdout_batches > 0:
         holdout_draw = draw_batches(holdout_entries, ft.holdout_batches, ft.batch_size, ft.fg_fraction, holdout_rng)
+        if ranks.distributed:
+            holdout_part = np.repeat(np.arange(ft.holdout_batches) % ranks.world == ranks.rank, ft.batch_size)
         holdout = holdout_draw if conv else pool_draw(holdout_draw, holdout_entries, pooler, dim, "best",
-                                                      holdout_rng, device)
+                                                      holdout_rng, device, holdout_part)
 
     def evaluate() -> tuple[float | None, float | None]:
         if holdout is None:
@@ -162,12 +207,14 @@ def train(head: nn.Module, entries: list[Entry], holdout_entries: list[Entry], p
         if conv:
             backbone.eval()
             with torch.no_grad():
-                feats, labels = pool_draw(holdout, holdout_entries, pooler, dim, "best", holdout_rng, device)
+                feats, labels = pool_draw(holdout, holdout_entries, pooler, dim, "best", holdout_rng, device,
+                                          holdout_part)
             backbone.train()
             _freeze_batchnorm(backbone)
         else:
             feats, labels = holdout
-        return classification_error(head, feats, labels, ft.batch_size)
+        wrong, loss_sum, count = all_sum(list(_classification_sums(head, feats, labels, ft.batch_size)), ranks)
+        return wrong / max(1, count), loss_sum / max(1, count)
 
     resume = _Resume(resume_path, resume_key, ft.checkpoint_every_s)
     state = resume.load()
@@ -182,11 +229,16 @@ def train(head: nn.Module, entries: list[Entry], holdout_entries: list[Entry], p
         history, start = state["history"], state["iteration"]
         train_loss, train_wrong, train_seen = state["train_loss"], state["train_wrong"], state["train_seen"]
         train_rng.bit_generator.state = state["train_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda_rng"])
+        streams = state.get("rank_rng") or [{"torch": state["torch_rng"], "cuda": state.get("cuda_rng")}]
+        if ranks.rank < len(streams):
+            torch.set_rng_state(streams[ranks.rank]["torch"])
+            if streams[ranks.rank]["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(streams[ranks.rank]["cuda"])
+        else:  # more ranks than the resume point has streams for: a fresh one, fixed by (seed, rank, iteration)
+            torch.manual_seed(seed + ranks.rank + 1000 * start)
+    barrier(ranks)  # every rank has read the resume point before rank 0 may overwrite it
 
-    def snapshot_state() -> dict:
+    def snapshot_state(rank_streams: list[dict]) -> dict:
         out = {"model": modules.state_dict(), "optimizer": optimizer.state_dict(), "best_state": best_state,
                "best_error": best_error, "best_iter": best_iter, "history": history, "iteration": it,
                "train_loss": train_loss, "train_wrong": train_wrong, "train_seen": train_seen,
@@ -194,45 +246,62 @@ def train(head: nn.Module, entries: list[Entry], holdout_entries: list[Entry], p
                "initial_error": initial_error}
         if torch.cuda.is_available():
             out["cuda_rng"] = torch.cuda.get_rng_state()
+        if ranks.distributed:
+            out["rank_rng"] = rank_streams
         return out
 
+    net: nn.Module = _Step(modules)
+    if ranks.distributed:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
     modules.train()
     if conv:
         _freeze_batchnorm(backbone)
     started, pool_seconds, windows = time.perf_counter(), 0.0, 0
     chunk, chunk_pos = None, 0
+    share = hi - lo
+
+    def step_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels of this rank's share of the next batch."""
+        nonlocal chunk_pos
+        if conv:
+            features, labels = live_batch(entries, n_fg, n_bg, train_rng, ranks.rank, ranks.world)
+        else:
+            features = chunk[0][chunk_pos:chunk_pos + share].float()
+            labels = chunk[1][chunk_pos:chunk_pos + share]
+            chunk_pos += share
+        return head(features), labels
+
     bar = progress_bar(total=ft.iters, initial=start, desc="finetune", unit="it", mininterval=1.0,
-                       dynamic_ncols=True, disable=not progress)  # shown on a terminal only, or when asked
+                       dynamic_ncols=True, disable=not progress or not ranks.is_main)  # a terminal, or when asked
     it = start
     try:
         while it < ft.iters:
-            if conv:
-                features, labels = live_batch(entries, n_fg, n_bg, train_rng)
-            else:
-                if chunk is None or chunk_pos == chunk[0].shape[0]:
-                    tic = time.perf_counter()
-                    n = min(chunk_iters, ft.iters - it)
-                    chunk = pool_draw(draw_batches(entries, n, ft.batch_size, ft.fg_fraction, train_rng), entries,
-                                      pooler, dim, "random", train_rng, device)
-                    chunk_pos = 0
-                    pool_seconds += time.perf_counter() - tic
-                features = chunk[0][chunk_pos:chunk_pos + ft.batch_size].float()
-                labels = chunk[1][chunk_pos:chunk_pos + ft.batch_size]
-                chunk_pos += ft.batch_size
+            if not conv and (chunk is None or chunk_pos == chunk[0].shape[0]):
+                tic = time.perf_counter()
+                n = min(chunk_iters, ft.iters - it)
+                chunk = pool_draw(draw_batches(entries, n, ft.batch_size, ft.fg_fraction, train_rng), entries,
+                                  pooler, dim, "random", train_rng, device, train_part(n))
+                chunk_pos = 0
+                pool_seconds += time.perf_counter() - tic
             set_lr(optimizer, lr_at(ft, it))
-            logits = head(features)
-            loss = F.cross_entropy(logits, labels)
-            if not torch.isfinite(loss):
-                raise SppError(f"fine-tuning loss became {loss.item()} at iteration {it + 1}; "
+            logits, labels = net(step_batch)
+            loss_sum = F.cross_entropy(logits, labels, reduction="sum")
+            wrong = int((logits.detach().argmax(1) != labels).sum())
+            batch_loss, batch_wrong, batch_seen = all_sum([loss_sum.item(), wrong, len(labels)], ranks)
+            if not math.isfinite(batch_loss):  # every rank sees the sum, so all stop together
+                raise SppError(f"fine-tuning loss became {batch_loss / batch_seen} at iteration {it + 1}; "
                                f"lower finetune.lr (now {ft.lr})")
+            # DDP averages the ranks' gradients: this scale makes it the gradient of the whole batch's mean loss
+            loss = loss_sum * (ranks.world / batch_seen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             it += 1
-            windows += len(labels)
-            train_loss += loss.item() * len(labels)
-            train_wrong += int((logits.detach().argmax(1) != labels).sum())
-            train_seen += len(labels)
+            windows += int(batch_seen)
+            train_loss += batch_loss
+            train_wrong += int(batch_wrong)
+            train_seen += int(batch_seen)
             bar.update(1)
             if it % 10 == 0 or it == ft.iters:
                 bar.set_postfix(loss=f"{train_loss / max(1, train_seen):.3f}", lr=f"{lr_at(ft, it - 1):.0e}",
@@ -246,11 +315,16 @@ def train(head: nn.Module, entries: list[Entry], holdout_entries: list[Entry], p
                 if error is not None and error < best_error:  # strict: the earliest of equal snapshots
                     best_error, best_iter = error, it
                     best_state = {k: v.detach().clone() for k, v in modules.state_dict().items()}
-                    log.info("iteration %d: held-out error %.4f (best)", it, error)
-                elif error is not None:
+                    if ranks.is_main:
+                        log.info("iteration %d: held-out error %.4f (best)", it, error)
+                elif error is not None and ranks.is_main:
                     log.info("iteration %d: held-out error %.4f", it, error)
-            if conv or chunk_pos == chunk[0].shape[0]:
-                resume.maybe_save(snapshot_state, force=ft.checkpoint_every_s <= 0)
+            # A safe point (no drawn-but-unused windows); rank 0's clock decides for all, since all must gather.
+            if (conv or chunk_pos == chunk[0].shape[0]) and main_decides(
+                    resume.due(force=ft.checkpoint_every_s <= 0), ranks):
+                rank_streams = gather_objects(_rng_streams(), ranks)
+                if ranks.is_main:
+                    resume.save(snapshot_state(rank_streams))
     finally:
         bar.close()
     seconds = time.perf_counter() - started

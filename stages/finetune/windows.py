@@ -3,13 +3,14 @@ pooling the windows of a run of batches.
 
 ``Entry`` is one training image (or its mirror) with its foreground and background windows; ``draw_batches``
 draws the windows of the next batches as the released ``PrepareBatchData`` does; ``pool_draw`` pools them through
-a ``Pooler`` (the conv5 cache's, ``cached.py``, or the live backbone's, ``conv.py``) into one float16 buffer.
+a ``Pooler`` (the conv5 cache's, ``cached.py``, or the live backbone's, ``conv.py``) into one float16 buffer, or
+only a torchrun rank's rows of it (``rank_rows``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -137,25 +138,48 @@ def draw_batches(entries: list[Entry], n_batches: int, batch_size: int, fg_fract
                 batch_size=batch_size)
 
 
-# Pools a list of windows of one entry: (entry, boxes [n,4], scale choice "best" | "random", rng) -> [n, D].
-Pooler = Callable[[Entry, np.ndarray, str, np.random.Generator], torch.Tensor]
+class Pooler(Protocol):
+    """Pools windows of one entry: (entry, boxes [n,4], scale choice "best" | "random", rng) -> [n, D]. With
+    ``keep`` (a boolean mask over the boxes; only torchrun ranks pass it) it returns only the kept windows'
+    features, but still draws the random scales of all n, so that ``rng`` moves on as without ``keep``."""
+
+    def __call__(self, entry: Entry, boxes: np.ndarray, scale_choice: str, rng: np.random.Generator,
+                 keep: np.ndarray | None = None) -> torch.Tensor: ...
+
+
+def rank_rows(batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """The rows ``[lo, hi)`` of every batch that torchrun rank ``rank`` of ``world`` trains on (all in a plain run)."""
+    return rank * batch_size // world, (rank + 1) * batch_size // world
 
 
 def pool_draw(draw: Draw, entries: list[Entry], pooler: Pooler, dim: int, scale_choice: str,
-              rng: np.random.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+              rng: np.random.Generator, device: torch.device,
+              part: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool every drawn window into a float16 [n_batches * batch_size, dim] buffer (one pooler call per image,
-    images in index order so that the random scales are reproducible) and its int64 labels."""
+    images in index order so that the random scales are reproducible) and its int64 labels.
+
+    ``part`` (a torchrun rank's share): a boolean mask over the buffer rows; only those rows are pooled and
+    returned, in order, while the random scales are drawn for every window, so ``rng`` ends where the whole
+    draw leaves it and every rank pools its rows of the very batches one process would."""
     total = draw.n_batches * draw.batch_size
-    features = torch.empty((total, dim), dtype=torch.float16, device=device)
     labels = torch.empty(total, dtype=torch.int64)
     labels[torch.from_numpy(draw.rows)] = torch.from_numpy(draw.labels)
+    dest = draw.rows  # buffer row of each window
+    if part is not None:
+        labels = labels[torch.from_numpy(part)]
+        dest = (np.cumsum(part) - 1)[draw.rows]  # rows outside the part are never written
+    features = torch.empty((len(labels), dim), dtype=torch.float16, device=device)
     order = np.argsort(draw.entry, kind="stable")
     uniq, starts = np.unique(draw.entry[order], return_index=True)
     for e, a, b in zip(uniq, starts, [*starts[1:], len(order)]):
         sel = order[a:b]
-        pooled = pooler(entries[int(e)], draw.boxes[sel], scale_choice, rng)
+        if part is None:
+            pooled = pooler(entries[int(e)], draw.boxes[sel], scale_choice, rng)
+        else:  # called even when nothing is kept: the image's random scales are drawn all the same
+            keep = part[draw.rows[sel]]
+            pooled, sel = pooler(entries[int(e)], draw.boxes[sel], scale_choice, rng, keep=keep), sel[keep]
         if pooled.shape != (len(sel), dim):
             raise SppError(f"pooled features of image {entries[int(e)].image_id!r} have shape "
                            f"{tuple(pooled.shape)}, expected ({len(sel)}, {dim})")
-        features[torch.from_numpy(draw.rows[sel]).to(device)] = pooled.detach().to(device, torch.float16)
+        features[torch.from_numpy(dest[sel]).to(device)] = pooled.detach().to(device, torch.float16)
     return features, labels.to(device)

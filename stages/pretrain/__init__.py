@@ -21,7 +21,8 @@ epochs done and the final val accuracy in its meta) and the stage manifest.
 
 The code: this package's ``__init__`` is the stage (its plan, ``run`` and the epoch loop that writes the model);
 ``data.py`` holds the ImageFolder set, its transforms and loaders; ``training.py`` the model, optimiser, one
-epoch, validation and the resume checkpoint; ``ranks.py`` the torchrun rank context and the RNG states.
+epoch, validation and the resume checkpoint; ``ranks.py`` every rank's RNG states (the rank context itself is
+``stages.core.ranks``, shared with finetune).
 """
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ from ..core import nets
 from ..core.artifacts import CONV_LAYERS_PART, Run, StageResult, read_manifest, sha256_file, sha256_json
 from ..core.config import Config
 from ..core.errors import InputError, SppError
+from ..core.ranks import Ranks, join_ranks, leave_ranks
 from ..core.runner import Produced, StagePlan, execute
 from .data import (_epoch_generator, _image_tree, _loader, _tree_fingerprint, classification_root, epoch_size,
                    train_transform, val_transform)
-from .ranks import _gather_rng_states, _join_ranks, _Ranks, _seed_all, _set_rng_state
+from .ranks import _gather_rng_states, _seed_all, _set_rng_state
 from .training import (OPTIMIZERS, RESUME_FORMAT, UNTRAINED_FC8_CLASSES, _check_finite_weights,
                        _classification_loss, _load_resume, _torch_save_atomic, _train_epoch, build_model, epoch_lr,
                        evaluate, make_optimizer)
@@ -61,15 +63,14 @@ __all__ = [
 
 def run(cfg: Config) -> StageResult:
     """Train (or resume) and write ``model.pt`` + manifest; skipped when already done with this config/data."""
-    ranks = _join_ranks(cfg.device)
+    ranks = join_ranks(cfg.device)
     try:
         return _run(cfg, ranks)
     finally:
-        if ranks.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_ranks(ranks)
 
 
-def _run(cfg: Config, ranks: _Ranks) -> StageResult:
+def _run(cfg: Config, ranks: Ranks) -> StageResult:
     pc = cfg.pretrain
     run_dir = Run(cfg.run_dir)
     out_dir = run_dir.stage_dir(STAGE)
@@ -114,7 +115,7 @@ def _run(cfg: Config, ranks: _Ranks) -> StageResult:
     return result
 
 
-def _train(cfg: Config, ranks: _Ranks, config: dict, inputs: dict, trees: dict, out_dir: Path) -> Produced:
+def _train(cfg: Config, ranks: Ranks, config: dict, inputs: dict, trees: dict, out_dir: Path) -> Produced:
     pc = cfg.pretrain
     _seed_all(cfg.seed + ranks.rank)  # model init (rank 0's is broadcast by DDP), dropout, augmentation
     model, origin = build_model(cfg, list(trees["train"].classes) if trees else [])

@@ -18,8 +18,8 @@ from ..core.artifacts import atomic_write_bytes
 from ..core.config import CHOICES, Config
 from ..core.errors import SppError
 from ..core.logs import progress
+from ..core.ranks import Ranks, all_sum
 from .data import _unwrap_worker_error
-from .ranks import _all_sum, _Ranks
 
 log = logging.getLogger(__name__)
 RESUME_FORMAT = "sppnet-pretrain-resume/1"
@@ -129,7 +129,7 @@ def _check_finite_weights(model: nn.Module, epoch: int, kept: str) -> None:
 
 
 # -- training -----------------------------------------------------------------------------------------------------
-def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, ranks: _Ranks,
+def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, ranks: Ranks,
                  epoch: int, epochs: int, size: int, kept: str) -> tuple[float, float]:
     """One pass; returns (mean loss, accuracy) over all ranks. Stops on a non-finite loss before stepping."""
     model.train()
@@ -150,7 +150,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
         labels = labels.to(ranks.device, non_blocking=True)
         logits = model(images)
         loss = _classification_loss(logits, labels)
-        step = _all_sum([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)], ranks)
+        step = all_sum([loss.item() * len(labels), (logits.argmax(1) == labels).sum().item(), len(labels)], ranks)
         if not np.isfinite(step[0]):
             raise SppError(f"non-finite training loss ({step[0] / step[2]}) at epoch {epoch}, iteration "
                            f"{iteration}/{len(loader)}; {kept}; lower pretrain.lr or check the data")
@@ -164,7 +164,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, ranks: _Ranks) -> tuple[float, float]:
+def evaluate(model: nn.Module, loader: DataLoader, ranks: Ranks) -> tuple[float, float]:
     """(mean loss, top-1 accuracy) over the whole val set, each rank scoring its own disjoint shard."""
     model.eval()
     loss_sum = correct = seen = 0.0
@@ -178,5 +178,5 @@ def evaluate(model: nn.Module, loader: DataLoader, ranks: _Ranks) -> tuple[float
             seen += len(labels)
     except SppError as err:
         raise _unwrap_worker_error(err) from None
-    loss_sum, correct, seen = _all_sum([loss_sum, correct, seen], ranks)
+    loss_sum, correct, seen = all_sum([loss_sum, correct, seen], ranks)
     return loss_sum / max(seen, 1), correct / max(seen, 1)

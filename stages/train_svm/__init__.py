@@ -3,7 +3,9 @@
 The released algorithm [S:spp_train.m, the same as R:rcnn_train.m]:
 
 - Features (``fcfeatures``): pool5 / fc6 / fc7 / ftfc6 / ftfc7 of each window at its best scale, multiplied by
-  ``20 / mean_norm`` (mean L2 norm over <= 200 random images x <= 200 random windows, seed 3).
+  ``20 / mean_norm`` (mean L2 norm over <= 200 random images x <= 200 random windows, seed 3). With
+  ``detect.fc_compression`` set, fc features come from the compressed fc6/fc7 that detect uses too
+  (``core/fccompress.py``), and the setting is part of the stage's config record.
 - Positives: the class's GT boxes, difficult ones included. Negatives: every row (proposals and other classes'
   GT) whose IoU with all of the class's GT is < 0.3.
 - Negative pruning (``svm.pruning``): "dedup" (code: one window per unique (conv5 cell rectangle, scale); the
@@ -34,7 +36,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..core import fcfeatures
+from ..core import fccompress, fcfeatures
 from ..core.artifacts import Run, StageResult
 from ..core.errors import SppError
 from ..core.fcfeatures import training_images
@@ -126,13 +128,16 @@ def _config_record(cfg, feature: str, one_scale: bool, scales: tuple[int, ...]) 
     svm = {k: v for k, v in cfg.section("svm").items() if k != "workers"}  # workers do not change results
     return {"feature": feature, "one_scale": one_scale, "scales": list(scales), "train_split": cfg.data.train_split,
             "svm": svm, "scale_rule": cfg.features.scale_rule, "pyramid": list(cfg.model.pyramid),
-            "backbone": cfg.model.backbone, "seed": cfg.seed}
+            "backbone": cfg.model.backbone, "seed": cfg.seed,
+            # fc features of compressed fc6/fc7 (detect.fc_compression): recorded only when in use
+            **fccompress.compression_record(cfg.detect, uses_fc=bool(fcfeatures.required_nets(feature)))}
 
 
 def _summary(metrics: dict) -> str:
-    lines = [f"SVMs on {metrics['feature']} ({metrics['images']} images, scales {metrics['scales']}, "
-             f"pruning {metrics['pruning']}); feature scale {metrics['feature_scale']:.4f} "
-             f"(mean norm {metrics['mean_norm']:.3f})",
+    compressed = metrics.get("fc_compression")  # detect.fc_compression, when the features used it
+    lines = [f"SVMs on {metrics['feature']}{f' (fc6/fc7 {compressed})' if compressed else ''} ({metrics['images']} "
+             f"images, scales {metrics['scales']}, pruning {metrics['pruning']}); feature scale "
+             f"{metrics['feature_scale']:.4f} (mean norm {metrics['mean_norm']:.3f})",
              f"{'class':>14} {'pos':>6} {'neg fit':>8} {'cache':>7} {'rounds':>6} {'objective':>10}  converged"]
     for name, c in metrics["classes"].items():
         objective = "-" if c["objective"] is None else f"{c['objective']:.4f}"
@@ -213,7 +218,8 @@ def _train(cfg, run_dir: Run, dataset: VocDataset, inputs: dict, feature: str, s
     save_svm_model(out_dir / SVM_FILE, model)
 
     metrics = {"feature": feature, "scales": list(scales), "pruning": cfg.svm.pruning, "images": len(image_ids),
-               "dim": int(miner.dim), "feature_scale": scale, "mean_norm": mean_norm, "classes": {}}
+               "dim": int(miner.dim), "feature_scale": scale, "mean_norm": mean_norm, "classes": {},
+               **fccompress.compression_record(cfg.detect, uses_fc=bool(nets))}
     for name, cache_k, trained in zip(classes, miner.caches, miner.trained):
         last = cache_k.retrains[-1] if cache_k.retrains else None
         metrics["classes"][name] = {

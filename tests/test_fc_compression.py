@@ -1,0 +1,300 @@
+"""detect.fc_compression: Fast R-CNN's truncated SVD of fc6/fc7 and dynamic int8 fc layers (core/fccompress.py),
+shared by train-svm, detect and bench; what their results depend on; bench's fc variants side by side."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from stages import bench, detect, train_svm
+from stages.core import fccompress, nets
+from stages.core.config import Config, build_config
+from stages.core.errors import SppError
+from stages.core.fccompress import Int8Linear, LowRankLinear
+
+
+def _linear(in_features: int, out_features: int, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(in_features, out_features)
+    nn.init.normal_(layer.bias, 0.0, 0.1)
+    return layer
+
+
+def _head(fc_dim: int = 48, seed: int = 0) -> nets.SppHead:
+    """A small head (16 channels x (1 + 4) bins = 80 inputs) with weights wide enough for non-trivial features."""
+    torch.manual_seed(seed)
+    head = nets.SppHead(16, (1, 2), fc_dim=fc_dim, num_classes=5).eval()
+    for layer in (head.fc6, head.fc7):
+        nn.init.normal_(layer.weight, 0.0, 0.05)
+    return head
+
+
+def _with(cfg: Config, **detect_settings) -> Config:
+    return dataclasses.replace(cfg, detect=dataclasses.replace(cfg.detect, **detect_settings))
+
+
+# ------------------------------------------------------------------------------------------------ truncated SVD
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])  # out <= in (fc6, fc7) and out > in
+def test_svd_factors_at_full_rank_reproduce_the_weights(shape):
+    weight = _linear(shape[1], shape[0]).weight.detach().double()
+    reduce, expand = fccompress.low_rank_factors(weight, min(shape))
+    torch.testing.assert_close(expand @ reduce, weight, rtol=0, atol=1e-12)
+    # A rank at or above the smaller side leaves the layer as it is (a copy).
+    layer = _linear(shape[1], shape[0])
+    kept = fccompress.truncated_svd(layer, min(shape))
+    assert type(kept) is nn.Linear and kept is not layer
+    assert torch.equal(kept.weight, layer.weight) and torch.equal(kept.bias, layer.bias)
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_svd_at_rank_r_is_numpys_truncated_svd(shape):
+    """W ~ U_r S_r V_r^T by numpy's SVD in float64; the two layers are S_r V_r^T (no bias) then U_r (the bias)."""
+    rank = 7
+    layer = _linear(shape[1], shape[0], seed=3)
+    weight = layer.weight.detach().double().numpy()
+    u, s, vt = np.linalg.svd(weight, full_matrices=False)
+    truncated = (u[:, :rank] * s[:rank]) @ vt[:rank]
+    low = fccompress.truncated_svd(layer, rank)
+    assert isinstance(low, LowRankLinear) and low.rank == rank
+    assert (low.in_features, low.out_features) == (shape[1], shape[0])
+    assert low.reduce.bias is None and torch.equal(low.expand.bias, layer.bias)
+    product = (low.expand.weight.double() @ low.reduce.weight.double()).detach().numpy()
+    np.testing.assert_allclose(product, truncated, rtol=0, atol=1e-6)
+    x = torch.randn(10, shape[1])
+    expected = x.double().numpy() @ truncated.T + layer.bias.detach().double().numpy()
+    np.testing.assert_allclose(low(x).detach().double().numpy(), expected, rtol=0, atol=1e-5)
+    if shape[0] <= shape[1]:  # Fast R-CNN's split: S_r V_r^T then U_r (each singular vector up to its sign)
+        signs = np.sign(np.sum(low.expand.weight.detach().double().numpy() * u[:, :rank], axis=0))
+        np.testing.assert_allclose(low.expand.weight.detach().numpy() * signs, u[:, :rank], atol=1e-6)
+        np.testing.assert_allclose(low.reduce.weight.detach().numpy() * signs[:, None], s[:rank, None] * vt[:rank],
+                                   atol=1e-6)
+
+
+def test_svd_head_compresses_fc6_fc7_only_and_keeps_the_interface():
+    head = _head()
+    pooled = torch.relu(torch.randn(30, head.in_features))
+    small = fccompress.compress_head(head, "svd", (20, 10))
+    assert isinstance(small.fc6, LowRankLinear) and isinstance(small.fc7, LowRankLinear)
+    assert (small.fc6.rank, small.fc7.rank) == (20, 10) and small.in_features == head.in_features
+    assert type(small.fc8) is nn.Linear and torch.equal(small.fc8.weight, head.fc8.weight)
+    with torch.inference_mode():
+        for layer, width in (("fc6", 48), ("fc7", 48), ("softmax", 5)):
+            assert small.features(pooled, layer).shape == (30, width)
+        assert small(pooled).shape == (30, 5)
+        # fc6 alone: its own truncated SVD, by hand
+        fc6 = fccompress.truncated_svd(head.fc6, 20)
+        torch.testing.assert_close(small.features(pooled, "fc6"), torch.relu(fc6(pooled)))
+    # svd + bfloat16: the compressed layers in bfloat16, close to the float32 svd head
+    small16 = fccompress.compress_head(head, "svd", (20, 10), torch.bfloat16)
+    assert small16.input_dtype == torch.bfloat16 and small.input_dtype == torch.float32
+    with torch.inference_mode():
+        exact, fast = small.features(pooled, "fc7"), small16.features(pooled.bfloat16(), "fc7").float()
+    assert (fast - exact).abs().max() / exact.abs().max() < 2e-2
+
+
+# ------------------------------------------------------------------------------------------------ int8
+def test_int8_head_is_close_to_float32():
+    head = _head(fc_dim=128)
+    pooled = torch.relu(torch.randn(256, head.in_features))
+    small = fccompress.compress_head(head, "int8")
+    assert isinstance(small.fc6, Int8Linear) and isinstance(small.fc7, Int8Linear)
+    assert type(small.fc8) is nn.Linear and small.input_dtype == torch.float32
+    assert fccompress.layer_summary(small)["fc7"] == {"in": 128, "out": 128, "rank": None, "int8": True}
+    with torch.inference_mode():
+        exact, fast = head.features(pooled, "fc7"), small.features(pooled, "fc7")
+    assert fast.dtype == torch.float32
+    relative = float((fast - exact).norm() / exact.norm())
+    assert 0 < relative < 2e-2  # 8-bit weights and (7-bit range) activations: ~1.5% here
+
+
+def test_int8_refuses_bfloat16_and_other_devices_in_one_line():
+    with pytest.raises(SppError, match="takes float32 input") as err:
+        fccompress.compress_head(_head(), "int8", dtype=torch.bfloat16)
+    assert "\n" not in str(err.value)
+    with pytest.raises(SppError, match="CPU only"):
+        fccompress.check_combination("int8", torch.float32, "cuda")
+    fccompress.check_combination("svd", torch.bfloat16, "cuda")  # fine
+    with pytest.raises(SppError, match="unknown fc compression"):
+        fccompress.compress_head(_head(), "fp8")
+
+
+@pytest.mark.parametrize("compression", ["none", "svd", "int8"])
+def test_the_original_head_is_untouched(compression):
+    head = _head().train()
+    before = {name: tensor.clone() for name, tensor in head.state_dict().items()}
+    types = {name: type(module) for name, module in head.named_modules()}
+    compressed = fccompress.compress_head(head, compression, (20, 10))
+    assert compressed is not head and not compressed.training and head.training
+    assert {name: type(module) for name, module in head.named_modules()} == types
+    after = head.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ------------------------------------------------------------------------------------------------ config, records
+@pytest.mark.parametrize("overrides, message", [
+    ({"detect.fc_compression": "zip"}, "config detect.fc_compression: 'zip' is not one of none, svd, int8"),
+    ({"detect.fc_svd_ranks": [0, 4]}, "config detect.fc_svd_ranks: [0, 4] must be positive ranks (fc6, fc7)"),
+    ({"detect.fc_svd_ranks": [8]}, "config detect.fc_svd_ranks: expected 2 values"),
+    ({"detect.fc_compression": "int8", "detect.fc_dtype": "bfloat16"},
+     "config detect.fc_compression: 'int8' takes float32 input, not detect.fc_dtype 'bfloat16'"),
+])
+def test_config_errors_are_one_line_naming_the_key(overrides, message):
+    with pytest.raises(SppError) as err:
+        build_config(None, overrides)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_config_defaults_and_combinations():
+    cfg = Config().detect
+    assert (cfg.fc_compression, cfg.fc_svd_ranks) == ("none", (1024, 256))
+    assert build_config(None, {"detect.fc_compression": "svd", "detect.fc_dtype": "bfloat16",
+                               "detect.fc_svd_ranks": [64, 32]}).detect.fc_svd_ranks == (64, 32)
+    assert fccompress.FC_COMPRESSIONS == ("none", "svd", "int8")
+
+
+def test_what_the_records_hold():
+    cfg = Config()
+    assert fccompress.compression_record(cfg.detect) == {}
+    svd = _with(cfg, fc_compression="svd", fc_svd_ranks=(64, 32))
+    assert fccompress.compression_record(svd.detect) == {"fc_compression": "svd", "fc_svd_ranks": [64, 32]}
+    assert fccompress.compression_record(svd.detect, uses_fc=False) == {}  # pool5 features
+    assert fccompress.compression_record(_with(cfg, fc_compression="int8").detect) == {"fc_compression": "int8"}
+    # Without compression, detect's record is the section as it was recorded before the setting existed.
+    old = {k: v for k, v in cfg.section("detect").items() if k not in ("fc_compression", "fc_svd_ranks")}
+    assert fccompress.detect_record(cfg.detect) == old
+    assert fccompress.detect_record(svd.detect) == old | {"fc_compression": "svd", "fc_svd_ranks": [64, 32]}
+    # ranks mean nothing without svd: they change no record
+    assert fccompress.detect_record(_with(cfg, fc_svd_ranks=(8, 8)).detect) == old
+
+
+def test_train_svm_and_detect_depend_on_the_setting(tmp_path):
+    """SVMs trained on compressed features and detections made with them are other results: the stages rerun,
+    with the setting in their config record, and what is downstream goes stale; "none" gives the old record."""
+    from test_train_svm import build_tiny_run
+
+    cfg, _ = build_tiny_run(tmp_path, **{"detect.bbox": False})
+    svd = _with(cfg, fc_compression="svd", fc_svd_ranks=(8, 4))
+    svm0 = train_svm.run(cfg, "ftfc7", one_scale=True)
+    det0 = detect.run(cfg, "trainval", "ftfc7", one_scale=True)
+    assert "fc_compression" not in svm0.manifest.data["config"]
+    assert "fc_compression" not in det0.manifest.data["config"]["detect"]
+
+    # detect with svd on SVMs trained on exact features (Fast R-CNN: no retraining): reruns, same SVM input
+    det1 = detect.run(svd, "trainval", "ftfc7", one_scale=True)
+    assert not det1.skipped and det1.manifest.fingerprint != det0.manifest.fingerprint
+    assert det1.manifest.data["config"]["detect"]["fc_svd_ranks"] == [8, 4]
+    assert det1.manifest.data["inputs"]["svm"] == det0.manifest.data["inputs"]["svm"]
+    assert detect.run(svd, "trainval", "ftfc7", one_scale=True).skipped
+
+    # train-svm with svd: reruns on the compressed features; detect's SVM input has changed, so it reruns too
+    svm1 = train_svm.run(svd, "ftfc7", one_scale=True)
+    assert not svm1.skipped and svm1.manifest.fingerprint != svm0.manifest.fingerprint
+    assert svm1.manifest.data["config"]["fc_compression"] == "svd" and svm1.manifest.metrics["fc_svd_ranks"] == [8, 4]
+    assert "(fc6/fc7 svd)" in svm1.summary
+    assert not detect.run(svd, "trainval", "ftfc7", one_scale=True).skipped
+    int8 = _with(cfg, fc_compression="int8")
+    assert not train_svm.run(int8, "ftfc7", one_scale=True).skipped
+    det_int8 = detect.run(int8, "trainval", "ftfc7", one_scale=True)
+    assert det_int8.manifest.data["config"]["detect"]["fc_compression"] == "int8"
+    assert len(np.load(det_int8.manifest.output("detections"))["score"]) > 0
+
+    # pool5 SVMs use no fc layer: the setting is not theirs
+    pool5 = train_svm.run(cfg, "pool5", one_scale=True)
+    assert train_svm.run(svd, "pool5", one_scale=True).skipped and "fc_compression" not in pool5.manifest.data["config"]
+    # back to exact: the record made before the setting existed
+    again = train_svm.run(cfg, "ftfc7", one_scale=True)
+    assert not again.skipped and again.manifest.data["config"] == svm0.manifest.data["config"]
+
+
+def test_scoring_and_train_svm_load_compressed_heads(tmp_path):
+    from stages.core import fcfeatures
+    from stages.core.artifacts import Run
+    from stages.core.scoring import Scorer
+    from test_train_svm import build_tiny_run
+
+    cfg, _ = build_tiny_run(tmp_path, **{"detect.bbox": False})
+    run = Run(cfg.run_dir)
+    exact, _ = fcfeatures.load_feature_nets(run, "ftfc7", cfg, "cpu")
+    svd, _ = fcfeatures.load_feature_nets(run, "ftfc7", _with(cfg, fc_compression="svd", fc_svd_ranks=(8, 4)), "cpu")
+    int8, _ = fcfeatures.load_feature_nets(run, "ftfc7", _with(cfg, fc_compression="int8"), "cpu")
+    assert type(exact["finetuned"].head.fc7) is nn.Linear
+    assert svd["finetuned"].head.fc7.rank == 4 and isinstance(int8["finetuned"].head.fc7, Int8Linear)
+    pooled = torch.relu(torch.randn(40, exact["finetuned"].head.in_features))
+    reference = fcfeatures.head_features(pooled, "ftfc7", exact)
+    for nets_by_kind, limit in ((svd, 1.0), (int8, 3e-2)):
+        features = fcfeatures.head_features(pooled, "ftfc7", nets_by_kind)
+        assert features.shape == reference.shape and features.dtype == torch.float32
+        assert 0 < float((features - reference).norm() / reference.norm()) < limit
+    assert fcfeatures.head_features(pooled[:0], "ftfc7", int8).shape == (0, 32)
+    train_svm.run(cfg, "ftfc7", one_scale=True)
+    scorer = Scorer(_with(cfg, fc_compression="svd", fc_svd_ranks=(8, 4), fc_dtype="bfloat16"), run, "ftfc7",
+                    True, False, torch.device("cpu"))
+    head = scorer.nets["finetuned"].head
+    assert head.fc6.rank == 8 and head.input_dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def _bench_cfg(tmp_path, **extra):
+    overrides = {"runs_root": str(tmp_path / "runs"), "run": "bench", "data.dataset": "voc2007",
+                 "data.voc_root": str(tmp_path / "no_dataset"), "features.scales": [64, 80, 96],
+                 "features.one_scale": 80, "model.fc_dim": 64, "device": "cpu"}
+    return build_config(None, overrides | extra)
+
+
+def test_bench_reports_every_fc_variant(tmp_path):
+    cfg = _bench_cfg(tmp_path, **{"detect.fc_compression": "svd", "detect.fc_svd_ranks": [16, 8]})
+    out = tmp_path / "bench.json"
+    text = bench.run(cfg, n_images=2, windows=50, repeats=1, json_out=out, rcnn_windows=8, rcnn_input_size=64,
+                     synth_hw=(90, 120), matmul_shape=(128, 128, 128), threads=1, fc_dtype="bfloat16")
+    results = json.loads(out.read_text())
+    assert (results["fc_compression"], results["fc_svd_ranks"], results["fc_dtype"]) == ("svd", [16, 8], "bfloat16")
+    assert results["fc_layers"]["fc6"]["rank"] == 16 and results["fc_layers"]["fc7"]["rank"] == 8
+    # every mode ran the selected svd head: its FLOPs per window
+    svd_flops = 2 * (12800 * 16 + 16 * 64 + 64 * 8 + 8 * 64)
+    spp1 = results["modes"]["spp_1scale"]
+    assert spp1["flops"]["fc"] == pytest.approx(spp1["unique_windows"] * svd_flops)
+    compared = results["fc_variants"]
+    variants = compared["variants"]
+    assert set(variants) == {"float32", "bfloat16", "svd", "int8", "svd+bfloat16"}
+    assert compared["selected"] == "svd+bfloat16" and compared["windows_per_image"] == 50 and compared["images"] == 2
+    exact_flops = 2 * (12800 * 64 + 64 * 64)
+    for name, data in variants.items():
+        assert data["seconds"] > 0 and data["speedup"] > 0, name
+        assert data["flops_per_window"] == pytest.approx(svd_flops if name.startswith("svd") else exact_flops), name
+        assert 0 <= data["top1_agreement"] <= 1
+    reference = variants["float32"]
+    assert reference["speedup"] == 1.0 and reference["fc7_max_rel_diff"] == reference["score_max_rel_diff"] == 0.0
+    assert 0 < variants["bfloat16"]["fc7_max_rel_diff"] < 2e-2
+    assert 0 < variants["int8"]["fc7_mean_rel_diff"] < 5e-2 and variants["int8"]["layers"]["fc6"]["int8"]
+    assert variants["svd"]["fc7_mean_rel_diff"] > variants["int8"]["fc7_mean_rel_diff"]  # rank 8 of 64: far
+    assert "fc6+fc7 variants" in text and "svd+bfloat16 *" in text and "truncated SVD (ranks fc6/fc7 16/8)" in text
+
+
+def test_bench_refuses_int8_in_bfloat16_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "bench_inputs", lambda *a, **k: pytest.fail("inputs made before the check"))
+    with pytest.raises(SppError, match="int8"):
+        bench.run(_bench_cfg(tmp_path, **{"detect.fc_compression": "int8"}), n_images=1, windows=5, repeats=1,
+                  fc_dtype="bfloat16")
+
+
+def test_the_cli_options_reach_bench_train_svm_and_detect(monkeypatch, tmp_path):
+    from sppcli.cli import cli
+
+    seen = {}
+    monkeypatch.setattr(bench, "run", lambda cfg, **kwargs: seen.update(cfg=cfg) or "report")
+    result = CliRunner().invoke(cli, ["bench", "--runs-root", str(tmp_path), "--fc-compression", "svd",
+                                      "--fc-svd-ranks", "512,128"])
+    assert result.exit_code == 0, result.output
+    assert (seen["cfg"].detect.fc_compression, seen["cfg"].detect.fc_svd_ranks) == ("svd", (512, 128))
+    bad = CliRunner().invoke(cli, ["bench", "--runs-root", str(tmp_path), "--fc-svd-ranks", "512"])
+    assert bad.exit_code == 2 and "expected two ranks FC6,FC7" in bad.output
+    bad = CliRunner().invoke(cli, ["bench", "--runs-root", str(tmp_path), "--fc-svd-ranks", "0,4"])
+    assert bad.exit_code == 1 and "config detect.fc_svd_ranks: [0, 4] must be positive" in bad.output
+    for command in ("train-svm", "detect", "bench"):
+        text = " ".join(CliRunner().invoke(cli, [command, "--help"]).output.split())
+        assert "--fc-compression [none|svd|int8]" in text and "--fc-svd-ranks FC6,FC7" in text, command
