@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from sppcli import STARTED
 from stages.core.config import CHOICES, DATASETS, PRESET_DIR
 from stages.core.errors import SppError, disk_full_message
 from stages.core.registry import CONV_SOURCES, DEFAULT_RUNS_ROOT, FEATURES, SCORERS
@@ -493,7 +494,8 @@ def detect(paths, feature, one_scale, split, bbox, image_options, out, score_thr
     OUT/<id>_detections.jpg  each image drawn (<id>: its file stem, made unique with _2, _3, ...)
     OUT/detections.json      {"format", "box_convention", "run", "feature", "classes", "score_thresh", ...,
                               "complete", "images": [{"image", "id", "drawn", "width", "height",
-                              "detections": [{"class", "score", "box": [x1, y1, x2, y2]}]}], "skipped"}
+                              "detections": [{"class", "score", "box": [x1, y1, x2, y2]}]}], "skipped",
+                              "profile": seconds per phase (docs/pipeline.md)}
     Boxes are float pixel coordinates, 0-based from the image's top-left corner (EXIF orientation applied),
     x1/y1 inclusive and x2/y2 exclusive (width = x2 - x1), highest score first.
     """
@@ -507,7 +509,8 @@ def detect(paths, feature, one_scale, split, bbox, image_options, out, score_thr
         from stages import detect as stage
 
         cfg = _config(**common, extra={"detect.bbox": bbox, **_fc_overrides(fc_compression, fc_svd_ranks)})
-        _report(stage.run(cfg, split or cfg.data.test_split, feature=feature, one_scale=one_scale))
+        _report(stage.run(cfg, split or cfg.data.test_split, feature=feature, one_scale=one_scale,
+                          started=STARTED))
         return
     if split:
         raise click.UsageError("--split and --images (or PATHS) cannot go together: detect on a split or on images")
@@ -517,7 +520,8 @@ def detect(paths, feature, one_scale, split, bbox, image_options, out, score_thr
 
     cfg = _config(**common, extra={"detect.bbox": bbox, **_fc_overrides(fc_compression, fc_svd_ranks)})
     detector = Detector(cfg, feature=feature, bbox=cfg.detect.bbox, one_scale=one_scale, score_thresh=score_thresh)
-    _report(detect_images(detector, images, Path(out), comp4=comp4_name, skip_bad=skip_bad or cfg.data.skip_bad))
+    _report(detect_images(detector, images, Path(out), comp4=comp4_name, skip_bad=skip_bad or cfg.data.skip_bad,
+                          started=STARTED))
 
 
 @cli.command("eval")
@@ -599,8 +603,9 @@ def report(out, **common):
 @_errors_as_one_line
 def bench(backbone, n_images, images_alias, windows, repeats, json_out, fc_dtype, threads, clock, fc_compression,
           fc_svd_ranks, **common):
-    """Time R-CNN mode vs SPP 1-scale vs SPP 5-scale per image (conv, pool, fc), with FLOP rates; then fc6+fc7 in
-    float32, bfloat16, svd and int8 side by side on the same windows (speed-up, distance to float32)."""
+    """Time R-CNN mode vs SPP 1-scale vs SPP 5-scale per image (conv, pool, fc), with FLOP rates. Every mode also
+    runs fc6+fc7 in float32, bfloat16, svd and int8 on its own windows in the same runs: per variant SPP and R-CNN
+    totals and their ratio, fc rate against the matmul peak of its own type, distance to float32."""
     from stages import bench as stage
 
     if images_alias is not None:

@@ -2,7 +2,8 @@
 
 Inputs: proposals and conv5 features of the split, the SVMs of a variant (and its box regressors), the nets that
 the variant's features need. Outputs: ``06_detect/<tag>/comp4_det_<split>_<class>.txt`` (devkit format) and
-``detections.npz`` (every kept detection: image index, class, score, box in sppnet's convention).
+``detections.npz`` (every kept detection: image index, class, score, box in sppnet's convention); the manifest's
+metrics hold the run's ``profile`` (``core.timing``: seconds per phase, start-up to writing).
 The scoring itself is ``core.scoring.Scorer``; ``stages.detector`` applies the same to any image
 (``spp detect --images``).
 """
@@ -22,18 +23,25 @@ from .core.proposals import load_proposals
 from .core.registry import detect_tag
 from .core.runner import Produced, StagePlan, execute
 from .core.scoring import Scorer
+from .core.timing import PhaseTimer, profile, profile_line
 from .core.voc import write_comp4
 
 
-def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> StageResult:
+def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False, started: float | None = None
+        ) -> StageResult:
+    """``started``: ``time.perf_counter()`` at process start (the CLI's), where the profile's start-up begins;
+    default now."""
     from .core.features import cache_of
 
+    started = time.perf_counter() if started is None else started
     run_dir = Run(cfg.run_dir)
     device = resolve_device(cfg.device)
+    timer = PhaseTimer(device)
     n_scales = len(cfg.features.scales)
     use_bbox = bool(cfg.detect.bbox)
     tag = detect_tag(split, feature, one_scale, n_scales, use_bbox)
-    scorer = Scorer(cfg, run_dir, feature, one_scale, use_bbox, device)
+    with timer("load"):
+        scorer = Scorer(cfg, run_dir, feature, one_scale, use_bbox, device)
     proposals_manifest = run_dir.require("proposals", split)
     features_manifest = fcfeatures.features_manifest(run_dir, split, feature)
     inputs = {"proposals": proposals_manifest, "features": features_manifest, **scorer.net_manifests}
@@ -47,34 +55,43 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False) -> Sta
     plan = StagePlan("detect", tag, config, inputs, {"comp4_dir": "comp4", "detections": "detections.npz"})
 
     def detect(out_dir: Path) -> Produced:
-        proposals = load_proposals(run_dir, split)
-        cache = cache_of(features_manifest)
+        with timer("load"):
+            proposals = load_proposals(run_dir, split)
+            cache = cache_of(features_manifest)
         classes = scorer.models.classes
         per_class: list[list] = [[] for _ in classes]
         rows = []
         image_ids = proposals.image_ids
         start = time.perf_counter()
+        timer.add("startup", start - started - timer.seconds["load"])
         with torch.inference_mode():
             for image_index, image_id in enumerate(progress(image_ids, desc=f"detect {tag}", unit="img", leave=False)):
-                height, width = cache.image_hw(image_id)
-                dets = scorer.score(cache, image_id, proposals.boxes(image_id), (width, height))
-                for k, (kept_boxes, kept_scores) in enumerate(dets):
-                    for box, score in zip(kept_boxes, kept_scores):
-                        per_class[k].append((image_id, float(score), box))
-                        rows.append((image_index, k, float(score), *box))
-        for k, name in enumerate(classes):
-            write_comp4(out_dir / "comp4", split, name, per_class[k])
-        table = np.array(rows, dtype=np.float64).reshape(-1, 7)
-        _save_npz(out_dir / "detections.npz", image_ids=np.array(image_ids), classes=np.array(classes),
-                  image_index=table[:, 0].astype(np.int64), label=table[:, 1].astype(np.int64), score=table[:, 2],
-                  boxes=table[:, 3:7])
-        seconds = time.perf_counter() - start
+                with timer("read"):
+                    height, width = cache.image_hw(image_id)
+                    boxes = proposals.boxes(image_id)
+                dets = scorer.score(cache, image_id, boxes, (width, height), timer=timer)
+                with timer("write"):  # collected here, written below
+                    for k, (kept_boxes, kept_scores) in enumerate(dets):
+                        for box, score in zip(kept_boxes, kept_scores):
+                            per_class[k].append((image_id, float(score), box))
+                            rows.append((image_index, k, float(score), *box))
+        with timer("write"):
+            for k, name in enumerate(classes):
+                write_comp4(out_dir / "comp4", split, name, per_class[k])
+            table = np.array(rows, dtype=np.float64).reshape(-1, 7)
+            _save_npz(out_dir / "detections.npz", image_ids=np.array(image_ids), classes=np.array(classes),
+                      image_index=table[:, 0].astype(np.int64), label=table[:, 1].astype(np.int64),
+                      score=table[:, 2], boxes=table[:, 3:7])
+        end = time.perf_counter()
+        seconds = end - start
         return Produced({"images": len(image_ids), "detections": int(len(table)), "seconds": seconds,
-                         "images_per_s": len(image_ids) / max(seconds, 1e-9), "device": str(device)})
+                         "images_per_s": len(image_ids) / max(seconds, 1e-9), "device": str(device),
+                         "profile": profile(timer, len(image_ids), end - started)})
 
     def describe(m: dict) -> str:
-        return (f"detect {tag}: {m['detections']} detections on {m['images']} images ({m['images_per_s']:.2f} "
+        line = (f"detect {tag}: {m['detections']} detections on {m['images']} images ({m['images_per_s']:.2f} "
                 f"img/s, {m['device']}) -> {run_dir.stage_dir('detect', tag) / 'comp4'}")
+        return f"{line}\n{profile_line(m['profile'])}" if "profile" in m else line
 
     return execute(run_dir, plan, detect, describe=describe, cfg=cfg)
 

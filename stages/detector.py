@@ -37,6 +37,7 @@ from .core.proposals import selective_search
 from .core.registry import DEFAULT_RUNS_ROOT, SCORERS
 from .core.runner import make_writable_folder
 from .core.scoring import LiveMaps, Scorer
+from .core.timing import PhaseTimer, no_timer, profile, profile_line
 from .core.voc import load_image_rgb, write_comp4
 
 log = logging.getLogger(__name__)
@@ -173,18 +174,20 @@ class Detector:
     (``spp train-svm --feature F [--one-scale]``, ``spp train-bbox [--one-scale]``); if not, the SppError names
     the command. ``score_thresh``: keep detections scoring above it (default ``default_score_thresh(feature)``:
     0.0 for SVM scores, 0.5 for softmax probabilities). Then per-class NMS and ``detect.max_per_image`` as in the
-    run's config."""
+    run's config. ``load_seconds``: how long loading the models took (the profile's "load" phase)."""
 
     def __init__(self, cfg, *, feature: str = "ftfc7", bbox: bool = True, one_scale: bool = True,
                  device: str | torch.device | None = None, score_thresh: float | None = None):
         if feature not in SCORERS:
             raise SppError(f"unknown feature {feature!r} (known: {', '.join(SCORERS)})")
+        started = time.perf_counter()
         self.cfg = cfg
         self.feature, self.one_scale, self.bbox = feature, bool(one_scale), bool(bbox)
         self.device = resolve_device(cfg.device) if device is None else resolve_device(str(device))
         self.score_thresh = default_score_thresh(feature) if score_thresh is None else float(score_thresh)
         self.scorer = Scorer(cfg, Run(cfg.run_dir), feature, self.one_scale, self.bbox, self.device)
         self.backbone = self.scorer.conv_backbone()
+        self.load_seconds = time.perf_counter() - started  # the profile's "load" phase (detect_images)
 
     @classmethod
     def from_run(cls, run: str | os.PathLike, runs_root: str | os.PathLike | None = None, *, feature: str = "ftfc7",
@@ -226,17 +229,22 @@ class Detector:
         """``detect`` on each image in turn (the models stay loaded)."""
         return [self.detect(image, score_thresh=score_thresh) for image in images]
 
-    def detect_pixels(self, pixels: np.ndarray, source: str | None = None, *,
-                      score_thresh: float | None = None) -> Detections:
-        """Detections of an RGB uint8 array [H, W, 3] taken as it is (``detect`` reads and orients inputs)."""
+    def detect_pixels(self, pixels: np.ndarray, source: str | None = None, *, score_thresh: float | None = None,
+                      timer: PhaseTimer | None = None) -> Detections:
+        """Detections of an RGB uint8 array [H, W, 3] taken as it is (``detect`` reads and orients inputs).
+        ``timer`` (a ``core.timing.PhaseTimer``) counts where the time goes: "selective_search", "conv", then
+        ``Scorer.score``'s phases."""
+        phase = timer or no_timer
         pixels, _ = read_image(np.asarray(pixels))  # checks the array's type and shape
         thresh = self.score_thresh if score_thresh is None else float(score_thresh)
         height, width = pixels.shape[:2]
-        # The seed makes selective search's ranking, and so the result, identical for identical pixels.
-        windows = selective_search(pixels, self.cfg.proposals, seed=self.cfg.seed)
+        with phase("selective_search"):
+            # The seed makes selective search's ranking, and so the result, identical for identical pixels.
+            windows = selective_search(pixels, self.cfg.proposals, seed=self.cfg.seed)
         with torch.inference_mode():
-            live = LiveMaps(self.backbone, self.scales, pixels, self.device)
-            per_class = self.scorer.score(live, "image", windows, (width, height), score_thresh=thresh)
+            with phase("conv"):
+                live = LiveMaps(self.backbone, self.scales, pixels, self.device)
+            per_class = self.scorer.score(live, "image", windows, (width, height), score_thresh=thresh, timer=timer)
         return _detections(per_class, self.classes, width, height, source)
 
     def describe(self) -> dict:
@@ -346,16 +354,24 @@ def _log_warning(message: str) -> None:
 
 def detect_images(detector: Detector, inputs: Sequence[str | os.PathLike], out: str | Path, *,
                   comp4: str | None = None, skip_bad: bool = False,
-                  warn: Callable[[str], None] | None = None) -> StageResult:
+                  warn: Callable[[str], None] | None = None, started: float | None = None) -> StageResult:
     """``spp detect --images``: every image of ``inputs`` (see ``expand_image_paths``) through ``detector``.
 
     Writes into ``out``, atomically: ``<id>_detections.jpg`` per image (``output_ids``) and ``detections.json``
     (``{"format", "box_convention", "run", "feature", ..., "complete", "images": [{"image", "id", "drawn",
-    "width", "height", "detections": [{"class", "score", "box"}]}], "skipped": [{"image", "error"}]}``); with
+    "width", "height", "detections": [{"class", "score", "box"}]}], "skipped": [{"image", "error"}],
+    "profile"}``); with
     ``comp4=NAME`` also ``comp4_det_NAME_<class>.txt`` per class (devkit format, image ids as above).
     A bad image (unreadable, corrupt, not an image) is skipped with a one-line warning when ``skip_bad``, else
     it stops the run with a one-line InputError naming it; what was drawn before stays, and ``detections.json``
-    then lists those images with ``"complete": false``."""
+    then lists those images with ``"complete": false``.
+
+    A complete ``detections.json`` also holds ``"profile"`` (``core.timing.profile``): seconds per phase, from
+    ``started`` (``time.perf_counter()`` at process start, the CLI's; default: this call, less the detector's
+    loading) to the last file written before ``detections.json`` itself."""
+    started = time.perf_counter() - detector.load_seconds if started is None else started
+    timer = PhaseTimer(detector.device)
+    timer.add("load", detector.load_seconds)
     warn = warn or _log_warning
     if comp4 is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", comp4):
         raise SppError(f"the comp4 name must be a plain name such as test, got {comp4!r}")
@@ -368,15 +384,21 @@ def detect_images(detector: Detector, inputs: Sequence[str | os.PathLike], out: 
     found_per_image: list[tuple[str, Detections]] = []
     start = time.perf_counter()
 
-    def write_json(complete: bool) -> None:
+    def write_json(complete: bool, prof: dict | None = None) -> None:
         atomic_write_json(out / "detections.json", {
             "format": JSON_FORMAT, "box_convention": BOX_CONVENTION, **detector.describe(), "complete": complete,
-            "images": records, "skipped": skipped})
+            "images": records, "skipped": skipped, **({"profile": prof} if prof is not None else {})})
+
+    def mark_first_image() -> None:
+        if "startup" not in timer.seconds:
+            timer.add("startup", time.perf_counter() - started - timer.seconds["load"])
 
     try:
         for path, image_id in progress(list(zip(paths, ids)), desc="detect", unit="img", leave=False):
+            mark_first_image()
             try:
-                pixels, _ = read_image(path)
+                with timer("read"):
+                    pixels, _ = read_image(path)
             except InputError as err:
                 if not skip_bad:
                     raise InputError(f"{_bare_message(err)} (--skip-bad, or data.skip_bad=true, skips bad images)",
@@ -384,27 +406,33 @@ def detect_images(detector: Detector, inputs: Sequence[str | os.PathLike], out: 
                 skipped.append({"image": str(path), "error": _bare_message(err)})
                 warn(f"{path}: {_bare_message(err)}; skipped")
                 continue
-            found = detector.detect_pixels(pixels, str(path))
-            drawn = f"{image_id}_detections.jpg"
-            atomic_write_bytes(out / drawn, draw(pixels, found))
-            records.append({"image": str(path), "id": image_id, "drawn": drawn, "width": found.width,
-                            "height": found.height, "detections": found.to_records()})
-            found_per_image.append((image_id, found))
+            found = detector.detect_pixels(pixels, str(path), timer=timer)
+            with timer("write"):
+                drawn = f"{image_id}_detections.jpg"
+                atomic_write_bytes(out / drawn, draw(pixels, found))
+                records.append({"image": str(path), "id": image_id, "drawn": drawn, "width": found.width,
+                                "height": found.height, "detections": found.to_records()})
+                found_per_image.append((image_id, found))
+        mark_first_image()  # when every image was skipped
+        if comp4 is not None:
+            with timer("write"):
+                for k, name in enumerate(detector.classes):
+                    write_comp4(out, comp4, name, [(image_id, float(s), b) for image_id, found in found_per_image
+                                                   for b, s, label in zip(found.boxes, found.scores, found.labels)
+                                                   if label == k])
     except BaseException:
         try:
             write_json(complete=False)  # the images finished so far, marked incomplete
         except (OSError, SppError):
             pass
         raise
-    write_json(complete=True)
     lines = []
     if comp4 is not None:
-        for k, name in enumerate(detector.classes):
-            write_comp4(out, comp4, name, [(image_id, float(s), b) for image_id, found in found_per_image
-                                           for b, s, label in zip(found.boxes, found.scores, found.labels)
-                                           if label == k])
         lines.append(f"comp4: {out / f'comp4_det_{comp4}_<class>.txt'} for {len(detector.classes)} classes "
                      "(1-based inclusive boxes, image ids as in detections.json)")
+    prof = profile(timer, len(records), time.perf_counter() - started)
+    write_json(complete=True, prof=prof)  # last, holding the profile: its own writing is not in it
+    lines.append(profile_line(prof))
     seconds = time.perf_counter() - start
     count = sum(len(r["detections"]) for r in records)
     bad = f", {len(skipped)} bad image(s) skipped" if skipped else ""
@@ -413,4 +441,5 @@ def detect_images(detector: Detector, inputs: Sequence[str | os.PathLike], out: 
     summary = (f"{count} detection(s) scoring above {detector.score_thresh:g} on {len(records)} image(s){bad} in "
                f"{seconds:.1f} s ({variant}) -> {out / 'detections.json'}, {out / '<id>_detections.jpg'}")
     return StageResult(None, summary="\n".join([summary, *lines]),
-                       extra={"detections": count, "images": len(records), "skipped": len(skipped)})
+                       extra={"detections": count, "images": len(records), "skipped": len(skipped),
+                              "profile": prof})

@@ -186,6 +186,158 @@ def test_fast_spp_path_equals_pool_windows_reference(memory_format):
     assert set(timer.seconds) == {"conv", "pool", "fc"}
 
 
+def test_pool_windows_pools_sorted_scales_in_place_exactly():
+    """Boxes sorted by scale (as detect's distinct windows are) are pooled straight into the result's rows: the
+    same values as the scatter path of unsorted boxes, and gradients still reach the maps in training."""
+    rng = np.random.default_rng(7)
+    scales = (256, 512, 1024)  # e = 208 * 60 / side spans them for 4..69 px boxes
+    fmaps = [torch.randn(8, s // 16, s * 4 // 3 // 16) for s in scales]
+    boxes = bench.random_boxes(rng, (60, 80), 60, min_side=4)
+    order = np.argsort(spp.choose_scale(boxes, (60, 80), scales), kind="stable")
+    assert len(set(spp.choose_scale(boxes, (60, 80), scales).tolist())) == 3
+    unsorted = spp.pool_windows(fmaps, (60, 80), scales, boxes, ZF5)
+    in_place = spp.pool_windows(fmaps, (60, 80), scales, boxes[order], ZF5)
+    assert torch.equal(in_place, unsorted[torch.from_numpy(order)])
+    # spp_pool into rows of a bfloat16 tensor: the float32 values converted as they are written
+    cells = torch.from_numpy(spp.boxes_to_cells(spp.scale_boxes(boxes, (60, 80), 512), fmaps[1].shape[-2:], ZF5))
+    target = torch.zeros(70, spp.spp_dim(8), dtype=torch.bfloat16)
+    returned = spp.spp_pool(fmaps[1], cells, out=target[5:65])
+    assert returned.data_ptr() == target[5:].data_ptr()
+    assert torch.equal(target[5:65], spp.spp_pool(fmaps[1], cells).to(torch.bfloat16)) and target[:5].eq(0).all()
+    with pytest.raises(ValueError, match="out has shape"):
+        spp.spp_pool(fmaps[1], cells, out=target[:10])
+    trained = [f.clone().requires_grad_(True) for f in fmaps]
+    spp.pool_windows(trained, (60, 80), scales, boxes[order], ZF5).sum().backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in trained)
+
+
+def test_head_rows_is_the_fc_path_in_batches():
+    """detect's fc path (fcfeatures.head_rows): batches of rows converted to the head's type, float32 out, the
+    same rows whatever the batch; empty input keeps the layer's width."""
+    import copy
+
+    from stages.core import fcfeatures
+
+    net = _tiny_net(fc_dim=16)
+    pooled = torch.relu(torch.randn(23, net.head.in_features))
+    with torch.inference_mode():
+        whole = fcfeatures.head_rows(net.head, pooled, "fc7", batch=100)
+        batched = fcfeatures.head_rows(net.head, pooled, "fc7", batch=5)
+        head16 = copy.deepcopy(net.head).to(torch.bfloat16)
+        half = fcfeatures.head_rows(head16, pooled, "fc7", batch=5)
+        expected = head16.features(pooled.to(torch.bfloat16), "fc7").float()
+        empty = {layer: fcfeatures.head_rows(net.head, pooled[:0], layer).shape for layer in
+                 ("fc6", "fc7", "softmax", "pool5")}
+    torch.testing.assert_close(batched, whole, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(whole, net.head.features(pooled, "fc7"), atol=0, rtol=0)
+    assert half.dtype == torch.float32 and torch.equal(half, expected)
+    assert empty == {"fc6": (0, 16), "fc7": (0, 16), "softmax": (0, 5), "pool5": (0, net.head.in_features)}
+
+
+def test_every_mode_times_every_fc_variant_with_the_same_fc_code(monkeypatch):
+    """R-CNN and SPP mode feed their rows to the same fc code (``fcfeatures.head_rows``) with the same heads, each
+    variant timed in the run; the selected one is the mode's fc phase; the order rotates from run to run."""
+    import copy
+
+    from stages.bench import measure
+    from stages.core import fcfeatures
+
+    net = _tiny_net(fc_dim=16)
+    heads = {"float32": net.head, "bfloat16": copy.deepcopy(net.head).to(torch.bfloat16)}
+    setup = measure._Setup(backbone=net.backbone, head=heads["bfloat16"], device=torch.device("cpu"),
+                           pyramid=(1, 2, 3, 6), scales={"spp_1scale": [64], "spp_5scale": [48, 64]}, rule="code",
+                           fc_batch=16, rcnn_keep=4, rcnn_input=64, rcnn_batch=4,
+                           memory_format=torch.contiguous_format, heads=heads, selected="bfloat16")
+    calls = []
+    real = fcfeatures.head_rows
+
+    def recording(head, rows, layer="fc7", batch=4096):
+        calls.append((id(head), rows.dtype, rows.shape[1], layer, batch))
+        return real(head, rows, layer, batch)
+
+    monkeypatch.setattr(fcfeatures, "head_rows", recording)
+    image = _image(60, 80, seed=3)
+    boxes = bench.random_boxes(np.random.default_rng(3), (60, 80), 12, min_side=8)
+    runs = {}
+    with torch.inference_mode():
+        for mode in ("rcnn", "spp_1scale"):
+            for turn in (0, 1):
+                calls.clear()
+                runs[mode, turn] = (bench._time_mode(mode, setup, image, boxes, turn=turn), list(calls))
+    by_head = {id(head): name for name, head in heads.items()}
+    for (mode, turn), (result, seen) in runs.items():
+        assert [by_head[c[0]] for c in seen] == (["float32", "bfloat16"] if turn == 0 else ["bfloat16", "float32"])
+        assert {c[1:] for c in seen} == {(torch.float32, net.head.in_features, "fc7", 16)}  # pooled float32 rows
+        assert set(result["fc_variants"]) == {"float32", "bfloat16"}
+        assert result["seconds"]["fc"] == result["fc_variants"]["bfloat16"]["seconds"] > 0
+        rows = 12 if mode == "rcnn" else result["unique_windows"]
+        per_row = 2 * (net.head.in_features * 16 + 16 * 16)
+        assert all(v["flops"] == rows * per_row for v in result["fc_variants"].values())
+
+
+def test_matmul_gflops_is_the_best_timed_call_after_warmups(monkeypatch):
+    """A GEMM's rate is its fastest timed call (a busy moment only slows calls down), never a warm-up's."""
+    from stages.bench import measure
+    from stages.core import timing
+
+    calls = []
+    monkeypatch.setattr(measure, "_operands", lambda kernel, shape, dtype, device: lambda: calls.append(kernel))
+    stamps = iter([0.0, 0.5, 0.5, 0.7, 0.7, 1.1])  # start / end of each timed call: 0.5, 0.2, 0.4 s
+    monkeypatch.setitem(timing.CLOCKS, "wall", lambda: next(stamps))
+    result = bench.matmul_gflops(torch.device("cpu"), (10, 20, 30), repeats=3, kernel="linear", warmups=2)
+    assert calls == ["linear"] * 5  # 2 warm-ups, then 3 timed calls
+    assert result["seconds"] == pytest.approx(0.2) and result["repeats"] == 3 and result["warmups"] == 2
+    assert result["gflops"] == pytest.approx(2 * 10 * 20 * 30 / 0.2 / 1e9)
+    assert result["median_gflops"] == pytest.approx(2 * 10 * 20 * 30 / 0.4 / 1e9)
+
+
+def test_matmul_peak_is_the_best_over_shapes_kernels_and_passes(monkeypatch):
+    from stages.bench import measure
+
+    shapes = {"fc6": (4, 8, 16), "fc7": (4, 16, 16), "square": (32, 32, 32)}
+    names = {shape: name for name, shape in shapes.items()}
+    rates = {("fc6", "linear"): 50.0, ("fc7", "linear"): 80.0, ("square", "linear"): 60.0, ("square", "mm"): 70.0,
+             ("fc6", "int8_linear"): 30.0, ("fc7", "int8_linear"): 40.0, ("square", "int8_linear"): 35.0}
+    seen, scale, missing = [], [1.0], set()
+
+    def fake(device, shape, repeats, dtype, clock, *, kernel, warmups):
+        if kernel in missing:
+            raise RuntimeError(f"no {kernel} here")
+        seen.append((names[shape], kernel))
+        return {"shape_mkn": list(shape), "dtype": dtype, "kernel": kernel,
+                "gflops": rates[names[shape], kernel] * scale[0]}
+
+    monkeypatch.setattr(measure, "matmul_gflops", fake)
+    cpu = torch.device("cpu")
+    before = measure.matmul_peak(cpu, "float32", shapes, when="before")
+    assert seen == [("fc6", "linear"), ("fc7", "linear"), ("square", "linear"), ("square", "mm")]  # mm: square only
+    assert before["gflops"] == 80.0 and before["best"] == {"shape": "fc7", "shape_mkn": [4, 16, 16],
+                                                           "kernel": "linear", "when": "before"}
+    scale[0] = 0.5  # a busy machine afterwards: the peak stays the best of both passes
+    after = measure.matmul_peak(cpu, "float32", shapes, previous=before, when="after")
+    assert after["gflops"] == 80.0 and after["best"]["when"] == "before" and len(after["entries"]) == 8
+    scale[0] = 1.0
+    missing.add("int_mm")  # an int8 GEMM this build lacks: the other one counts, and why is said
+    int8 = measure.matmul_peak(cpu, "int8", shapes)
+    assert int8["gflops"] == 40.0 and int8["best"]["kernel"] == "int8_linear" and "int_mm" in int8["unavailable"]
+    missing.add("int8_linear")
+    none = measure.matmul_peak(cpu, "int8", shapes)
+    assert none["gflops"] is None and "no int_mm here" in none["not_measured"] and not none["entries"]
+    assert measure.peak_dtype("int8", "float32") == "int8" and measure.peak_dtype("svd", "bfloat16") == "bfloat16"
+
+
+def test_matmul_peak_runs_every_kernel_on_this_cpu():
+    from stages.bench import measure
+
+    shapes = {"fc6": (8, 64, 32), "fc7": (8, 32, 32), "square": (64, 64, 64)}
+    for dtype, kernels in measure.GEMM_KERNELS.items():
+        peak = measure.matmul_peak(torch.device("cpu"), dtype, shapes, repeats=2, warmups=1)
+        assert peak["gflops"] == max(entry["gflops"] for entry in peak["entries"]) > 0, dtype
+        assert {entry["kernel"] for entry in peak["entries"]} | set(peak["unavailable"]) == set(kernels)
+        assert set(peak["unavailable"]) <= {"int_mm"}  # only the plain int8 GEMM may be missing from a build
+        assert all(entry["repeats"] == 2 and entry["gflops"] >= entry["median_gflops"] for entry in peak["entries"])
+
+
 def test_random_boxes_are_inside_and_seeded():
     boxes = bench.random_boxes(np.random.default_rng(5), (375, 500), 500)
     again = bench.random_boxes(np.random.default_rng(5), (375, 500), 500)
@@ -234,6 +386,37 @@ def test_bench_end_to_end_tiny_writes_json(tmp_path):
     assert "synthetic" in results["images"] and "random boxes" in results["proposals"]
     assert results["pooling"]["max_abs_difference"] == 0.0
     assert "speed-up vs R-CNN" in text and "R-CNN" in text and "SPP 5-scale" in text
+    # The GEMM peak of every type the fc variants run in, measured before and after the timed runs; each the
+    # best of its measurements, at fc6's and fc7's own shapes (M = the 50 windows) and the square one.
+    peaks = results["matmul_peaks"]
+    assert set(peaks) == {"float32", "bfloat16", "int8"}
+    for dtype, peak in peaks.items():
+        assert peak["gflops"] == max(entry["gflops"] for entry in peak["entries"]), dtype
+        assert {entry["when"] for entry in peak["entries"]} == {"before", "after"}
+        assert {tuple(entry["shape_mkn"]) for entry in peak["entries"]} == {(50, 12800, 64), (50, 64, 64),
+                                                                            (128, 128, 128)}
+        assert all(entry["threads"] == 1 and entry["gflops"] >= entry["median_gflops"] for entry in peak["entries"])
+    assert results["matmul"] is not None and results["matmul_gflops"] == peaks["float32"]["gflops"]
+    # Every fc variant in every mode of the same runs: its rate against its own type's peak, its totals and ratios.
+    variants = results["fc_variants"]["variants"]
+    assert set(variants) == {"float32", "bfloat16", "svd", "int8"}
+    own_type = {"float32": "float32", "bfloat16": "bfloat16", "svd": "float32", "int8": "int8"}
+    for name, data in variants.items():
+        modes = data["modes"]
+        assert data["peak_dtype"] == own_type[name] and data["peak_gflops"] == peaks[own_type[name]]["gflops"]
+        rate = modes["spp_1scale"]["fc_gflops_per_s"]
+        assert data["fc_fraction_of_peak"] == pytest.approx(rate / peaks[own_type[name]]["gflops"])
+        assert data["speedup_total_1scale"] == pytest.approx(modes["rcnn"]["total_seconds"]
+                                                            / modes["spp_1scale"]["total_seconds"])
+        assert data["speedup_conv_1scale"] == results["speedup_conv_1scale"]
+        # the same fc layers in both modes: R-CNN's every window, SPP's distinct ones, the same FLOPs per row
+        assert modes["rcnn"]["fc_flops"] / 50 == pytest.approx(data["flops_per_window"])
+        assert modes["spp_1scale"]["fc_flops"] / spp1["unique_windows"] == pytest.approx(data["flops_per_window"])
+    selected = variants["float32"]
+    assert results["fc_fraction_of_matmul_peak"] == selected["fc_fraction_of_peak"]
+    for mode in ("rcnn", "spp_1scale", "spp_5scale"):  # the main table is the selected variant's
+        assert selected["modes"][mode]["fc_seconds"] == pytest.approx(results["modes"][mode]["seconds"]["fc"])
+    assert "GEMM peaks" in text and "% of peak" in text
 
 
 def test_bench_takes_dataset_images_and_tops_up_proposals(tmp_path, tiny_devkit):

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from stages.core import boxes as B
 from stages.core.artifacts import Run, read_manifest
@@ -69,6 +70,22 @@ def test_nms_suppresses_above_threshold_only():
     boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 13], [0, 0, 10, 20], [50, 50, 60, 60]], dtype=float)
     keep = B.nms(boxes, np.array([0.9, 0.8, 0.7, 0.6]), 0.5)  # IoU(0,1)=10/13 > .5; IoU(0,2)=0.5 stays
     assert keep.tolist() == [0, 2, 3]
+
+
+def test_nms_is_torchvisions_kernel_loaded_without_torchvision():
+    # boxes.nms calls torchvision's compiled kernel directly (core.vision_ops): the same indices as
+    # torchvision.ops.nms, ties in score included (twin windows share a score), on float64 boxes.
+    from torchvision.ops import nms as torchvision_nms
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        n = int(rng.integers(1, 400))
+        x1, y1 = rng.uniform(0, 300, n), rng.uniform(0, 200, n)
+        boxes = np.stack([x1, y1, x1 + rng.uniform(1, 120, n), y1 + rng.uniform(1, 120, n)], axis=1)
+        boxes[rng.random(n) < 0.2] = boxes[0]  # duplicates
+        scores = np.round(rng.normal(size=n), 1 if trial % 2 else 6)  # many ties, or few
+        expected = torchvision_nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.3).numpy()
+        np.testing.assert_array_equal(B.nms(boxes, scores, 0.3), expected)
 
 
 # -- config ---------------------------------------------------------------------------------------------------

@@ -2,26 +2,38 @@
 
 The run (synth data, tiny scales and nets, ftfc7 SVMs and box regressors at one scale) is made once for the
 module; it detects badly, so its scores are mostly negative: the tests pick thresholds from the scores the API
-returns, and check that the CLI writes exactly what the API computes.
+returns, and check that the CLI writes exactly what the API computes. At the end: the profile both detections
+report (where the time goes), and that what was made faster for it still gives the same results.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from sppcli.cli import cli
-from stages import synth
+from stages import detect, synth
+from stages.core import boxes as B
+from stages.core import fcfeatures
+from stages.core.artifacts import Run
+from stages.core.bboxreg import apply_bbox
 from stages.core.errors import InputError, SppError
+from stages.core.proposals import load_proposals, selective_search
+from stages.core.runconfig import resolve_config
+from stages.core.scoring import LiveMaps, one_blas_thread
+from stages.core.timing import ONCE_PHASES
 from stages.core.voc import read_comp4
-from stages.detector import (BOX_CONVENTION, IMAGE_EXTENSIONS, Detector, Detections, expand_image_paths,
-                             output_ids)
+from stages.detector import (BOX_CONVENTION, IMAGE_EXTENSIONS, Detector, Detections, detect_images,
+                             expand_image_paths, output_ids)
 
 TINY = ["model.fc_dim=32", "features.scales=[96, 128]", "features.one_scale=128", "pretrain.sizes=[64, 80]",
         "pretrain.epochs=1", "pretrain.batch_size=16", "pretrain.workers=0", "proposals.max_boxes=60",
@@ -135,7 +147,7 @@ def test_folder_glob_and_several_files_give_the_apis_detections(trained, tmp_pat
         ["detections.json"] + [f"{i}_detections.jpg" for i in ("000001", "000002", "000001_2", "000003")])
     # the exact schema
     assert set(data) == {"format", "box_convention", "run", "feature", "one_scale", "bbox", "scales",
-                         "score_thresh", "score", "classes", "complete", "images", "skipped"}
+                         "score_thresh", "score", "classes", "complete", "images", "skipped", "profile"}
     assert data["format"] == "sppnet-detections/1" and data["box_convention"] == BOX_CONVENTION
     assert "0-based" in BOX_CONVENTION and "x2, y2 exclusive" in BOX_CONVENTION
     assert (data["feature"], data["one_scale"], data["bbox"], data["scales"]) == ("ftfc7", True, True, [128])
@@ -330,3 +342,95 @@ def test_from_run_by_name_and_its_errors(trained, tmp_path):
     assert softmax.score_thresh == 0.5 and softmax.classes == trained.detector.classes
     probabilities = softmax.detect(trained.jpegs[0], score_thresh=0.0).scores
     assert len(probabilities) and np.all((probabilities > 0) & (probabilities <= 1))
+
+
+# -- where the time goes (core.timing's profile) ----------------------------------------------------------------
+PER_IMAGE = ("read", "pool", "fc", "score", "nms", "bbox", "write")
+
+
+def _check_profile(prof: dict, images: int, phases: tuple[str, ...]) -> None:
+    """Disjoint phases that cover the run: their sum is the measured total, less small gaps (loop glue)."""
+    seconds = prof["seconds"]
+    assert set(ONCE_PHASES + phases) <= set(seconds) and prof["images"] == images > 0
+    assert seconds["startup"] > 0 and prof["first_image_s"] == seconds["startup"] + seconds["load"]
+    total, covered = prof["total_s"], sum(seconds.values())
+    assert covered <= total + 1e-9  # no phase counted twice
+    assert prof["unaccounted_s"] == pytest.approx(total - covered) and total - covered <= 0.05 * total
+    assert prof["per_image"] == pytest.approx({p: s / images for p, s in seconds.items() if p not in ONCE_PHASES})
+    assert prof["per_image_s"] == pytest.approx(sum(prof["per_image"].values()))
+    assert prof["counts"]["fc_windows"] <= prof["counts"]["windows"]
+
+
+def test_split_detection_reports_where_its_time_goes(trained):
+    cfg = resolve_config(None, {"run": "r", "runs_root": str(trained.runs), "device": "cpu"})
+    result = detect.run(cfg, "trainval", "ftfc7", one_scale=True)
+    metrics = result.manifest.metrics
+    _check_profile(metrics["profile"], metrics["images"], PER_IMAGE)
+    proposals = load_proposals(Run(cfg.run_dir), "trainval")
+    assert metrics["profile"]["counts"]["windows"] == sum(len(proposals.boxes(i)) for i in proposals.image_ids)
+    assert result.summary.splitlines()[1].startswith("profile: ")
+
+
+def test_image_detection_reports_where_its_time_goes(trained, tmp_path):
+    folder = _images_dir(trained, tmp_path, 3)
+    out = tmp_path / "out"
+    result = detect_images(trained.detector, [folder], out, comp4="mine")
+    prof = _json(out)["profile"]
+    assert prof == result.extra["profile"]
+    _check_profile(prof, 3, ("selective_search", "conv", *PER_IMAGE))
+    assert prof["seconds"]["load"] == trained.detector.load_seconds
+    printed = _invoke("detect", *trained.cli, folder, "--out", tmp_path / "cli").output.splitlines()
+    assert printed[-1].startswith("profile: ") and " s to the first image (load " in printed[-1]
+
+
+def test_batched_box_regression_and_nms_give_the_per_class_results(trained):
+    # Scorer.score gathers every class's pool5 rows once and regresses on one BLAS thread; this is the per-class
+    # loop it replaced (a gather and a regression per class, BLAS as configured): the same to the bit.
+    scorer, image = trained.detector.scorer, np.asarray(Image.open(trained.jpegs[3]).convert("RGB"))
+    height, width = image.shape[:2]
+    windows = selective_search(image, scorer.cfg.proposals, seed=scorer.cfg.seed)
+    with torch.inference_mode():
+        live = LiveMaps(trained.detector.backbone, scorer.scales, image, scorer.device)
+        found = scorer.score(live, "image", windows, (width, height), score_thresh=LOW)
+        maps = fcfeatures.load_maps(live, "image", scorer.scales_subset)
+        rule = scorer.cfg.features.scale_rule
+        distinct = fcfeatures.distinct_windows(maps, windows, rule=rule)
+        pooled = fcfeatures.pool_windows(maps, windows[distinct.rows],
+                                         fcfeatures.feature_pyramid(scorer.nets, scorer.cfg.model.pyramid),
+                                         scale_index=distinct.scale_index, rule=rule)
+        feats = fcfeatures.head_features(pooled, "ftfc7", scorer.nets)
+        scores = scorer.models.svm.scores(feats)[torch.as_tensor(distinct.inverse)].double().numpy()
+    d = scorer.cfg.detect
+    assert len(found) == scores.shape[1] and sum(len(s) for _, s in found) > 10
+    for k, (kept_boxes, kept_scores) in enumerate(found):
+        rows = np.flatnonzero(scores[:, k] > LOW)
+        rows = rows[B.nms(windows[rows], scores[rows, k], d.nms_iou)[:d.max_per_image]]
+        moved = B.clip_boxes(apply_bbox(scorer.models.bbox, k, pooled[torch.as_tensor(distinct.inverse[rows])],
+                                        windows[rows], (width, height)), width, height)
+        keep = B.nms(moved, scores[rows, k], d.nms_iou)
+        np.testing.assert_array_equal(kept_boxes, moved[keep])
+        np.testing.assert_array_equal(kept_scores, scores[rows, k][keep])
+
+
+def test_one_blas_thread_gives_the_same_products():
+    rng = np.random.default_rng(1)
+    for rows, dim in ((1, 12800), (37, 6400), (100, 4480), (100, 12800)):
+        X = rng.random((rows, dim)).astype(np.float32).astype(np.float64) * 0.17
+        beta, T = rng.standard_normal((dim, 4)), rng.standard_normal((4, 4))
+        shared = (X @ beta + 0.3) @ T
+        with one_blas_thread():
+            alone = (X @ beta + 0.3) @ T
+        np.testing.assert_array_equal(alone, shared)
+
+
+def test_detection_imports_neither_sklearn_nor_torchvision(trained):
+    # What start-up no longer pays for a ZF-5 run: scikit-learn (SVMs are applied, not fitted), torchvision and
+    # the torch._dynamo / sympy it or a meta-device init pulls in (NMS and roi_pool load only torchvision's kernels).
+    code = (f"import sys\nfrom stages.detector import Detector\n"
+            f"d = Detector.from_run({str(trained.run_dir)!r}, device='cpu', score_thresh=-100.0)\n"
+            f"assert len(d.detect({str(trained.jpegs[0])!r})) > 0\n"
+            "print([m for m in ('sklearn', 'torchvision', 'torch._dynamo', 'sympy') if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

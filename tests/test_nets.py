@@ -289,6 +289,26 @@ def test_checkpoint_round_trip(tmp_path):
     assert load_checkpoint(path)[0].head.fc8.out_features == 5
 
 
+def test_checkpoint_loaded_without_random_init_is_the_same_network(tmp_path):
+    # random_init=False (detection, train-svm): built on the meta device, every tensor from the file; the global
+    # RNG is left alone, where the default draws from it as a fresh build does (pretrain seeds before loading).
+    torch.manual_seed(0)
+    net = build_sppnet("zf5", fc_dim=32, num_classes=5, width=0.5)
+    save_checkpoint(tmp_path / "model.pt", net, {})
+    state = torch.random.get_rng_state()
+    fast, _ = load_checkpoint(tmp_path / "model.pt", random_init=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    plain, _ = load_checkpoint(tmp_path / "model.pt")
+    assert not torch.equal(torch.random.get_rng_state(), state)
+    assert not any(t.is_meta for t in (*fast.parameters(), *fast.buffers()))
+    assert all(p.requires_grad for p in fast.parameters())
+    for (name, a), (other, b) in zip(fast.state_dict().items(), plain.state_dict().items()):
+        assert name == other and torch.equal(a, b)
+    image = torch.rand(2, 3, 64, 80)
+    with torch.no_grad():
+        assert torch.equal(fast.eval()(image), plain.eval()(image))
+
+
 def test_checkpoint_errors(tmp_path):
     net = build_sppnet("zf5", pyramid=(1,), fc_dim=8, num_classes=2)
     path = tmp_path / "model.pt"

@@ -221,6 +221,21 @@ def test_spp_pool_large_windows_float64_and_half():
     assert torch.equal(got, spp_pool_reference(half.float(), cells))
 
 
+def test_roi_pool_without_torchvision_is_its_kernel_and_training_keeps_its_gradient():
+    # Inference calls torchvision's compiled roi_pool directly (core.vision_ops); with gradients flowing through
+    # the map it goes through torchvision.ops, whose package registers the backward.
+    rng = np.random.default_rng(3)
+    fmap = torch.from_numpy(rng.normal(size=(4, 11, 13))).float()
+    cells = torch.from_numpy(np.array([[0, 0, 12, 10], [2, 3, 7, 9], [5, 5, 5, 5]], dtype=np.int64))
+    rois = torch.cat([torch.zeros(3, 1), cells.float()], dim=1)
+    with torch.inference_mode():
+        for n in (1, 2, 3, 6):
+            assert torch.equal(spp._roi_pool_level(fmap, cells, n), roi_pool(fmap[None], rois, (n, n), 1.0))
+    learning = fmap.clone().requires_grad_()
+    spp._roi_pool_level(learning, cells, 3).sum().backward()
+    assert learning.grad is not None and learning.grad.sum() == 3 * 4 * 9  # each bin's max gets one
+
+
 def test_roi_pool_is_inexact_for_seven_bins_and_the_fallback_fixes_it():
     # float32 roi_pool: bin = fl(57/7), ceil(7 * bin) = 58, so the last bin of a 57-cell window reads cell 57,
     # outside the window. Put a spike there: plain roi_pool sees it, spp_pool (exact fallback) must not.

@@ -266,6 +266,29 @@ def test_mobilenet_cut_checkpoint_round_trip(tmp_path):
         build_backbone("mobilenet_v2_c18", str(tmp_path / "m.pt"))  # a c17 trunk lacks block 17
 
 
+@pytest.mark.parametrize("name", list(MOBILENET_CUTS))
+def test_mobilenet_checkpoint_loads_without_torchvision_into_the_same_network(tmp_path, name):
+    # load_checkpoint(random_init=False) (detection) builds MobileNetV2 from nets' own copy of torchvision's module
+    # tree, which a checkpoint then fills: the same keys, receptive field and outputs to the bit.
+    net = build_sppnet(name, pyramid=(1, 2), fc_dim=8, num_classes=3).eval()
+    with torch.no_grad():
+        for module in net.modules():  # BatchNorm statistics that are not the identity
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    save_checkpoint(tmp_path / "m.pt", net, {})
+    loaded, _ = load_checkpoint(tmp_path / "m.pt", random_init=False)
+    blocks = [type(m).__name__ for m in loaded.backbone.body if type(m).__name__ != "Sequential"]
+    assert blocks and set(blocks) == {"MobileNetV2Block"}
+    assert [(k, tuple(v.shape)) for k, v in loaded.state_dict().items()] == \
+        [(k, tuple(v.shape)) for k, v in net.state_dict().items()]
+    assert loaded.spec == net.spec and receptive_field(loaded.backbone.body) == receptive_field(net.backbone.body)
+    x = torch.randn(2, 3, 97, 113)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().conv5(x), net.conv5(x), rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), net(x), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------ other trunks
 
 

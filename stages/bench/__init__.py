@@ -8,27 +8,34 @@ The three modes share the images, the windows, the weights (one ``SppNet``) and 
   ``cfg.features.scales``), each window is pooled from conv5 at its best scale (SPEC §2), fc6-fc7.
 
 Phases per image: **conv** (pixel preprocessing: crop + warp for R-CNN, resize for SPP; then the conv layers),
-**pool** (scale choice, window -> cell mapping and SPP), **fc** (fc6 and fc7 over every window), **total** = the
-sum. Times are medians over ``repeats`` after a warm-up, averaged over the images.
+**pool** (scale choice, window -> cell mapping and SPP), **fc** (fc6 and fc7: R-CNN's over every window, SPP's
+over the distinct windows), **total** = the sum. Times are medians over ``repeats`` after a warm-up, averaged
+over the images.
 
 R-CNN's conv and pool cost is exactly linear in the number of windows (every window is the same 224 x 224 crop,
 whatever its box), so on a CPU it is timed on ``rcnn_windows`` evenly spaced windows and scaled linearly; its fc
 phase is timed on all windows (the pooled vectors of the timed subset repeated), like the SPP modes' fc.
 
-The SPP path is the fast one (``spp_window_features``): inference mode, conv maps and pooling on the device,
-windows that land on the same conv5 rectangle at the same scale pooled and pushed through fc once (their features
-are identical: the released code de-duplicates the same way, SPEC §5), fc6/fc7 as large contiguous float32 GEMMs,
-all cores in use, channels-last (NHWC) convolutions in every mode. On CUDA, TF32 matmuls and convolutions
+The SPP path is detect's own (``spp_pooled_windows``: ``fcfeatures.distinct_windows`` and ``pool_windows``, then
+``fcfeatures.head_rows``): inference mode, conv maps and pooling on the device, windows that land on the same
+conv5 rectangle at the same scale pooled and pushed through fc once (their features are identical: the released
+code de-duplicates the same way, SPEC §5), fc6/fc7 as large contiguous GEMMs, all cores in use, channels-last
+(NHWC) convolutions in every mode. On CUDA, TF32 matmuls and convolutions
 (``cuda_tf32``; scores change by < 1e-2 relative, tests/test_bench.py). ``fc_dtype="bfloat16"`` runs fc6/fc7 of
 every mode in bfloat16 (opt-in: about 2x the GEMM rate where the hardware has it, fc7 within ~1e-2 relative), and
 ``detect.fc_compression`` ("svd" / "int8", ``core/fccompress.py``) compresses them in every mode.
 
-The fc variants side by side (``fc_variants.py``): float32, bfloat16, SVD and int8 fc6+fc7 on the same pooled
-windows, with their speed-up over float32 and how far their fc7 features and scores are from float32's.
+The fc variants side by side (``fc_variants.py``): every mode runs float32, bfloat16, SVD and int8 fc6+fc7 on its
+own rows in every timed run, through the same fc code (``measure.time_fc``), so each variant gets its SPP and
+R-CNN totals and their ratio from one run; the selected one (``fc_dtype``, ``detect.fc_compression``) fills the
+main table. Also their speed-up over float32 and how far their fc7 features and scores are from float32's.
 
 FLOPs are counted from the layer shapes with forward hooks (``FlopCounter``: 2 x multiply-adds of every Conv2d
 and Linear actually executed; biases, ReLU, LRN and pooling not counted) and divided by each phase's time. The
-machine's float32 matmul rate (``matmul_gflops``) is the reference for ``fc_fraction_of_matmul_peak``.
+reference for the fc rate is the GEMM peak of each variant's own type (float32, bfloat16, int8;
+``matmul_peak``): the best of repeated GEMMs after warm-ups, at fc6's and fc7's own shapes and a large square
+one, with nn.Linear's kernel and a plain matmul (int8: the int8 layer and ``torch._int_mm``), in the modes'
+thread setting, before and after the timed runs.
 
 The code: this package's ``__init__`` runs the benchmark (``run``: warm-up, repeats, aggregation); ``inputs.py``
 makes the images, windows and weights; ``rcnn_mode.py`` and ``spp_mode.py`` time one image in R-CNN and SPP
@@ -52,52 +59,88 @@ from ..core.errors import SppError
 from ..core.logs import progress
 from .inputs import MIN_BOX_SIDE, SYNTH_IMAGE_HW, BenchInputs, bench_inputs, bench_model, random_boxes
 from .measure import (CLOCKS, CPU_MATMUL_SHAPE, CUDA_MATMUL_SHAPE, MODE_NAMES, MODES, PHASES, FlopCounter,
-                      PhaseTimer, _Setup, _speed_settings, matmul_gflops)
+                      PhaseTimer, _Setup, _speed_settings, matmul_gflops, matmul_peak, peak_dtype)
 from . import fc_variants
 from .rcnn_mode import time_rcnn
 from .formatting import PAPER_TABLE10, _device_name, _ratio, format_report
-from .spp_mode import SppPathInfo, _pooling_comparison, spp_window_features, time_spp
+from .spp_mode import SppPathInfo, _pooling_comparison, spp_pooled_windows, spp_window_features, time_spp
 
 CPU_RCNN_WINDOWS = 128  # R-CNN windows timed per image on a CPU (then scaled linearly); all of them on a GPU
 
-__all__ = ["FlopCounter", "PhaseTimer", "matmul_gflops", "spp_window_features", "SppPathInfo", "random_boxes",
+__all__ = ["FlopCounter", "PhaseTimer", "matmul_gflops", "matmul_peak", "spp_window_features",
+           "spp_pooled_windows", "SppPathInfo", "random_boxes",
            "bench_inputs", "bench_model", "BenchInputs", "run", "format_report", "PAPER_TABLE10", "time_rcnn",
            "time_spp", "CLOCKS", "CPU_MATMUL_SHAPE", "CUDA_MATMUL_SHAPE", "CPU_RCNN_WINDOWS", "MODES", "MODE_NAMES",
            "PHASES", "MIN_BOX_SIDE", "SYNTH_IMAGE_HW", "_speed_settings"]
 
 
-def _time_mode(mode: str, setup: _Setup, image: np.ndarray, boxes: np.ndarray, rcnn_keep: int | None = None) -> dict:
-    """One timed run of one mode on one image: per-phase seconds and FLOPs, R-CNN's scaled to all windows."""
+def _time_mode(mode: str, setup: _Setup, image: np.ndarray, boxes: np.ndarray, rcnn_keep: int | None = None,
+               turn: int = 0) -> dict:
+    """One timed run of one mode on one image: per-phase seconds and FLOPs, R-CNN's scaled to all windows; fc is
+    the selected variant's, and ``fc_variants`` holds every variant's fc seconds and FLOPs in this same run."""
     timer = PhaseTimer(setup.device, setup.clock)
     result: dict = {"windows": len(boxes)}
-    with FlopCounter({"conv": setup.backbone, "fc": setup.head}) as counter:
+    heads = setup.fc_heads()
+    with FlopCounter({"conv": setup.backbone, **{f"fc:{name}": head for name, head in heads.items()}}) as counter:
         if mode == "rcnn":
-            seconds, conv_flops, extra = time_rcnn(setup, image, boxes, rcnn_keep or setup.rcnn_keep, timer, counter)
+            seconds, conv_flops, extra = time_rcnn(setup, image, boxes, rcnn_keep or setup.rcnn_keep, timer, counter,
+                                                   turn)
         else:
-            seconds, conv_flops, extra = time_spp(mode, setup, image, boxes, timer, counter)
+            seconds, conv_flops, extra = time_spp(mode, setup, image, boxes, timer, counter, turn)
         result.update(extra)
-        fc_flops = counter.flops["fc"]
     result["seconds"] = {phase: float(seconds.get(phase, 0.0)) for phase in PHASES}
     result["seconds"]["total"] = sum(result["seconds"][p] for p in PHASES)
-    result["flops"] = {"conv": float(conv_flops), "fc": float(fc_flops)}
+    result["flops"] = {"conv": float(conv_flops), "fc": float(counter.flops[f"fc:{setup.selected}"])}
+    result["fc_variants"] = {name: {"seconds": float(seconds[f"fc:{name}"]),
+                                    "flops": float(counter.flops[f"fc:{name}"])} for name in heads}
     return result
 
 
 def _aggregate(samples: list[list[dict]]) -> dict:
-    """samples[image][repeat] -> per phase: median over repeats, then mean over images; FLOPs likewise."""
+    """samples[image][repeat] -> per phase: median over repeats, then mean over images; FLOPs likewise; per fc
+    variant its fc seconds and its total (conv + pool of this run + its own fc) the same way."""
+    def typical(value) -> float:
+        return statistics.mean(statistics.median(value(s) for s in reps) for reps in samples)
+
     out: dict = {"seconds": {}, "flops": {}}
     for phase in (*PHASES, "total"):
-        per_image = [statistics.median(s["seconds"][phase] for s in reps) for reps in samples]
-        out["seconds"][phase] = statistics.mean(per_image)
+        out["seconds"][phase] = typical(lambda s: s["seconds"][phase])
     for kind in ("conv", "fc"):
-        out["flops"][kind] = statistics.mean(statistics.median(s["flops"][kind] for s in reps) for reps in samples)
+        out["flops"][kind] = typical(lambda s: s["flops"][kind])
     for key in ("unique_windows", "timed_windows", "scale_factor", "windows"):
         if key in samples[0][0]:
-            out[key] = statistics.mean(statistics.median(s[key] for s in reps) for reps in samples)
+            out[key] = typical(lambda s: s[key])
     conv_s, fc_s = out["seconds"]["conv"], out["seconds"]["fc"]
     out["gflops_per_s"] = {"conv": out["flops"]["conv"] / conv_s / 1e9 if conv_s > 0 else 0.0,
                            "fc": out["flops"]["fc"] / fc_s / 1e9 if fc_s > 0 else 0.0}
+    out["fc_variants"] = {}
+    for name in samples[0][0].get("fc_variants", {}):
+        seconds = typical(lambda s: s["fc_variants"][name]["seconds"])
+        flops = typical(lambda s: s["fc_variants"][name]["flops"])
+        out["fc_variants"][name] = {
+            "fc_seconds": seconds, "fc_flops": flops, "fc_gflops_per_s": flops / seconds / 1e9 if seconds > 0 else 0.0,
+            "total_seconds": typical(lambda s: s["seconds"]["conv"] + s["seconds"]["pool"]
+                                     + s["fc_variants"][name]["seconds"])}
     return out
+
+
+def _fc_shapes(head: nets.SppHead, windows: int, fc_batch: int,
+               square: tuple[int, int, int] | None) -> dict[str, tuple[int, int, int]]:
+    """The GEMMs of the matmul peak: fc6's and fc7's own (M = the rows of one fc batch of an image's windows) and
+    a large square one."""
+    rows = max(1, min(int(windows), int(fc_batch)))
+    shapes = {name: (rows, getattr(head, name).in_features, getattr(head, name).out_features)
+              for name in ("fc6", "fc7")}
+    if square is not None:
+        shapes["square"] = tuple(int(v) for v in square)
+    return shapes
+
+
+def _matmul_peaks(device: torch.device, dtypes, shapes: dict, clock: str, previous: dict | None = None,
+                  when: str = "") -> dict:
+    """``matmul_peak`` of each type in ``dtypes``, keeping ``previous`` measurements (the best of both counts)."""
+    return {dtype: matmul_peak(device, dtype, shapes, clock, previous=(previous or {}).get(dtype), when=when)
+            for dtype in dtypes}
 
 
 def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out: Path | None = None, *,
@@ -116,6 +159,9 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
     ``threads``: CPU threads for the kernels, default one per available core. ``rcnn_windows``: R-CNN windows
     timed per image (default: 128 on a CPU, every window on a GPU). ``clock``: "wall" (default) or "cpu" (process
     CPU time, for a machine shared with other jobs: use with ``threads=1``; see ``PhaseTimer``).
+    ``matmul_shape``: the large square GEMM of the matmul peak (default ``CPU_MATMUL_SHAPE`` /
+    ``CUDA_MATMUL_SHAPE``); the peak of each type is the best over it and fc6's and fc7's own shapes, measured
+    before and after the timed runs (``matmul_peak``).
     """
     if n_images < 1 or windows < 1 or repeats < 1 or (rcnn_windows is not None and rcnn_windows < 1):
         raise SppError(f"bench needs at least one image, window, repeat and R-CNN window (got images={n_images}, "
@@ -143,35 +189,46 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
     head = fccompress.compress_head(model.head, cfg.detect.fc_compression, cfg.detect.fc_svd_ranks,
                                     getattr(torch, fc_dtype))
     heads, made = fc_variants.variant_heads(model.head, device, cfg.detect.fc_svd_ranks, selected, head)
+    selected_name = fc_variants.variant_name(*selected)
     setup = _Setup(backbone=model.backbone, head=head, device=device, pyramid=tuple(cfg.model.pyramid),
                    scales={"spp_1scale": [int(cfg.features.one_scale)],
                            "spp_5scale": [int(s) for s in cfg.features.scales]},
                    rule=cfg.features.scale_rule, fc_batch=cfg.detect.batch_windows,
                    rcnn_keep=min(rcnn_windows, windows), rcnn_input=rcnn_input_size,
                    rcnn_batch=rcnn.RCNN_BATCH if device.type == "cpu" else 4 * rcnn.RCNN_BATCH,
-                   memory_format=memory_format, clock=clock)
+                   memory_format=memory_format, clock=clock, heads=heads, selected=selected_name)
+    # The GEMM types the variants run in (the selected one's first), and the shapes of their peak.
+    peak_types = list(dict.fromkeys(peak_dtype(*made["pairs"][name]) for name in (selected_name, *heads)))
+    square = matmul_shape or (CUDA_MATMUL_SHAPE if device.type == "cuda" else CPU_MATMUL_SHAPE)
+    peak_shapes = _fc_shapes(model.head, windows, setup.fc_batch, square)
 
     samples: dict[str, list[list[dict]]] = {mode: [[] for _ in inputs.images] for mode in MODES}
     with _speed_settings(device, threads, cuda_tf32), torch.inference_mode():
-        matmul = matmul_gflops(device, matmul_shape, dtype=getattr(torch, fc_dtype), clock=clock)
+        # The peak before and after the timed runs, in their thread and precision settings: a load that comes
+        # or goes during the run cannot leave the fc layers faster than the "peak".
+        peaks = _matmul_peaks(device, peak_types, peak_shapes, clock, when="before")
         first_image, first_boxes = inputs.images[0][1], inputs.boxes[0]
         for mode in MODES:  # warm-up: library initialisation, kernel selection, allocator growth
             _time_mode(mode, setup, first_image, first_boxes, rcnn_keep=min(setup.rcnn_keep, setup.rcnn_batch))
         with progress(total=repeats * len(inputs.images) * len(MODES), desc="bench", unit="run") as bar:
-            for _ in range(repeats):
+            for turn in range(repeats):
                 for k, ((_image_id, image), boxes) in enumerate(zip(inputs.images, inputs.boxes)):
                     for mode in MODES:
-                        samples[mode][k].append(_time_mode(mode, setup, image, boxes))
+                        samples[mode][k].append(_time_mode(mode, setup, image, boxes, turn=turn))
                         bar.update()
+        peaks = _matmul_peaks(device, peak_types, peak_shapes, clock, previous=peaks, when="after")
+        modes = {mode: _aggregate(samples[mode]) for mode in MODES}
+        speeds = fc_variants.variant_speeds(modes, peaks, made["pairs"])
         pooling = _pooling_comparison(setup, first_image, first_boxes, max(3, repeats))
+        raw_spp_fc = {name: [[s["fc_variants"][name]["seconds"] for s in reps] for reps in samples["spp_1scale"]]
+                      for name in heads}
         compared = fc_variants.compare_fc_variants(setup, model.head, heads, made, inputs.images, inputs.boxes,
-                                                   repeats, cfg.detect.fc_svd_ranks, selected)
+                                                   cfg.detect.fc_svd_ranks, selected, speeds, raw_spp_fc)
     load_after = os.getloadavg()
 
-    modes = {mode: _aggregate(samples[mode]) for mode in MODES}
     seconds = {mode: modes[mode]["seconds"] for mode in MODES}
     ratio = _ratio
-    spp_fc_rate = modes["spp_1scale"]["gflops_per_s"]["fc"]
+    matmul = peaks[peak_types[0]]  # the selected variant's type
     results = {
         "device": _device_name(device),
         "threads": threads,
@@ -208,7 +265,8 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
         "flop_ratio_conv_5scale": ratio(modes["rcnn"]["flops"]["conv"], modes["spp_5scale"]["flops"]["conv"]),
         "matmul": matmul,
         "matmul_gflops": matmul["gflops"],
-        "fc_fraction_of_matmul_peak": spp_fc_rate / matmul["gflops"] if matmul["gflops"] > 0 else 0.0,
+        "matmul_peaks": peaks,
+        "fc_fraction_of_matmul_peak": speeds[selected_name]["fc_fraction_of_peak"],
         "spp_1scale_seconds_per_image": seconds["spp_1scale"]["total"],
         "spp_5scale_seconds_per_image": seconds["spp_5scale"]["total"],
         "rcnn_seconds_per_image": seconds["rcnn"]["total"],
@@ -216,6 +274,8 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
         "fc_variants": compared,
         "paper_table10": PAPER_TABLE10,
         "raw": {mode: [[s["seconds"] for s in reps] for reps in samples[mode]] for mode in MODES},
+        "raw_fc_variants": {mode: [[{name: v["seconds"] for name, v in s["fc_variants"].items()} for s in reps]
+                                   for reps in samples[mode]] for mode in MODES},
         "wall_seconds": time.perf_counter() - started,
     }
     if json_out is not None:

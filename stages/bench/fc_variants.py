@@ -1,20 +1,21 @@
 """``spp bench``, the fc variants side by side: fc6+fc7 in float32, bfloat16 (``detect.fc_dtype``), truncated SVD
-and int8 (``detect.fc_compression``, ``core/fccompress.py``) on the same windows, each image's windows SPP-pooled
-once at the 1-scale setting. Per variant: fc6+fc7 seconds per image (median over repeats, mean over images), the
-speed-up over float32, FLOPs per window, and how far its fc7 features, and the scores that the float32 head's fc8
-gives them (a linear classifier, as the SVMs are), are from float32's.
+and int8 (``detect.fc_compression``, ``core/fccompress.py``). Every mode times every variant on its own rows in
+the same run (``measure.time_fc``: R-CNN's every window, SPP's distinct windows), so that each variant has its
+SPP and R-CNN totals and their ratio with one and the same fc path in both modes, and its fc rate against the
+GEMM peak of its own type (``measure.matmul_peak``). Per variant also: the speed-up over float32, FLOPs per
+window, and how far its fc7 features, and the scores that the float32 head's fc8 gives them (a linear
+classifier, as the SVMs are), are from float32's, on each image's windows pooled at the 1-scale setting.
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core import fccompress, nets
-from .measure import FlopCounter, PhaseTimer, _Setup
+from ..core import fccompress, fcfeatures, nets
+from .measure import FlopCounter, _Setup, peak_dtype
 from .spp_mode import spp_window_features
 
 REFERENCE = "float32"
@@ -40,11 +41,6 @@ def bfloat16_native(device: torch.device) -> bool:
         return False
 
 
-def _fc7(head: nets.SppHead, pooled: torch.Tensor, batch: int) -> torch.Tensor:
-    dtype = head.input_dtype
-    return torch.cat([head.features(pooled[i:i + batch].to(dtype), "fc7") for i in range(0, len(pooled), batch)])
-
-
 def _relative(values: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
     """(max |diff| / max |reference|, mean |diff| / mean |reference|)."""
     diff = (values.double() - reference.double()).abs()
@@ -55,15 +51,15 @@ def _relative(values: torch.Tensor, reference: torch.Tensor) -> tuple[float, flo
 
 def variant_heads(head: nets.SppHead, device: torch.device, svd_ranks, selected: tuple[str, str],
                   selected_head: nets.SppHead) -> tuple[dict, dict]:
-    """(name -> head, {"skipped": name -> why, "prepare_seconds": name -> seconds}): each head made once from the
-    float32 ``head`` (outside inference mode: quantization converts modules), the selected pair's being
-    ``selected_head``."""
+    """(name -> head, {"skipped": name -> why, "prepare_seconds": name -> seconds, "pairs": name ->
+    (compression, fc dtype) of each head made}): each head made once from the float32 ``head`` (outside inference
+    mode: quantization converts modules), the selected pair's being ``selected_head``."""
     wanted = dict(VARIANTS)
     wanted.setdefault(variant_name(*selected), selected)
-    heads, skipped, prepare = {}, {}, {}
+    heads, skipped, prepare, pairs = {}, {}, {}, {}
     for name, (compression, fc_dtype) in wanted.items():
         if (compression, fc_dtype) == selected:
-            heads[name] = selected_head
+            heads[name], pairs[name] = selected_head, selected
             continue
         if compression == "int8" and device.type != "cpu":
             skipped[name] = "int8 layers run on the CPU only"
@@ -71,56 +67,74 @@ def variant_heads(head: nets.SppHead, device: torch.device, svd_ranks, selected:
         started = time.perf_counter()
         heads[name] = (head if name == REFERENCE else
                        fccompress.compress_head(head, compression, svd_ranks, getattr(torch, fc_dtype)))
-        prepare[name] = time.perf_counter() - started
-    return heads, {"skipped": skipped, "prepare_seconds": prepare}
+        prepare[name], pairs[name] = time.perf_counter() - started, (compression, fc_dtype)
+    return heads, {"skipped": skipped, "prepare_seconds": prepare, "pairs": pairs}
 
 
-def compare_fc_variants(setup: _Setup, head: nets.SppHead, heads: dict, made: dict, images, boxes, repeats: int,
-                        svd_ranks, selected: tuple[str, str]) -> dict:
-    """Time and compare the fc variants ``heads`` (``variant_heads``; float32 ``head`` is the reference) on every
-    bench image's windows. Call under ``torch.inference_mode()``."""
+def variant_speeds(modes: dict, peaks: dict, pairs: dict[str, tuple[str, str]]) -> dict[str, dict]:
+    """Per fc variant, from the modes' aggregated runs (``modes[mode]["fc_variants"][name]``: the variant's fc
+    timed in that mode, conv and pooling shared): each mode's fc and total seconds and fc rate, the speed-ups
+    over R-CNN mode with this same fc path, and the fc rate as a fraction of the GEMM peak of the variant's own
+    type (``peaks[peak_dtype]``; None where that peak was not measured)."""
+    def ratio(numerator: float, denominator: float) -> float:
+        return numerator / denominator if denominator > 0 else float("inf")
+
+    speeds = {}
+    for name, pair in pairs.items():
+        per_mode = {mode: dict(data["fc_variants"][name]) for mode, data in modes.items()}
+        dtype = peak_dtype(*pair)
+        peak = (peaks.get(dtype) or {}).get("gflops")
+        for mode, data in per_mode.items():
+            data["fraction_of_peak"] = data["fc_gflops_per_s"] / peak if peak else None
+        rcnn, conv = per_mode["rcnn"]["total_seconds"], {mode: modes[mode]["seconds"]["conv"] for mode in modes}
+        speeds[name] = {
+            "modes": per_mode, "peak_dtype": dtype, "peak_gflops": peak,
+            "fc_fraction_of_peak": per_mode["spp_1scale"]["fraction_of_peak"],
+            "speedup_total_1scale": ratio(rcnn, per_mode["spp_1scale"]["total_seconds"]),
+            "speedup_total_5scale": ratio(rcnn, per_mode["spp_5scale"]["total_seconds"]),
+            "speedup_conv_1scale": ratio(conv["rcnn"], conv["spp_1scale"]),
+            "speedup_conv_5scale": ratio(conv["rcnn"], conv["spp_5scale"])}
+    return speeds
+
+
+def compare_fc_variants(setup: _Setup, head: nets.SppHead, heads: dict, made: dict, images, boxes, svd_ranks,
+                        selected: tuple[str, str], speeds: dict[str, dict], raw_seconds: dict[str, list]) -> dict:
+    """The fc variants ``heads`` (``variant_heads``; float32 ``head`` is the reference) side by side: their speed
+    in every mode (``speeds``, from ``variant_speeds``; ``raw_seconds``: SPP 1-scale fc seconds [image][repeat])
+    and how far their fc7 features and fc8 scores are from float32's on every bench image's windows pooled at the
+    1-scale setting. Call under ``torch.inference_mode()``."""
     scale = setup.scales["spp_1scale"]
     pooled = [spp_window_features(setup.backbone, head, image, image_boxes, scale, setup.pyramid, setup.rule,
                                   "pool5", memory_format=setup.memory_format)[0]
               for (_image_id, image), image_boxes in zip(images, boxes)]
-    batch = max(1, int(setup.fc_batch))
-    timer = PhaseTimer(setup.device, setup.clock)
-    seconds: dict[str, list[list[float]]] = {name: [[] for _ in pooled] for name in heads}
-    features: dict[str, list[torch.Tensor]] = {}
+    features: dict[str, torch.Tensor] = {}
     flops: dict[str, float] = {}
-    for name, variant in heads.items():  # warm-up, FLOPs and the features compared
+    for name, variant in heads.items():
         with FlopCounter({"fc": variant}) as counter:
-            features[name] = [_fc7(variant, rows, batch).float() for rows in pooled]
+            features[name] = torch.cat([fcfeatures.head_rows(variant, rows, "fc7", setup.fc_batch) for rows in pooled])
         flops[name] = counter.flops["fc"] / max(1, sum(len(rows) for rows in pooled))
-    for _ in range(max(1, repeats)):  # variants interleaved, so that a load change hits them alike
-        for k, rows in enumerate(pooled):
-            for name, variant in heads.items():
-                timer.seconds.clear()
-                with timer("fc"):
-                    _fc7(variant, rows, batch)
-                seconds[name][k].append(timer.seconds["fc"])
 
-    reference = torch.cat(features[REFERENCE])
+    reference = features[REFERENCE]
     fc8 = head.fc8  # the float32 head's classifier scores every variant's fc7
     reference_scores = F.linear(reference, fc8.weight.float(), fc8.bias.float())
-    reference_seconds = statistics.mean(statistics.median(s) for s in seconds[REFERENCE])
+    reference_seconds = speeds[REFERENCE]["modes"]["spp_1scale"]["fc_seconds"]
     variants: dict[str, dict] = {}
     for name in (*heads, *made["skipped"]):
         if name in made["skipped"]:
             variants[name] = {"skipped": made["skipped"][name]}
             continue
-        fc7 = torch.cat(features[name])
-        scores = F.linear(fc7, fc8.weight.float(), fc8.bias.float())
-        fc7_max, fc7_mean = _relative(fc7, reference)
+        scores = F.linear(features[name], fc8.weight.float(), fc8.bias.float())
+        fc7_max, fc7_mean = _relative(features[name], reference)
         score_max, score_mean = _relative(scores, reference_scores)
-        per_image = statistics.mean(statistics.median(s) for s in seconds[name])
+        seconds = speeds[name]["modes"]["spp_1scale"]["fc_seconds"]
         variants[name] = {
-            "seconds": per_image, "speedup": reference_seconds / per_image if per_image > 0 else float("inf"),
+            "seconds": seconds, "speedup": reference_seconds / seconds if seconds > 0 else float("inf"),
+            **speeds[name],
             "flops_per_window": flops[name], "fc7_max_rel_diff": fc7_max, "fc7_mean_rel_diff": fc7_mean,
             "score_max_rel_diff": score_max, "score_mean_rel_diff": score_mean,
             "top1_agreement": float((scores.argmax(1) == reference_scores.argmax(1)).double().mean()),
             "prepare_seconds": made["prepare_seconds"].get(name, 0.0), "layers": fccompress.layer_summary(heads[name]),
-            "raw_seconds": seconds[name]}
+            "raw_seconds": raw_seconds[name]}
     return {"windows_per_image": float(np.mean([len(rows) for rows in pooled])), "images": len(pooled),
             "scale": scale, "selected": variant_name(*selected), "reference": REFERENCE,
             "svd_ranks": [int(r) for r in svd_ranks], "quantized_engine": torch.backends.quantized.engine,

@@ -75,10 +75,12 @@ def format_report(results: dict) -> str:
         f"{results['speedup_conv_1scale']:.1f}x (conv FLOP ratio {results['flop_ratio_conv_1scale']:.1f}); 5-scale "
         f"total {results['speedup_total_5scale']:.1f}x, conv {results['speedup_conv_5scale']:.1f}x (FLOP ratio "
         f"{results['flop_ratio_conv_5scale']:.1f})",
-        f"{results['matmul']['dtype']} matmul {'x'.join(map(str, results['matmul']['shape_mkn']))}: "
-        f"{results['matmul_gflops']:.1f} GFLOP/s;"
-        f" SPP 1-scale fc6+fc7: {modes['spp_1scale']['gflops_per_s']['fc']:.1f} GFLOP/s = "
-        f"{100 * results['fc_fraction_of_matmul_peak']:.0f}% of it",
+        f"GEMM peaks (best call of each GEMM after warm-up, {results['threads']} threads, before and after the timed "
+        f"runs; fc6/fc7 shapes and a square one): "
+        + "; ".join(_peak_text(peak) for peak in results["matmul_peaks"].values()),
+        f"SPP 1-scale fc6+fc7 ({results.get('fc_variants', {}).get('selected', results['fc_dtype'])}): "
+        f"{modes['spp_1scale']['gflops_per_s']['fc']:.1f} GFLOP/s = {_percent(results['fc_fraction_of_matmul_peak'])}"
+        f" of the {results['matmul']['dtype']} peak",
         f"SPP layer alone ({pooling['windows']} windows, {pooling['map_hw'][0]}x{pooling['map_hw'][1]} conv5 map at "
         f"{pooling['scale']}): spp.spp_pool {pooling['spp_pool_seconds']:.4f} s vs roi_pool per level "
         f"{pooling['roi_pool_per_level_seconds']:.4f} s ({pooling['speedup']:.1f}x, max |diff| "
@@ -100,26 +102,58 @@ def _compression_note(results: dict) -> str:
     return ", int8" if compression == "int8" else ""
 
 
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.0f}%"
+
+
+def _peak_text(peak: dict) -> str:
+    """``float32 812.3 GFLOP/s (linear, fc6 2000x12800x4096)``, or why a type's peak was not measured."""
+    if peak.get("gflops") is None:
+        return f"{peak['dtype']} not measured ({peak.get('not_measured', 'no kernel')})"
+    best = peak["best"]
+    return (f"{peak['dtype']} {peak['gflops']:.1f} GFLOP/s ({best['kernel']}, {best['shape']} "
+            f"{'x'.join(map(str, best['shape_mkn']))})")
+
+
 def format_fc_variants(compared: dict) -> list[str]:
-    """The fc variants' table: seconds, speed-up and FLOPs of fc6+fc7, and their distance to float32."""
+    """The fc variants' tables: per variant, fc6+fc7 seconds, speed-up, FLOPs, rate against its own type's GEMM
+    peak, SPP and R-CNN totals with it in both modes and their ratios; then its distance to float32."""
     lines = [
-        f"fc6+fc7 variants on the same windows ({compared['windows_per_image']:.0f} per image pooled at "
-        f"{compared['scale'][0]}, {compared['images']} image(s); * = the one timed above): svd ranks "
-        f"{'/'.join(map(str, compared['svd_ranks']))}, {compared['quantized_engine']} int8 kernels, native "
-        f"bfloat16 {compared['bfloat16_native']}",
-        "differences to float32: max |diff| / max |float32| and mean |diff| / mean |float32|, of fc7 and of the "
-        "scores the float32 fc8 gives each variant's fc7",
-        f"{'variant':<15}{'fc s':>9}{'speed-up':>10}{'MFLOP/win':>11}{'fc7 max':>10}{'fc7 mean':>10}"
-        f"{'score max':>11}{'score mean':>11}{'top-1 same':>11}",
+        f"fc6+fc7 variants, each timed in every mode of the same runs (conv and pooling shared; * = the one in the "
+        f"table above): svd ranks {'/'.join(map(str, compared['svd_ranks']))}, {compared['quantized_engine']} int8 "
+        f"kernels, native bfloat16 {compared['bfloat16_native']}",
+        "fc GF/s, % of peak: SPP 1-scale's fc6+fc7 rate, against the GEMM peak of the variant's own type; SPP1 / "
+        "SPP5 / R-CNN s: totals per image with it; total 1sc / 5sc: R-CNN's total over SPP's",
+        f"{'variant':<15}{'SPP1 fc s':>10}{'vs f32':>8}{'MFLOP/win':>10}{'fc GF/s':>9} {'% of peak':<15}"
+        f"{'SPP1 s':>9}{'SPP5 s':>9}{'R-CNN s':>9}{'total 1sc':>10}{'total 5sc':>10}",
     ]
+    shown = {name: data for name, data in compared["variants"].items() if "skipped" not in data}
     for name, data in compared["variants"].items():
         label = f"{name}{' *' if name == compared['selected'] else ''}"
-        if "skipped" in data:
+        if name not in shown:
             lines.append(f"{label:<15}  skipped: {data['skipped']}")
             continue
-        lines.append(f"{label:<15}{data['seconds']:>9.4f}{data['speedup']:>9.2f}x"
-                     f"{data['flops_per_window'] / 1e6:>11.2f}"
-                     f"{data['fc7_max_rel_diff']:>10.1e}{data['fc7_mean_rel_diff']:>10.1e}"
+        modes = data["modes"]
+        of_peak = f"{_percent(data['fc_fraction_of_peak']):>5} {data['peak_dtype']:<9}"
+        lines.append(f"{label:<15}{data['seconds']:>10.4f}{data['speedup']:>7.2f}x"
+                     f"{data['flops_per_window'] / 1e6:>10.2f}"
+                     f"{modes['spp_1scale']['fc_gflops_per_s']:>9.1f} {of_peak}"
+                     f"{modes['spp_1scale']['total_seconds']:>9.3f}{modes['spp_5scale']['total_seconds']:>9.3f}"
+                     f"{modes['rcnn']['total_seconds']:>9.2f}{data['speedup_total_1scale']:>9.1f}x"
+                     f"{data['speedup_total_5scale']:>9.1f}x")
+    if shown:
+        any_variant = next(iter(shown.values()))
+        lines.append(f"conv speed-up (every variant): 1-scale {any_variant['speedup_conv_1scale']:.1f}x, 5-scale "
+                     f"{any_variant['speedup_conv_5scale']:.1f}x; totals are conv + pool + the variant's fc per image")
+    lines += [
+        "",
+        f"their distance to float32 on the same windows ({compared['windows_per_image']:.0f} per image pooled at "
+        f"{compared['scale'][0]}, {compared['images']} image(s)): max |diff| / max |float32| and mean |diff| / mean "
+        "|float32|, of fc7 and of the scores the float32 fc8 gives each variant's fc7",
+        f"{'variant':<15}{'fc7 max':>10}{'fc7 mean':>10}{'score max':>11}{'score mean':>11}{'top-1 same':>11}",
+    ]
+    for name, data in shown.items():
+        lines.append(f"{name:<15}{data['fc7_max_rel_diff']:>10.1e}{data['fc7_mean_rel_diff']:>10.1e}"
                      f"{data['score_max_rel_diff']:>11.1e}{data['score_mean_rel_diff']:>11.1e}"
                      f"{100 * data['top1_agreement']:>10.1f}%")
     return lines

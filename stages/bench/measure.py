@@ -1,26 +1,33 @@
 """``spp bench``, its instruments: ``FlopCounter`` (FLOPs of every conv and fc layer run, from forward hooks),
-``PhaseTimer`` (seconds per phase, wall or CPU clock, CUDA synchronised), ``matmul_gflops`` (the device's GEMM
-rate, the reference for the fc layers), the speed settings every mode runs under, and ``_Setup``, what every
-timed run shares.
+``PhaseTimer`` (seconds per phase, wall or CPU clock, CUDA synchronised; from ``core.timing``, which spp detect
+profiles with too), ``matmul_gflops`` / ``matmul_peak`` (the device's GEMM peak per type, the reference for the
+fc layers: the best of repeats, at the fc layers' own shapes and a large square one), the speed settings every
+mode runs under, and ``_Setup``, what every timed run shares.
 """
 from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as Int8Linear  # detect.fc_compression = "int8"
 
-from ..core import nets
+from ..core import fccompress, fcfeatures, nets
 from ..core.errors import SppError
+from ..core.timing import CLOCKS, PhaseTimer  # noqa: F401 (bench's instruments; detect profiles with it too)
 
-CPU_MATMUL_SHAPE = (2048, 4096, 4096)  # (M, K, N): about the fc7 GEMM of 2000 windows
+# (M, K, N) of the large square GEMM in the matmul peak; the fc layers' own shapes are measured beside it
+CPU_MATMUL_SHAPE = (4096, 4096, 4096)
 CUDA_MATMUL_SHAPE = (8192, 8192, 8192)
+PEAK_WARMUPS, PEAK_REPEATS = 1, 3  # per GEMM: untimed calls, then the timed ones whose best counts
+# The kernels of each type's peak: fc6/fc7's own (nn.Linear's x @ W^T + b; the dynamic int8 layer) and the
+# plain ones (a [M,K] @ [K,N] matmul; int8 x int8 -> int32 ``torch._int_mm``).
+GEMM_KERNELS = {"float32": ("linear", "mm"), "bfloat16": ("linear", "mm"), "int8": ("int_mm", "int8_linear")}
 MODES = ("rcnn", "spp_1scale", "spp_5scale")
 MODE_NAMES = {"rcnn": "R-CNN", "spp_1scale": "SPP 1-scale", "spp_5scale": "SPP 5-scale"}
 PHASES = ("conv", "pool", "fc")
@@ -70,62 +77,104 @@ class FlopCounter:
         self._handles.clear()
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-class PhaseTimer:
-    """``with timer("conv"): ...`` accumulates seconds per phase; synchronises CUDA at both ends so the time
-    covers the work, not just its launch.
-
-    ``clock="wall"``: elapsed time (what a user waits). ``clock="cpu"``: this process's CPU time, which on a
-    machine shared with other jobs is still the cost of the work itself; meaningful with one thread (more threads
-    add their spin-waiting) and on a CPU device only.
-    """
-
-    def __init__(self, device: torch.device, clock: str = "wall"):
-        self.device = torch.device(device)
-        if clock not in CLOCKS or (clock == "cpu" and self.device.type != "cpu"):
-            raise SppError(f"clock {clock!r} is not available on {self.device.type} (use wall, or cpu on a CPU)")
-        self.now = CLOCKS[clock]
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        self._sync()
-        start = self.now()
-        try:
-            yield
-        finally:
-            self._sync()
-            self.seconds[name] += self.now() - start
-
-
-def matmul_gflops(device: torch.device, shape: tuple[int, int, int] | None = None, repeats: int = 5,
-                  dtype: torch.dtype = torch.float32, clock: str = "wall") -> dict:
-    """The device's GEMM rate: median GFLOP/s of ``[M,K] @ [K,N]`` in ``dtype`` over ``repeats`` after a warm-up
-    (float32 uses TF32 on CUDA when the precision flags allow it: the same setting the fc layers run with)."""
-    device = torch.device(device)
-    m, k, n = shape or (CUDA_MATMUL_SHAPE if device.type == "cuda" else CPU_MATMUL_SHAPE)
+def _operands(kernel: str, shape: tuple[int, int, int], dtype: str, device: torch.device):
+    """The GEMM ``kernel`` of ``shape`` (M, K, N) on seeded random operands, as a call with no arguments."""
+    m, k, n = shape
     generator = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(m, k, generator=generator).to(device=device, dtype=dtype)
-    b = torch.randn(k, n, generator=generator).to(device=device, dtype=dtype)
-    out = torch.empty(m, n, device=device, dtype=dtype)
+    if kernel == "int_mm":  # int8 x int8 -> int32; the weight laid out as nn.Linear's, [N, K]
+        a = torch.randint(-128, 128, (m, k), generator=generator, dtype=torch.int8).to(device)
+        weight = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8).to(device)
+        return lambda: torch._int_mm(a, weight.t())
+    x = torch.randn(m, k, generator=generator).to(device)
+    if kernel == "int8_linear":  # the dynamic int8 layer the int8 fc variant runs (float32 input)
+        layer = nn.utils.skip_init(nn.Linear, k, n)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(n, k, generator=generator) * 0.01)
+            layer.bias.zero_()
+        quantized = fccompress.quantize_int8(nn.Sequential(layer), layers=("0",))[0]
+        return lambda: quantized(x)
+    x = x.to(getattr(torch, dtype))
+    if kernel == "linear":  # what fc6/fc7 run: x @ W^T + b, W [N, K]
+        weight = torch.randn(n, k, generator=generator).to(device=device, dtype=x.dtype)
+        bias = torch.randn(n, generator=generator).to(device=device, dtype=x.dtype)
+        return lambda: F.linear(x, weight, bias)
+    if kernel == "mm":
+        b = torch.randn(k, n, generator=generator).to(device=device, dtype=x.dtype)
+        out = torch.empty(m, n, device=device, dtype=x.dtype)
+        return lambda: torch.mm(x, b, out=out)
+    known = sorted({name for names in GEMM_KERNELS.values() for name in names})
+    raise ValueError(f"unknown GEMM kernel {kernel!r} (known: {', '.join(known)})")
+
+
+def matmul_gflops(device: torch.device, shape: tuple[int, int, int] | None = None, repeats: int = PEAK_REPEATS,
+                  dtype: torch.dtype | str = torch.float32, clock: str = "wall", *, kernel: str = "mm",
+                  warmups: int = PEAK_WARMUPS) -> dict:
+    """One GEMM's rate: 2 M K N FLOPs over the **best** of ``repeats`` timed calls after ``warmups`` untimed ones
+    (library initialisation, kernel choice, weight packing), in the thread and precision settings in force (run
+    it inside ``_speed_settings``, as the modes; float32 uses TF32 on CUDA when they allow it, as fc6/fc7 do).
+
+    ``kernel``: "linear" (nn.Linear's ``x @ W^T + b``, what fc6/fc7 run), "mm" (``[M,K] @ [K,N]``), "int_mm"
+    (int8 x int8 -> int32) or "int8_linear" (the dynamic int8 linear layer); ``dtype`` is int8 for the last two.
+    The best, not the median: a GEMM never runs faster than the machine allows, while a busy moment only makes
+    one call slower, so the best call is the one that measures the machine."""
+    device = torch.device(device)
+    dtype = str(dtype).replace("torch.", "")
+    m, k, n = shape or (CUDA_MATMUL_SHAPE if device.type == "cuda" else CPU_MATMUL_SHAPE)
     timer = PhaseTimer(device, clock)
     seconds = []
     with torch.inference_mode():
-        torch.mm(a, b, out=out)  # warm-up: library initialisation, allocation
+        call = _operands(kernel, (m, k, n), dtype, device)
+        for _ in range(max(0, warmups)):
+            call()
         for _ in range(max(1, repeats)):
             timer.seconds.clear()
-            with timer("mm"):
-                torch.mm(a, b, out=out)
-            seconds.append(timer.seconds["mm"])
-    median = statistics.median(seconds)
-    return {"shape_mkn": [m, k, n], "dtype": str(dtype).replace("torch.", ""), "seconds": median,
-            "gflops": 2.0 * m * k * n / median / 1e9}
+            with timer("gemm"):
+                call()
+            seconds.append(timer.seconds["gemm"])
+    flops = 2.0 * m * k * n
+    best, median = min(seconds), statistics.median(seconds)
+    return {"shape_mkn": [m, k, n], "dtype": dtype, "kernel": kernel, "seconds": best,
+            "gflops": flops / best / 1e9 if best > 0 else float("inf"),
+            "median_gflops": flops / median / 1e9 if median > 0 else float("inf"),
+            "repeats": len(seconds), "warmups": max(0, warmups), "threads": torch.get_num_threads()}
+
+
+def peak_dtype(compression: str, fc_dtype: str) -> str:
+    """The GEMM type an fc variant's layers run in: int8 for int8 layers, else its fc dtype (an SVD's two
+    smaller layers are ordinary float GEMMs)."""
+    return "int8" if compression == "int8" else fc_dtype
+
+
+def matmul_peak(device: torch.device, dtype: str, shapes: dict[str, tuple[int, int, int]], clock: str = "wall",
+                repeats: int = PEAK_REPEATS, warmups: int = PEAK_WARMUPS, previous: dict | None = None,
+                when: str = "") -> dict:
+    """The machine's GEMM peak in ``dtype``: the best ``matmul_gflops`` over ``shapes`` (name -> (M, K, N): the
+    fc layers' own and a large square one) and ``GEMM_KERNELS[dtype]`` ("mm" on the "square" shape only: fc
+    never runs it). ``previous``: an earlier ``matmul_peak`` of the same dtype whose measurements are kept, so
+    that a peak taken before and after the timed runs is the best of both (``when`` labels them).
+
+    Returns ``{"dtype", "gflops" (the peak; None when no kernel ran), "best": {"shape", "shape_mkn", "kernel",
+    "when"}, "entries": [every measurement], "unavailable": {kernel: why}}`` (an int8 GEMM may be missing from a
+    build or device; ``not_measured`` then says why when none ran)."""
+    entries = list(previous["entries"]) if previous else []
+    unavailable = dict(previous.get("unavailable", {})) if previous else {}
+    for name, shape in shapes.items():
+        for kernel in GEMM_KERNELS[dtype]:
+            if kernel == "mm" and name != "square":
+                continue
+            try:
+                measured = matmul_gflops(device, shape, repeats, dtype, clock, kernel=kernel, warmups=warmups)
+            except (RuntimeError, NotImplementedError, SppError) as exc:  # e.g. no int8 GEMM on this device
+                unavailable[kernel] = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+                continue
+            entries.append({"shape": name, "when": when, **measured})
+    result = {"dtype": dtype, "gflops": None, "entries": entries, "unavailable": unavailable}
+    if entries:
+        best = max(entries, key=lambda entry: entry["gflops"])
+        result.update(gflops=best["gflops"], best={key: best[key] for key in ("shape", "shape_mkn", "kernel", "when")})
+    else:
+        result["not_measured"] = "; ".join(f"{k}: {why}" for k, why in unavailable.items()) or "no GEMM kernel"
+    return result
 
 
 @contextlib.contextmanager
@@ -149,7 +198,8 @@ def _speed_settings(device: torch.device, threads: int, cuda_tf32: bool) -> Iter
 @dataclass
 class _Setup:
     """What every timed run shares: the modules (``head`` may be a bfloat16 or compressed copy), scales, sizes,
-    formats."""
+    formats. ``heads``: every fc variant timed in every mode (name -> head, ``head`` among them as ``selected``);
+    empty: ``head`` alone."""
 
     backbone: nets.Backbone
     head: nets.SppHead
@@ -163,3 +213,21 @@ class _Setup:
     rcnn_batch: int
     memory_format: torch.memory_format
     clock: str = "wall"
+    heads: dict[str, nn.Module] = field(default_factory=dict)
+    selected: str = "float32"
+
+    def fc_heads(self) -> dict[str, nn.Module]:
+        return self.heads or {self.selected: self.head}
+
+
+def time_fc(setup: _Setup, rows: torch.Tensor, timer: PhaseTimer, turn: int = 0) -> None:
+    """fc6+fc7 of pooled ``rows`` through every fc variant's head, each timed as phase "fc:<name>" and the selected
+    one also as "fc", with detect's fc path (``fcfeatures.head_rows``: batches converted to the head's type,
+    float32 out) in every mode, so R-CNN and SPP mode differ only in the rows they feed it. The order rotates
+    with ``turn``, so that no variant always comes first after conv and pooling have filled the caches."""
+    heads = list(setup.fc_heads().items())
+    shift = turn % len(heads)
+    for name, head in heads[shift:] + heads[:shift]:
+        with timer(f"fc:{name}"):
+            fcfeatures.head_rows(head, rows, "fc7", setup.fc_batch)
+    timer.seconds["fc"] = timer.seconds[f"fc:{setup.selected}"]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..core import rcnn
-from .measure import FlopCounter, PhaseTimer, _Setup
+from .measure import FlopCounter, PhaseTimer, _Setup, time_fc
 
 
 def _even_subset(count: int, keep: int) -> np.ndarray:
@@ -18,10 +18,11 @@ def _even_subset(count: int, keep: int) -> np.ndarray:
 
 
 def time_rcnn(setup: _Setup, image: np.ndarray, boxes: np.ndarray, keep: int, timer: PhaseTimer,
-              counter: FlopCounter) -> tuple[dict, float, dict]:
+              counter: FlopCounter, turn: int = 0) -> tuple[dict, float, dict]:
     """R-CNN mode on one image, inside ``counter``, conv and pool timed on ``keep`` of the windows: (seconds per
-    phase and conv FLOPs, both scaled to all windows, and what the result adds)."""
-    backbone, head = setup.backbone, setup.head
+    phase and conv FLOPs, both scaled to all windows, and what the result adds). fc runs every fc variant on as
+    many rows as windows (``time_fc``, the same fc path as the SPP modes)."""
+    backbone = setup.backbone
     subset = boxes[_even_subset(len(boxes), keep)]
     pooled = rcnn.rcnn_window_pooled(backbone, image, subset, backbone.spec, setup.pyramid, setup.rcnn_input,
                                      batch=setup.rcnn_batch, timer=timer, memory_format=setup.memory_format)
@@ -29,10 +30,6 @@ def time_rcnn(setup: _Setup, image: np.ndarray, boxes: np.ndarray, keep: int, ti
     conv_flops = counter.flops["conv"] * factor
     # fc on as many rows as there are windows: the same GEMMs the full R-CNN run would do.
     rows = pooled.index_select(0, torch.arange(len(boxes), device=pooled.device) % len(subset))
-    with timer("fc"):
-        rows = rows.to(head.input_dtype)
-        for i in range(0, len(rows), setup.fc_batch):
-            head.features(rows[i:i + setup.fc_batch], "fc7").float()
-    seconds = {"conv": timer.seconds["conv"] * factor, "pool": timer.seconds["pool"] * factor,
-               "fc": timer.seconds["fc"]}
+    time_fc(setup, rows, timer, turn)
+    seconds = {**timer.seconds, "conv": timer.seconds["conv"] * factor, "pool": timer.seconds["pool"] * factor}
     return seconds, conv_flops, {"timed_windows": len(subset), "scale_factor": factor}

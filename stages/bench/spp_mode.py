@@ -1,6 +1,7 @@
-"""``spp bench``, the SPP modes (1-scale and 5-scale): ``spp_window_features``, the fast SPP path (conv layers
-once per image and scale, each window pooled at its best scale, de-duplicated windows through fc6/fc7 once),
-one timed SPP run, and the SPP layer alone (``spp.spp_pool`` against torchvision's ``roi_pool`` per level).
+"""``spp bench``, the SPP modes (1-scale and 5-scale): ``spp_pooled_windows`` (conv layers once per image and
+scale, each distinct window pooled at its best scale, with detect's own functions), ``spp_window_features`` (then
+fc6/fc7), one timed SPP run, and the SPP layer alone (``spp.spp_pool`` against torchvision's ``roi_pool`` per
+level).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from ..core import fcfeatures, nets, rcnn, spp
-from .measure import FlopCounter, PhaseTimer, _Setup
+from .measure import FlopCounter, PhaseTimer, _Setup, time_fc
 
 
 @dataclass
@@ -22,74 +23,75 @@ class SppPathInfo:
     per_scale: dict[int, int] = field(default_factory=dict)  # unique windows pooled from each scale
 
 
+def spp_pooled_windows(backbone: nets.Backbone, image: np.ndarray, boxes, scales: Sequence[int],
+                       pyramid: Sequence[int] = spp.DEFAULT_PYRAMID, rule: str = "code",
+                       timer: rcnn.Timer | None = None, memory_format: torch.memory_format = torch.contiguous_format,
+                       dedup: bool = True) -> tuple[torch.Tensor, np.ndarray, SppPathInfo]:
+    """``(pooled, inverse, info)``: pool5 [U, D] float32 of the distinct windows of ``boxes`` (original-image
+    coordinates) straight from the image, and ``inverse`` [N], each window's row in it. The conv layers run once
+    per scale; each window is pooled at its best scale (SPEC §2), windows sharing a (scale, conv5 rectangle)
+    once (``dedup``; else every window has its own row), with the functions detect pools with
+    (``fcfeatures.distinct_windows``, ``fcfeatures.pool_windows``), so the two compute the same numbers at the
+    same cost. Timer phases "conv" and "pool". Call under ``torch.inference_mode()``, the backbone in eval mode.
+    """
+    phase = timer or rcnn._no_timer
+    device = next(backbone.parameters()).device
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scales = tuple(int(s) for s in scales)
+    pyramid = tuple(int(n) for n in pyramid)
+    image_hw = (int(image.shape[0]), int(image.shape[1]))
+    with phase("conv"):
+        maps = [backbone(nets.preprocess(image, s, backbone.spec, device=device)[None]
+                         .contiguous(memory_format=memory_format))[0] for s in scales]
+    with phase("pool"):
+        image_maps = fcfeatures.ImageMaps("", image_hw, scales, maps, backbone.spec)
+        if dedup:
+            distinct = fcfeatures.distinct_windows(image_maps, boxes, rule)
+            rows, scale_index, inverse = distinct.rows, distinct.scale_index, distinct.inverse
+        else:  # rows sorted by scale, as distinct_windows sorts them: each scale's block is pooled in place
+            scale_index = spp.choose_scale(boxes, image_hw, scales, rule)
+            rows = np.argsort(scale_index, kind="stable")
+            scale_index = scale_index[rows]
+            inverse = np.empty_like(rows)
+            inverse[rows] = np.arange(len(rows))
+        pooled = fcfeatures.pool_windows(image_maps, boxes[rows], pyramid, scale_index=scale_index, rule=rule)
+    info = SppPathInfo(windows=len(boxes), unique_windows=len(rows),
+                       per_scale={s: int(np.count_nonzero(scale_index == k)) for k, s in enumerate(scales)})
+    return pooled, inverse, info
+
+
 def spp_window_features(backbone: nets.Backbone, head: nets.SppHead, image: np.ndarray, boxes, scales: Sequence[int],
                         pyramid: Sequence[int] = spp.DEFAULT_PYRAMID, rule: str = "code", layer: str = "fc7",
                         fc_batch: int = 4096, timer: rcnn.Timer | None = None,
                         memory_format: torch.memory_format = torch.contiguous_format,
                         dedup: bool = True) -> tuple[torch.Tensor, SppPathInfo]:
-    """SPP-net features [N, D] float32 of ``boxes`` (original-image coordinates) straight from the image: the conv
-    layers once per scale, each window pooled at its best scale (SPEC §2), then ``head.features(.., layer)``.
+    """SPP-net features [N, D] float32 of ``boxes`` (original-image coordinates) straight from the image:
+    ``spp_pooled_windows``, then ``head.features(.., layer)`` of each distinct window through detect's fc path
+    (``fcfeatures.head_rows``), each window taking its row. Timer phases "conv", "pool", "fc".
 
     Same numbers as ``spp.pool_windows`` + ``head.features`` (tests/test_bench.py checks it); faster because
-    windows sharing a (scale, conv5 rectangle) are pooled and run through fc once (``dedup``). Timer phases:
-    "conv", "pool", "fc". Call under ``torch.inference_mode()`` with the modules in eval mode.
+    windows sharing a (scale, conv5 rectangle) are pooled and run through fc once (``dedup``). Call under
+    ``torch.inference_mode()`` with the modules in eval mode.
     """
     phase = timer or rcnn._no_timer
-    device = next(backbone.parameters()).device
-    spec = backbone.spec
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    scales = [int(s) for s in scales]
-    pyramid = tuple(int(n) for n in pyramid)
-    image_hw = (int(image.shape[0]), int(image.shape[1]))
-    info = SppPathInfo(windows=len(boxes))
-    with phase("conv"):
-        maps = [backbone(nets.preprocess(image, s, spec, device=device)[None]
-                         .contiguous(memory_format=memory_format))[0] for s in scales]
-    with phase("pool"):
-        scale_index, cells = fcfeatures.window_cells(fcfeatures.ImageMaps("", image_hw, tuple(scales), maps, spec),
-                                                     boxes, rule)
-        keys = np.concatenate([scale_index[:, None], cells], axis=1)
-        # Rows sorted by scale (distinct_cells sorts its keys; a stable sort otherwise), so each scale's pooled
-        # block is a contiguous slice and one concatenation assembles them; ``inverse`` restores the input order.
-        if dedup:
-            rows, inverse = spp.distinct_cells(scale_index, cells)
-            keys = keys[rows]
-        else:
-            order = np.argsort(keys[:, 0], kind="stable")
-            keys, inverse = keys[order], np.empty_like(order)
-            inverse[order] = np.arange(len(order))
-        info.unique_windows = len(keys)
-        parts = []
-        for k in range(len(scales)):
-            rows = np.flatnonzero(keys[:, 0] == k)
-            info.per_scale[scales[k]] = len(rows)
-            if len(rows):
-                parts.append(spp.spp_pool(maps[k], torch.from_numpy(keys[rows, 1:]), pyramid).float())
-        dim = spp.spp_dim(spec.channels, pyramid)
-        pooled = (parts[0] if len(parts) == 1 else torch.cat(parts) if parts
-                  else torch.zeros((0, dim), dtype=torch.float32, device=device))
+    pooled, inverse, info = spp_pooled_windows(backbone, image, boxes, scales, pyramid, rule, timer, memory_format,
+                                               dedup)
     with phase("fc"):
-        if layer == "pool5":
-            unique_features = pooled
-        else:
-            step = max(1, int(fc_batch))
-            dtype = head.input_dtype  # a bfloat16 copy of the head takes bfloat16 input
-            parts = [head.features(pooled[i:i + step].to(dtype), layer) for i in range(0, len(pooled), step)]
-            unique_features = (torch.cat(parts).float() if parts
-                               else pooled.new_zeros((0, getattr(head, layer).out_features)))
-        features = unique_features.index_select(0, torch.from_numpy(inverse).to(device))
+        unique_features = pooled if layer == "pool5" else fcfeatures.head_rows(head, pooled, layer, fc_batch)
+        features = unique_features.index_select(0, torch.from_numpy(inverse).to(unique_features.device))
     return features, info
 
 
 def time_spp(mode: str, setup: _Setup, image: np.ndarray, boxes: np.ndarray, timer: PhaseTimer,
-             counter: FlopCounter) -> tuple[dict, float, dict]:
-    """SPP mode ``mode`` on one image, inside ``counter``: (seconds per phase, conv FLOPs, what the result adds)."""
-    _features, info = spp_window_features(setup.backbone, setup.head, image, boxes, setup.scales[mode],
-                                          setup.pyramid, setup.rule, "fc7", setup.fc_batch, timer,
-                                          setup.memory_format)
+             counter: FlopCounter, turn: int = 0) -> tuple[dict, float, dict]:
+    """SPP mode ``mode`` on one image, inside ``counter``: (seconds per phase, conv FLOPs, what the result adds).
+    fc runs every fc variant on the distinct windows (``time_fc``), as detect scores them: a window that shares
+    its twin's row takes its scores afterwards, so copying fc7 rows to every window is not counted."""
+    pooled, _inverse, info = spp_pooled_windows(setup.backbone, image, boxes, setup.scales[mode], setup.pyramid,
+                                                setup.rule, timer, setup.memory_format)
     conv_flops = counter.flops["conv"]
-    seconds = dict(timer.seconds)
-    return seconds, conv_flops, {"unique_windows": info.unique_windows}
+    time_fc(setup, pooled, timer, turn)
+    return dict(timer.seconds), conv_flops, {"unique_windows": info.unique_windows}
 
 
 def _pooling_comparison(setup: _Setup, image: np.ndarray, boxes: np.ndarray, repeats: int) -> dict:

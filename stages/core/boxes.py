@@ -48,9 +48,10 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
-    from torchvision.ops import nms as _tv_nms  # here, not at import time (see box_iou)
+    from .vision_ops import op  # torchvision's own kernel, without importing torchvision (see box_iou)
 
-    keep = _tv_nms(torch.from_numpy(boxes), torch.from_numpy(np.asarray(scores, dtype=np.float64)), iou_threshold)
+    keep = op("nms")(torch.from_numpy(boxes), torch.from_numpy(np.asarray(scores, dtype=np.float64)),
+                     float(iou_threshold))
     return keep.numpy()
 
 

@@ -83,7 +83,8 @@ def load_feature_nets(run: Run, feature: str, cfg, device: torch.device | str | 
     nets = {}
     for kind in required_nets(feature):
         manifest = manifests[NET_STAGES[kind]]
-        net, meta = load_checkpoint(manifest.output("model"), expect_backbone=expect_backbone or cfg.model.backbone)
+        net, meta = load_checkpoint(manifest.output("model"), expect_backbone=expect_backbone or cfg.model.backbone,
+                                    random_init=False)  # every weight comes from the file
         if bool(meta.get("conv_finetuned")) != bool(manifest.metrics.get("conv")):  # the file vs its manifest
             raise SppError("the model file does not match its manifest (fine-tuned with --conv or not); rerun "
                            "`spp finetune`", manifest.output("model"))
@@ -201,15 +202,23 @@ def head_features(pooled: torch.Tensor, feature: str, nets_by_kind: dict, batch:
     head.eval()
     try:
         with torch.inference_mode():
-            dtype = head.input_dtype  # a bfloat16 head (detect.fc_dtype) takes bfloat16 input
-            parts = [head.features(pooled[i:i + batch].to(dtype), layer)
-                     for i in range(0, len(pooled), max(1, batch))]
+            return head_rows(head, pooled, layer, batch)
     finally:
         head.train(was_training)
+
+
+def head_rows(head, pooled: torch.Tensor, layer: str = "fc7", batch: int = 4096) -> torch.Tensor:
+    """``head.features(.., layer)`` of pooled rows, ``batch`` rows at a time, each batch converted to the type fc6
+    takes (bfloat16 for a bfloat16 head, detect.fc_dtype), float32 out: the fc path of train-svm and detect, and
+    of every mode of spp bench, so that it times this very code. Call in inference mode, the head in eval mode."""
+    step = max(1, int(batch))
+    dtype = head.input_dtype
+    parts = [head.features(pooled[i:i + step].to(dtype), layer) for i in range(0, len(pooled), step)]
     if not parts:
-        out_dim = getattr(head, layer).out_features
-        return torch.zeros((0, out_dim), dtype=torch.float32, device=pooled.device)
-    return torch.cat(parts).float()
+        width = {"pool5": head.in_features, "softmax": head.fc8.out_features}.get(layer)
+        width = width if width is not None else getattr(head, layer).out_features
+        return torch.zeros((0, width), dtype=torch.float32, device=pooled.device)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).float()  # one batch: no concatenation copy
 
 
 def feature_pyramid(nets_by_kind: dict, pyramid: Sequence[int] | None = None) -> tuple[int, ...]:

@@ -34,9 +34,11 @@ MobileNetV2 cut.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -144,6 +146,10 @@ def _zf5_body(width: float = 1.0) -> nn.Sequential:
         ("conv4", nn.Conv2d(c3, c4, kernel_size=3, padding=1)), ("relu4", nn.ReLU(inplace=True)),
         ("conv5", nn.Conv2d(c4, c5, kernel_size=3, padding=1)), ("relu5", nn.ReLU(inplace=True)),
     ]))
+    if body.conv1.weight.is_meta:
+        # Built on the meta device by load_checkpoint, which fills it from a file: no init to compute (normal_ and
+        # division on meta tensors would import torch._dynamo and sympy, 2 s).
+        return body
     # He init for training from scratch (no BatchNorm in ZF-5, so the scale matters); torchvision's VGG does this.
     for module in body.modules():
         if isinstance(module, nn.Conv2d):
@@ -214,19 +220,64 @@ def _dilate_mobilenet_v2(features: nn.Sequential) -> nn.Sequential:
     return features
 
 
+class MobileNetV2Block(nn.Module):
+    """torchvision's MobileNetV2 ``InvertedResidual`` (same attributes, children and forward): built by
+    ``_mobilenet_v2_features`` on the meta device."""
+
+    def __init__(self, inp: int, oup: int, stride: int, expand_ratio: int):
+        super().__init__()
+        self.stride = stride
+        hidden = int(round(inp * expand_ratio))
+        self.use_res_connect = stride == 1 and inp == oup
+        layers = [_conv_bn_relu6(inp, hidden, 1)] if expand_ratio != 1 else []
+        layers += [_conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+                   nn.Conv2d(hidden, oup, 1, 1, 0, bias=False), nn.BatchNorm2d(oup)]
+        self.conv = nn.Sequential(*layers)
+        self.out_channels = oup
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+def _conv_bn_relu6(inp: int, oup: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    """torchvision's ``Conv2dNormActivation`` as MobileNetV2 uses it (BatchNorm, ReLU6)."""
+    return nn.Sequential(nn.Conv2d(inp, oup, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(oup), nn.ReLU6(inplace=True))
+
+
+def _mobilenet_v2_features() -> nn.Sequential:
+    """torchvision's ``mobilenet_v2().features`` module tree (width 1.0): the same layers and state-dict keys,
+    without importing torchvision (2-3 s: ``torchvision.ops`` imports ``torch._dynamo``). Only for a build on the
+    meta device that a checkpoint then fills (``load_checkpoint(random_init=False)``): a real build takes
+    torchvision's own, whose init draws from the seeded RNG (tests/test_trunks.py checks the two agree)."""
+    layers, channels = [_conv_bn_relu6(3, 32, 3, 2)], 32
+    for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                       (6, 320, 1, 1)):  # torchvision's inverted_residual_setting (t, c, n, s)
+        for i in range(n):
+            layers.append(MobileNetV2Block(channels, c, s if i == 0 else 1, t))
+            channels = c
+    layers.append(_conv_bn_relu6(channels, 1280, 1))
+    return nn.Sequential(*layers)
+
+
 def _full_trunk(name: str) -> tuple[nn.Sequential, frozenset[str]]:
     """(the trunk cut at stride 16, randomly initialised; the first key parts of the torchvision ``features``
     or model state dict that belong to layers past the cut, which a weights file may hold and is not asked
     to fit). Keys are torchvision's own, so its files load without renaming."""
-    import torchvision.models as tvm
-
     if name in MOBILENET_V2_CUTS:
         cut = MOBILENET_V2_CUTS[name]
         # features[14] is the next stride-2 block; [:14] ends with 96 channels at stride 16. The longer cuts
         # run the stride-32 stage dilated instead (built the same way, so a seed gives [:14] the same weights).
-        features = tvm.mobilenet_v2(weights=None).features
+        if torch.get_default_device().type == "meta":  # structure only: a checkpoint fills it
+            features = _mobilenet_v2_features()
+        else:
+            import torchvision.models as tvm
+
+            features = tvm.mobilenet_v2(weights=None).features
         body = features[:cut] if cut == 14 else _dilate_mobilenet_v2(features[:cut])
         return body, frozenset(str(i) for i in range(cut, len(features)))
+    import torchvision.models as tvm
+
     if name == "alexnet":
         # features[12] is the last max-pool; without it conv5+ReLU has stride 4*2*2 = 16, 256 channels.
         return _features_without_classifier(tvm.alexnet)[:12], frozenset({"12"})
@@ -271,26 +322,36 @@ def receptive_field(body: nn.Module) -> tuple[int, float]:
 
 def _field(module: nn.Module) -> tuple[float, float]:
     """(stride, 0-based input position of output cell 0's centre) of one module."""
-    from torchvision.models.mobilenetv2 import InvertedResidual
-    from torchvision.models.resnet import BasicBlock, Bottleneck
-
+    residual, inverted = _torchvision_blocks()
     if isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
         kernel, stride, padding = (_first(getattr(module, a)) for a in ("kernel_size", "stride", "padding"))
         dilation = _first(getattr(module, "dilation", 1))
         return stride, dilation * (kernel - 1) / 2.0 - padding
     if isinstance(module, _POINTWISE):
         return 1, 0.0
-    if isinstance(module, (BasicBlock, Bottleneck)):
+    if isinstance(module, residual):
         main = _chain(child for key, child in module.named_children() if key != "downsample")
         shortcut = _field(module.downsample) if module.downsample is not None else (1, 0.0)
         return _same_geometry(module, main, shortcut)
-    if isinstance(module, InvertedResidual):
+    if isinstance(module, inverted):
         main = _field(module.conv)
         return _same_geometry(module, main, (1, 0.0)) if module.use_res_connect else main
     if type(module) is nn.Sequential or (isinstance(module, nn.Sequential) and type(module).forward is
                                           nn.Sequential.forward):
         return _chain(module.children())
     raise TypeError(f"receptive_field: no rule for {type(module).__name__}")
+
+
+def _torchvision_blocks() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """The residual block classes: torchvision's ((BasicBlock, Bottleneck), (InvertedResidual,)) with our
+    ``MobileNetV2Block``; torchvision's only when it is imported (no module can be one of them before), so that a
+    trunk built without it does not pay its 2-3 s import."""
+    if "torchvision.models" not in sys.modules:
+        return (), (MobileNetV2Block,)
+    from torchvision.models.mobilenetv2 import InvertedResidual
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    return (BasicBlock, Bottleneck), (InvertedResidual, MobileNetV2Block)
 
 
 def _chain(modules) -> tuple[float, float]:
@@ -470,8 +531,9 @@ class SppHead(nn.Module):
         self.fc7 = nn.Linear(self.fc_dim, self.fc_dim)
         self.fc8 = nn.Linear(self.fc_dim, self.num_classes)
         for layer in (self.fc6, self.fc7, self.fc8):  # N(0, 0.01) weights [S finetune prototxt; torchvision VGG]
-            nn.init.normal_(layer.weight, 0.0, 0.01)
-            nn.init.zeros_(layer.bias)
+            if not layer.weight.is_meta:  # a meta build is filled from a file (see _zf5_body)
+                nn.init.normal_(layer.weight, 0.0, 0.01)
+                nn.init.zeros_(layer.bias)
 
     @property
     def in_features(self) -> int:
@@ -618,8 +680,13 @@ def _conv_layers_digest(meta: dict, state: dict) -> str:
 
 
 def load_checkpoint(path: str | Path, expect_backbone: str | None = None,
-                    map_location: str | torch.device = "cpu") -> tuple[SppNet, dict]:
-    """(SppNet, meta) from ``save_checkpoint``'s file; any problem is one SppError line naming the file."""
+                    map_location: str | torch.device = "cpu", *, random_init: bool = True) -> tuple[SppNet, dict]:
+    """(SppNet, meta) from ``save_checkpoint``'s file; any problem is one SppError line naming the file.
+
+    ``random_init=False`` builds the network on the meta device and takes every tensor from the file: no random
+    init is computed (0.3-1 s a model, which the file's weights replace anyway) and the global RNG is left as it
+    was. The default draws from it as a fresh build does, which callers that seed before loading rely on
+    (pretrain from a checkpoint)."""
     path = Path(path)
     if not path.is_file():
         raise SppError("no such checkpoint", path)
@@ -640,13 +707,16 @@ def load_checkpoint(path: str | Path, expect_backbone: str | None = None,
     if backbone not in BACKBONES:
         raise SppError(f"checkpoint names an unknown backbone {backbone!r}", path)
     try:
-        model = SppNet(build_backbone(backbone, width=meta.get("width", 1.0)), meta["pyramid"], meta["fc_dim"],
-                       meta["num_classes"], meta.get("dropout", 0.5), meta.get("class_names", ()))
+        with contextlib.nullcontext() if random_init else torch.device("meta"):
+            model = SppNet(build_backbone(backbone, width=meta.get("width", 1.0)), meta["pyramid"], meta["fc_dim"],
+                           meta["num_classes"], meta.get("dropout", 0.5), meta.get("class_names", ()))
     except (KeyError, TypeError, ValueError) as exc:
         raise SppError(f"checkpoint meta is incomplete ({type(exc).__name__}: {exc})", path) from None
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=not random_init)
     except RuntimeError as exc:
         raise SppError(f"checkpoint weights do not match its architecture ({' '.join(str(exc).split())[:300]})",
                        path) from None
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a tensor the file does not hold
+        raise SppError("checkpoint lacks some of its architecture's tensors", path)
     return model.to(map_location), meta

@@ -14,12 +14,13 @@ import torch
 
 from . import boxes as B
 from . import fcfeatures
-from .artifacts import Run
+from .artifacts import CONV_LAYERS_PART, Run
 from .bboxreg import BboxModel, apply_bbox, load_bbox_model
 from .errors import SppError
 from .nets import BACKGROUND, Backbone, load_checkpoint, preprocess
 from .registry import bbox_tag, command_for_path, svm_tag
 from .svm import SvmModel, load_svm_model
+from .timing import PhaseTimer, no_timer
 
 
 @dataclass(frozen=True)
@@ -37,20 +38,31 @@ class ClassModels:
 
 
 def detect_windows(boxes: np.ndarray, scores: np.ndarray, image_wh: tuple[int, int], *, score_thresh: float,
-                   nms_iou: float, max_per_image: int, regress=None) -> list[tuple[np.ndarray, np.ndarray]]:
+                   nms_iou: float, max_per_image: int, regress=None,
+                   timer: PhaseTimer | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per class: keep scores > thresh, greedy NMS (IoU > nms_iou suppressed), top ``max_per_image``; then, with
-    ``regress(class_index, rows) -> boxes`` (rows index ``boxes``), move the survivors, clip them to the image and
-    run NMS again (SPEC §6-7: the released code's evaluation applies NMS 0.3 after regression)."""
+    ``regress(rows_per_class) -> boxes_per_class`` (rows index ``boxes``; every class at once, so that their
+    features are gathered once), move the survivors, clip them to the image and run NMS again (SPEC §6-7: the
+    released code's evaluation applies NMS 0.3 after regression). ``timer`` (a ``PhaseTimer``) counts the
+    phases "nms" and "bbox"."""
+    phase = timer or no_timer
+    with phase("nms"):
+        kept = []
+        for k in range(scores.shape[1]):
+            rows = np.flatnonzero(scores[:, k] > score_thresh)
+            kept.append(rows[B.nms(boxes[rows], scores[rows, k], nms_iou)[:max_per_image]])
+    if regress is None:
+        return [(boxes[rows], scores[rows, k]) for k, rows in enumerate(kept)]
+    with phase("bbox"):
+        moved = [B.clip_boxes(regressed, *image_wh) for regressed in regress(kept)]
     out = []
-    for k in range(scores.shape[1]):
-        rows = np.flatnonzero(scores[:, k] > score_thresh)
-        rows = rows[B.nms(boxes[rows], scores[rows, k], nms_iou)[:max_per_image]]
-        cls_boxes, cls_scores = boxes[rows], scores[rows, k]
-        if regress is not None and len(rows):
-            cls_boxes = B.clip_boxes(regress(k, rows), *image_wh)
-            keep = B.nms(cls_boxes, cls_scores, nms_iou)
-            cls_boxes, cls_scores = cls_boxes[keep], cls_scores[keep]
-        out.append((cls_boxes, cls_scores))
+    with phase("nms"):
+        for k, rows in enumerate(kept):
+            cls_boxes, cls_scores = moved[k], scores[rows, k]
+            if len(rows):
+                keep = B.nms(cls_boxes, cls_scores, nms_iou)
+                cls_boxes, cls_scores = cls_boxes[keep], cls_scores[keep]
+            out.append((cls_boxes, cls_scores))
     return out
 
 
@@ -92,37 +104,73 @@ class Scorer:
         kind = {"pretrain": "pretrained", "finetune": "finetuned"}[self.conv_from]
         if kind in self.nets:  # already loaded for the features (ftfc6/ftfc7 of a model fine-tuned with --conv)
             return self.nets[kind].backbone.eval()
-        model, _ = load_checkpoint(self.run.require(self.conv_from).output("model"),
-                                   expect_backbone=self.cfg.model.backbone)
+        manifest = self.run.require(self.conv_from)
+        conv_digest = manifest.metrics.get(CONV_LAYERS_PART)
+        for stage, net in ((fcfeatures.NET_STAGES[k], n) for k, n in self.nets.items()):
+            # A loaded net with the very same conv layers (fine-tuned without --conv): no second checkpoint read.
+            if conv_digest and self.net_manifests[stage].metrics.get(CONV_LAYERS_PART) == conv_digest:
+                return net.backbone.eval()
+        model, _ = load_checkpoint(manifest.output("model"), expect_backbone=self.cfg.model.backbone,
+                                   random_init=False)
         return model.backbone.to(self.device).eval()
 
     def score(self, cache, image_id: str, boxes: np.ndarray, image_wh: tuple[int, int],
-              score_thresh: float | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+              score_thresh: float | None = None,
+              timer: PhaseTimer | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per-class (boxes, scores) of one image's windows; conv5 maps are read and pooled once. ``cache`` is a
-        ``FeatureCache`` or ``LiveMaps``; ``score_thresh`` defaults to ``detect.score_thresh``."""
-        fc, cfg = fcfeatures, self.cfg
+        ``FeatureCache`` or ``LiveMaps``; ``score_thresh`` defaults to ``detect.score_thresh``. ``timer`` (a
+        ``PhaseTimer``) counts the phases "read", "pool", "fc", "score", "nms" and "bbox"."""
+        fc, cfg, phase = fcfeatures, self.cfg, timer or no_timer
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         if len(boxes) == 0:
             return [(np.zeros((0, 4)), np.zeros(0)) for _ in self.models.classes]
-        maps = fc.load_maps(cache, image_id, self.scales_subset, device=self.device)
-        # Pool and score each distinct (scale, conv5 rectangle) once; every window then takes its twin's row.
-        distinct = fc.distinct_windows(maps, boxes, rule=cfg.features.scale_rule)
-        pooled = fc.pool_windows(maps, boxes[distinct.rows], fc.feature_pyramid(self.nets, cfg.model.pyramid),
-                                 scale_index=distinct.scale_index, rule=cfg.features.scale_rule)
-        feats = fc.head_features(pooled, self.feature, self.nets, cfg.detect.batch_windows)
-        if self.softmax:
-            distinct_scores = feats[:, 1:].float()  # column 0 is the background
-        else:
-            distinct_scores = self.models.svm.scores(feats)  # on the features' device
-        scores = distinct_scores[torch.as_tensor(distinct.inverse, device=distinct_scores.device)]
-        def regress(k: int, rows: np.ndarray) -> np.ndarray:
-            own = torch.as_tensor(distinct.inverse[rows], device=pooled.device)
-            return apply_bbox(self.models.bbox, k, pooled[own], boxes[rows], image_wh)
+        with phase("read"):
+            maps = fc.load_maps(cache, image_id, self.scales_subset, device=self.device)
+        with phase("pool"):
+            # Pool and score each distinct (scale, conv5 rectangle) once; every window then takes its twin's row.
+            distinct = fc.distinct_windows(maps, boxes, rule=cfg.features.scale_rule)
+            pooled = fc.pool_windows(maps, boxes[distinct.rows], fc.feature_pyramid(self.nets, cfg.model.pyramid),
+                                     scale_index=distinct.scale_index, rule=cfg.features.scale_rule)
+        if timer is not None:
+            timer.count("windows", len(boxes))
+            timer.count("fc_windows", len(distinct.rows))
+        with phase("fc"):
+            feats = fc.head_features(pooled, self.feature, self.nets, cfg.detect.batch_windows)
+        with phase("score"):
+            if self.softmax:
+                distinct_scores = feats[:, 1:].float()  # column 0 is the background
+            else:
+                distinct_scores = self.models.svm.scores(feats)  # on the features' device
+            scores = distinct_scores[torch.as_tensor(distinct.inverse, device=distinct_scores.device)]
+            scores = scores.double().cpu().numpy()
+
+        def regress(kept: list[np.ndarray]) -> list[np.ndarray]:
+            # One gather and one device->host copy of the pool5 rows any class moves, not one per class.
+            own = distinct.inverse[np.concatenate([np.zeros(0, dtype=np.int64), *kept])]
+            needed, position = np.unique(own, return_inverse=True)
+            features = pooled[torch.as_tensor(needed, device=pooled.device)].cpu().numpy()
+            moved, start = [], 0
+            with one_blas_thread():
+                for k, rows in enumerate(kept):
+                    at = position[start:start + len(rows)]
+                    start += len(rows)
+                    moved.append(apply_bbox(self.models.bbox, k, features[at], boxes[rows], image_wh) if len(rows)
+                                 else boxes[rows])
+            return moved
         d = cfg.detect
-        return detect_windows(boxes, scores.double().cpu().numpy(), image_wh,
+        return detect_windows(boxes, scores, image_wh,
                               score_thresh=d.score_thresh if score_thresh is None else float(score_thresh),
                               nms_iou=d.nms_iou, max_per_image=d.max_per_image,
-                              regress=regress if self.models.bbox is not None else None)
+                              regress=regress if self.models.bbox is not None else None, timer=timer)
+
+
+def one_blas_thread():
+    """numpy's BLAS on one thread, within ``with``: box regression's products ([<=100, D] x [D, 4] per class) are too
+    thin to share, and waking a second thread for each cost 5-10 ms on a busy machine (6x the product itself).
+    BLAS threads split the rows, not the sums, so the results are the same to the bit (tests/test_detect_images.py)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
 
 
 class LiveMaps:

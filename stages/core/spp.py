@@ -183,9 +183,13 @@ def _roi_pool_level(fmap: torch.Tensor, cells: torch.Tensor, n: int) -> torch.Te
     ``roi_end - roi_start + 1`` is the inclusive cell count, the ``w`` of the bin formula."""
     rois = torch.cat([torch.zeros(len(cells), 1, dtype=fmap.dtype, device=fmap.device),
                       cells.to(device=fmap.device, dtype=fmap.dtype)], dim=1)
-    from torchvision.ops import roi_pool  # lazily: torchvision's import costs 1.6 s per process
+    if torch.is_grad_enabled() and fmap.requires_grad:
+        from torchvision.ops import roi_pool  # its backward is registered by torchvision's Python package
 
-    return roi_pool(fmap[None], rois, output_size=(n, n), spatial_scale=1.0)
+        return roi_pool(fmap[None], rois, output_size=(n, n), spatial_scale=1.0)
+    from .vision_ops import op  # the same kernel without torchvision's 2-3 s import
+
+    return op("roi_pool")(fmap[None], rois, 1.0, n, n)[0]
 
 
 def _floor_log2(values: np.ndarray) -> np.ndarray:
@@ -301,13 +305,28 @@ def _roi_pool_or_table(fmap: torch.Tensor, cells: torch.Tensor, n: int) -> torch
     return level
 
 
+def _max_pool_level(finer: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k x k``, stride ``k`` max-pool of a pooled level [M, C, m, m] (``k`` divides ``m``), exactly. Without
+    gradients, the maximum of its ``k^2`` strided sub-grids: about a third of max_pool2d's time on roi_pool's
+    [M, C, m, m] output, whose tiny planes max_pool2d walks one by one, and no slower on the table's channels-last
+    levels. With gradients, max_pool2d as before (it sends a tie's gradient to one cell, maxima split it)."""
+    if torch.is_grad_enabled() and finer.requires_grad:
+        return F.max_pool2d(finer, kernel_size=k, stride=k)
+    pooled = None
+    for dy in range(k):
+        for dx in range(k):
+            part = finer[:, :, dy::k, dx::k]
+            pooled = part if pooled is None else torch.maximum(pooled, part)
+    return pooled
+
+
 def _write_levels(dest: torch.Tensor, levels: dict[int, torch.Tensor], pyramid: tuple[int, ...]) -> None:
     """Complete ``levels`` with the derived ones (max-pool of a pooled multiple, see ``spp_pool``), then copy each
     into its (C, y, x) slice of ``dest`` [M, D], in pyramid order."""
     for n in sorted(set(pyramid), reverse=True):
         if n not in levels:
             m = min(m for m in levels if m % n == 0)  # the smallest pooled multiple: the fewest cells to reduce
-            levels[n] = F.max_pool2d(levels[m], kernel_size=m // n, stride=m // n)
+            levels[n] = _max_pool_level(levels[m], m // n)
     column = 0
     for n in pyramid:
         width = levels[n].shape[1] * n * n
@@ -316,7 +335,7 @@ def _write_levels(dest: torch.Tensor, levels: dict[int, torch.Tensor], pyramid: 
 
 
 def spp_pool(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID,
-             method: str = "auto") -> torch.Tensor:
+             method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Spatial pyramid pooling of N windows of one map: ``fmap`` [C,h,w], ``cells`` int64 [N,4] 0-based inclusive
     ``(x0, y0, x1, y1)`` -> [N, C * sum(n^2)], levels in ``pyramid`` order, each flattened ``(C, y, x)``.
 
@@ -330,12 +349,18 @@ def spp_pool(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID
     output. "roi_pool": torchvision's roi_pool per pooled level (the table for the windows where its float bins
     are inexact). Both are exact and differentiable with respect to ``fmap``. "auto" (default): whichever
     ``pooling_method`` expects to be cheaper for these windows (same values either way).
+
+    ``out``: a [N, D] tensor (e.g. rows of a larger one) to write into instead of a new one, each level converted
+    to its type as it is written (no separate copy or conversion pass); returned.
     """
     pyramid = tuple(int(n) for n in pyramid)
     cells = _check_cells(fmap, cells)
     fmap = fmap.to(_compute_dtype(fmap))
     channels = fmap.shape[0]
-    out = fmap.new_empty((len(cells), spp_dim(channels, pyramid)))
+    if out is None:
+        out = fmap.new_empty((len(cells), spp_dim(channels, pyramid)))
+    elif tuple(out.shape) != (len(cells), spp_dim(channels, pyramid)):
+        raise ValueError(f"out has shape {tuple(out.shape)}, not {(len(cells), spp_dim(channels, pyramid))}")
     if len(cells) == 0:
         return out
     distinct = sorted(set(pyramid), reverse=True)
@@ -410,7 +435,9 @@ def pool_windows(fmaps: Sequence[torch.Tensor], image_hw: tuple[int, int], scale
     conv5 maps (``fmaps[k]`` computed at shorter side ``scales[k]``) -> float32 [N, D], in input order.
 
     Each box is pooled from one scale: ``scale_index`` (int [N], into ``scales``) or, when None, the best scale
-    by ``choose_scale(rule)``. Then ``scale_boxes`` -> ``boxes_to_cells`` -> ``spp_pool`` per scale.
+    by ``choose_scale(rule)``. Then ``scale_boxes`` -> ``boxes_to_cells`` -> ``spp_pool`` per scale. A scale
+    whose boxes are consecutive rows (boxes sorted by scale, as ``distinct_cells`` orders them, or one scale) is
+    pooled straight into its rows of the result, unless gradients flow through the maps.
     """
     scales = [int(s) for s in scales]
     if len(fmaps) != len(scales) or not scales:
@@ -418,7 +445,8 @@ def pool_windows(fmaps: Sequence[torch.Tensor], image_hw: tuple[int, int], scale
     boxes = _as_boxes(boxes)
     channels = fmaps[0].shape[0]
     device = fmaps[0].device
-    out = torch.zeros((len(boxes), spp_dim(channels, pyramid)), dtype=torch.float32, device=device)
+    # Every row is written below (each box has exactly one scale): no zero fill needed.
+    out = torch.empty((len(boxes), spp_dim(channels, pyramid)), dtype=torch.float32, device=device)
     if len(boxes) == 0:
         return out
     if scale_index is None:
@@ -433,7 +461,12 @@ def pool_windows(fmaps: Sequence[torch.Tensor], image_hw: tuple[int, int], scale
         if len(chosen) == 0:
             continue
         fmap = fmaps[k]
-        cells = boxes_to_cells(scale_boxes(boxes[chosen], image_hw, short_side), fmap.shape[-2:], spec)
-        pooled = spp_pool(fmap, torch.from_numpy(cells), pyramid)
-        out[torch.from_numpy(chosen).to(device)] = pooled.to(torch.float32)
+        cells = torch.from_numpy(boxes_to_cells(scale_boxes(boxes[chosen], image_hw, short_side), fmap.shape[-2:],
+                                                spec))
+        consecutive = int(chosen[-1]) - int(chosen[0]) + 1 == len(chosen)
+        if consecutive and not (torch.is_grad_enabled() and fmap.requires_grad):
+            # Pooled in place: no temporary, no scatter copy (training keeps the plain autograd path).
+            spp_pool(fmap, cells, pyramid, out=out[int(chosen[0]):int(chosen[-1]) + 1])
+        else:
+            out[torch.from_numpy(chosen).to(device)] = spp_pool(fmap, cells, pyramid).to(torch.float32)
     return out

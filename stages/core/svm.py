@@ -24,8 +24,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.svm import LinearSVC
 
 from .artifacts import atomic_write_bytes
 from .errors import SppError
@@ -82,6 +80,7 @@ def fit_linear_svm(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver = Svm
     X = np.empty((len(X_pos) + len(X_neg), np.shape(X_pos)[1]), dtype=np.float64)
     X[:len(X_pos)], X[len(X_pos):] = X_pos, X_neg
     y = np.concatenate([np.ones(len(X_pos)), -np.ones(len(X_neg))])
+    LinearSVC, ConvergenceWarning = _liblinear()
     model = LinearSVC(penalty="l2", loss="hinge", dual=True, C=solver.C,
                       class_weight={1: solver.pos_weight, -1: 1.0}, fit_intercept=True,
                       intercept_scaling=solver.bias_multiplier, tol=solver.tol, max_iter=solver.max_iter,
@@ -93,6 +92,15 @@ def fit_linear_svm(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver = Svm
     n_iter = int(np.max(model.n_iter_))
     # classes_ is sorted (-1, 1): coef_ scores the +1 class.
     return SvmFit(model.coef_[0].astype(np.float32), float(model.intercept_[0]), n_iter, n_iter < solver.max_iter)
+
+
+def _liblinear() -> tuple[type, type]:
+    """scikit-learn's LinearSVC and ConvergenceWarning, imported when a fit needs them: the import takes 1-2 s,
+    which detection (it only applies ``SvmModel``) should not pay."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.svm import LinearSVC
+
+    return LinearSVC, ConvergenceWarning
 
 
 def fit_memory_bytes(rows: int, dim: int, nonzeros: int) -> int:
@@ -118,6 +126,7 @@ _FORK_LOCK = threading.Lock()  # gc.freeze/unfreeze are process-wide: one fork a
 def fit_in_fork(X_pos: np.ndarray, X_neg: np.ndarray, solver: SvmSolver) -> SvmFit:
     """``fit_linear_svm`` in a forked child: it sees the arrays through fork's copy-on-write (nothing is pickled
     or copied but the small result), and its liblinear generator is its own."""
+    _liblinear()  # imported here, once: each forked child inherits it instead of importing it again
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_fit_and_send, args=(X_pos, X_neg, solver, send), daemon=True)
