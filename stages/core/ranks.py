@@ -5,6 +5,7 @@ pretrain and finetune share. In a plain run (no WORLD_SIZE) this is rank 0 of 1 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -59,6 +60,16 @@ def join_ranks(preference: str) -> Ranks:
 def leave_ranks(ranks: Ranks) -> None:
     if ranks.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def ranks_joined(preference: str):
+    """``join_ranks`` for the body of a ``with``, and ``leave_ranks`` however it ends: a stage's ``run``."""
+    ranks = join_ranks(preference)
+    try:
+        yield ranks
+    finally:
+        leave_ranks(ranks)
 
 
 def all_sum(values: list[float], ranks: Ranks) -> list[float]:

@@ -67,7 +67,7 @@ from ..core.artifacts import (CONV_LAYERS_PART, Manifest, Run, StageResult, atom
                               sha256_json)
 from ..core.config import Config
 from ..core.errors import SppError
-from ..core.ranks import Ranks, all_sum, barrier, join_ranks, leave_ranks
+from ..core.ranks import Ranks, all_sum, barrier, ranks_joined
 from ..core.roidb import build_roidb
 from ..core.runner import Produced, StagePlan, execute
 from ..core.nets import BACKGROUND
@@ -117,11 +117,8 @@ def _summary(m: dict, model_path: Path) -> str:
 
 def run(cfg: Config) -> StageResult:
     """``spp finetune``: see the module docstring."""
-    ranks = join_ranks(cfg.device)
-    try:
+    with ranks_joined(cfg.device) as ranks:
         return _run(cfg, ranks)
-    finally:
-        leave_ranks(ranks)
 
 
 def _run(cfg: Config, ranks: Ranks) -> StageResult:

@@ -40,7 +40,7 @@ from ..core import nets
 from ..core.artifacts import CONV_LAYERS_PART, Run, StageResult, read_manifest, sha256_file, sha256_json
 from ..core.config import Config
 from ..core.errors import InputError, SppError
-from ..core.ranks import Ranks, join_ranks, leave_ranks
+from ..core.ranks import Ranks, ranks_joined
 from ..core.runner import Produced, StagePlan, execute
 from .data import (_epoch_generator, _image_tree, _loader, _tree_fingerprint, classification_root, epoch_size,
                    train_transform, val_transform)
@@ -63,11 +63,8 @@ __all__ = [
 
 def run(cfg: Config) -> StageResult:
     """Train (or resume) and write ``model.pt`` + manifest; skipped when already done with this config/data."""
-    ranks = join_ranks(cfg.device)
-    try:
+    with ranks_joined(cfg.device) as ranks:
         return _run(cfg, ranks)
-    finally:
-        leave_ranks(ranks)
 
 
 def _run(cfg: Config, ranks: Ranks) -> StageResult:
