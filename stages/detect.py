@@ -64,7 +64,7 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False, starte
         image_ids = proposals.image_ids
         start = time.perf_counter()
         timer.add("startup", start - started - timer.seconds["load"])
-        with torch.inference_mode():
+        with cache, torch.inference_mode():  # closed after: a rerun of extract-features in this process reuses it
             for image_index, image_id in enumerate(progress(image_ids, desc=f"detect {tag}", unit="img", leave=False)):
                 with timer("read"):
                     height, width = cache.image_hw(image_id)

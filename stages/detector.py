@@ -244,6 +244,8 @@ class Detector:
         with torch.inference_mode():
             with phase("conv"):
                 live = LiveMaps(self.backbone, self.scales, pixels, self.device)
+                if self.cfg.detect.test_flip:
+                    live.maps("image", flip=True)  # the mirrored image's maps, counted as conv too
             per_class = self.scorer.score(live, "image", windows, (width, height), score_thresh=thresh, timer=timer)
         return _detections(per_class, self.classes, width, height, source)
 

@@ -102,6 +102,15 @@ def load_backbone(cfg: Config, source: Path | str, is_checkpoint: bool) -> nets.
     return nets.build_backbone(cfg.model.backbone, str(source), cfg.model.width)
 
 
+def stores_flip(cfg: Config, split: str, conv_from: str = "pretrain") -> bool:
+    """Whether ``split``'s cache also holds the mirrored image's maps: the training split's serve fine-tuning on
+    the cache (not a --conv model's own maps: SVMs and box regressors train on the images as they are); the test
+    split's serve ``detect.test_flip``."""
+    if split == cfg.data.train_split:
+        return bool(cfg.features.flip and conv_from == "pretrain")
+    return bool(cfg.detect.test_flip and split == cfg.data.test_split)
+
+
 def run(cfg: Config, split: str, conv_from: str = "pretrain") -> StageResult:
     """conv5 maps of ``split`` into ``02_features/<split>/`` (``<split>+ftconv/`` with ``conv_from="finetune"``:
     the conv layers of a model fine-tuned with --conv)."""
@@ -110,9 +119,7 @@ def run(cfg: Config, split: str, conv_from: str = "pretrain") -> StageResult:
     dataset = VocDataset.from_config(cfg.data)
     image_ids = dataset.image_ids(split)
     scales = tuple(int(s) for s in cfg.features.scales)
-    # Mirrored maps serve fine-tuning on the cache only; a --conv model's own maps feed SVMs and box regressors,
-    # which train on the images as they are.
-    store_flip = bool(cfg.features.flip and split == cfg.data.train_split and conv_from == "pretrain")
+    store_flip = stores_flip(cfg, split, conv_from)
     tag = features_tag(split, conv_from)
     model_record, model_source, is_checkpoint = model_input(cfg, run_dir, conv_from)
     dataset_fp = dataset.fingerprint(split)

@@ -434,3 +434,74 @@ def test_detection_imports_neither_sklearn_nor_torchvision(trained):
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+# -- detect.test_flip: the mirrored image's scores averaged in ---------------------------------------------------
+def _all_window_scores(scorer, image: np.ndarray, windows: np.ndarray, backbone) -> list[dict]:
+    """Per class, {window: score} of every window (NMS 1.0 and no cap in the scorer's config: nothing dropped)."""
+    height, width = image.shape[:2]
+    with torch.inference_mode():
+        found = scorer.score(LiveMaps(backbone, scorer.scales, image, scorer.device), "image", windows,
+                             (width, height), score_thresh=LOW)
+    out = []
+    for kept_boxes, kept_scores in found:
+        assert len(kept_boxes) == len(windows)
+        out.append({tuple(np.round(b, 6)): s for b, s in zip(kept_boxes, kept_scores)})
+    return out
+
+
+def test_test_flip_averages_the_scores_of_the_mirrored_image(trained):
+    keep_all = {"detect.nms_iou": 1.0, "detect.max_per_image": 100000}
+    plain = Detector.from_run(trained.run_dir, feature="ftfc7", bbox=False, device="cpu", overrides=keep_all)
+    flipped = Detector.from_run(trained.run_dir, feature="ftfc7", bbox=False, device="cpu",
+                                overrides={**keep_all, "detect.test_flip": True})
+    image = np.asarray(Image.open(trained.jpegs[5]).convert("RGB"))
+    width = image.shape[1]
+    windows = selective_search(image, plain.cfg.proposals, seed=plain.cfg.seed)
+    mirror = np.ascontiguousarray(image[:, ::-1])
+    own = _all_window_scores(plain.scorer, image, windows, plain.backbone)
+    # The mirrored image as a photo of its own, its windows mirrored: no flip anywhere in the scorer.
+    seen_mirrored = _all_window_scores(plain.scorer, mirror, B.flip_boxes(windows, width), plain.backbone)
+    averaged = _all_window_scores(flipped.scorer, image, windows, flipped.backbone)
+    differs = 0
+    for k in range(len(own)):
+        for box in own[k]:
+            back = tuple(np.round(B.flip_boxes(np.array([box]), width)[0], 6))
+            expected = (own[k][box] + seen_mirrored[k][back]) / 2
+            assert averaged[k][box] == pytest.approx(expected, rel=1e-9, abs=1e-9)
+            differs += abs(own[k][box] - expected) > 1e-6
+    assert differs > 0  # the mirrored image does change the scores: the check above could fail
+
+
+def test_test_flip_on_a_split_needs_mirrored_maps_and_extract_features_stores_them(trained, tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(trained.runs, runs)
+    common = [a if a != str(trained.runs) else str(runs) for a in trained.common]
+    flip = ["--set", "detect.test_flip=true"]
+    _invoke("proposals", *common, "--split", "test")
+    _invoke("extract-features", *common, "--split", "test")
+    _invoke("detect", *common, "--split", "test", "--feature", "ftfc7", "--one-scale")
+    result = _invoke("detect", *common, "--split", "test", "--feature", "ftfc7", "--one-scale", *flip, expect=1)
+    assert "holds no flipped maps" in result.output and "detect.test_flip" in result.output
+    _invoke("extract-features", *common, "--split", "test", *flip)
+    _invoke("detect", *common, "--split", "test", "--feature", "ftfc7", "--one-scale", *flip)
+    run = Run(runs / "r")
+    made = run.require("detect", "test-ftfc7-s1-bb")
+    assert made.data["config"]["detect"]["test_flip"] is True
+    # Without it, the record has no test_flip key: detections made before the setting existed stay up to date.
+    cfg = resolve_config(None, {"run": "r", "runs_root": str(runs), "device": "cpu", "detect.test_flip": False})
+    assert "test_flip" not in detect.fccompress.detect_record(cfg.detect)
+    assert not list((runs / "r" / "02_features" / "test").glob("*.corrupt"))  # detect closed its cache
+
+
+def test_only_the_training_and_test_splits_store_mirrored_maps():
+    from stages.core.config import build_config
+    from stages.extract_features import stores_flip
+
+    cfg = build_config("synth", {"features.flip": True})
+    assert stores_flip(cfg, "trainval") and not stores_flip(cfg, "test") and not stores_flip(cfg, "val")
+    assert not stores_flip(cfg, "trainval", conv_from="finetune")
+    assert not stores_flip(build_config("synth", {"features.flip": False}), "trainval")
+    on = build_config("synth", {"features.flip": True, "detect.test_flip": True})
+    assert stores_flip(on, "test") and not stores_flip(on, "val")
+    assert stores_flip(on, "test", conv_from="finetune")  # a --conv model's own maps, mirrored for detection

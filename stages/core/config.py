@@ -254,6 +254,10 @@ class DetectConfig:
     # (fc6, fc7) ranks kept by "svd" (Fast R-CNN's for VGG16); a rank >= min(in, out) keeps that layer whole, and
     # a rank saves work only below in * out / (in + out)
     fc_svd_ranks: tuple[int, int] = (1024, 256)
+    # Beyond the paper (opt-in): also score every window on the mirrored image's conv5 maps and average the two
+    # scores, as the network saw mirrored images in fine-tuning. Costs a second pool + fc pass per image, and
+    # extract-features then stores mirrored maps of the test split too. Box regression reads the image as it is.
+    test_flip: bool = False
 
     def __post_init__(self) -> None:
         _require_choices(self, "detect")

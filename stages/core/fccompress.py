@@ -166,8 +166,10 @@ def compression_record(detect_cfg, uses_fc: bool = True) -> dict:
 
 def detect_record(detect_cfg, uses_fc: bool = True) -> dict:
     """The ``detect`` section as detect's config record holds it: ``fc_compression`` / ``fc_svd_ranks`` only as
-    ``compression_record`` says (detections made before these keys existed stay up to date)."""
-    section = {key: value for key, value in dataclasses.asdict(detect_cfg).items() if key not in COMPRESSION_KEYS}
+    ``compression_record`` says, ``test_flip`` only when on (detections made before these keys existed stay up
+    to date)."""
+    section = {key: value for key, value in dataclasses.asdict(detect_cfg).items()
+               if key not in COMPRESSION_KEYS and not (key == "test_flip" and not value)}
     return json.loads(json.dumps(section)) | compression_record(detect_cfg, uses_fc)
 
 

@@ -127,11 +127,12 @@ class ImageMaps:
 
 
 def load_maps(cache: FeatureCache, image_id: str, scales_subset: Sequence[int] | None = None,
-              device: torch.device | str = "cpu") -> ImageMaps:
-    """Read one image's conv5 maps once; ``scales_subset`` (e.g. ``(688,)`` for 1-scale) picks the scales used."""
+              device: torch.device | str = "cpu", flip: bool = False) -> ImageMaps:
+    """Read one image's conv5 maps once; ``scales_subset`` (e.g. ``(688,)`` for 1-scale) picks the scales used;
+    ``flip``: the mirrored image's maps (its windows are ``boxes.flip_boxes`` of the image's)."""
     all_scales = tuple(int(s) for s in cache.scales)
     scales = all_scales if scales_subset is None else scales_for(cache, scales_subset)
-    chosen = cache.maps(image_id, device=device, scales_subset=scales)  # reads only the scales in use
+    chosen = cache.maps(image_id, flip=flip, device=device, scales_subset=scales)  # only the scales in use
     return ImageMaps(image_id, tuple(int(v) for v in cache.image_hw(image_id)), scales, chosen, cache.spec)
 
 

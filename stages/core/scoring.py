@@ -117,32 +117,19 @@ class Scorer:
     def score(self, cache, image_id: str, boxes: np.ndarray, image_wh: tuple[int, int],
               score_thresh: float | None = None,
               timer: PhaseTimer | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per-class (boxes, scores) of one image's windows; conv5 maps are read and pooled once. ``cache`` is a
+        """Per-class (boxes, scores) of one image's windows; conv5 maps are read and pooled once (and the mirrored
+        image's once more with ``detect.test_flip``). ``cache`` is a
         ``FeatureCache`` or ``LiveMaps``; ``score_thresh`` defaults to ``detect.score_thresh``. ``timer`` (a
         ``PhaseTimer``) counts the phases "read", "pool", "fc", "score", "nms" and "bbox"."""
         fc, cfg, phase = fcfeatures, self.cfg, timer or no_timer
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         if len(boxes) == 0:
             return [(np.zeros((0, 4)), np.zeros(0)) for _ in self.models.classes]
-        with phase("read"):
-            maps = fc.load_maps(cache, image_id, self.scales_subset, device=self.device)
-        with phase("pool"):
-            # Pool and score each distinct (scale, conv5 rectangle) once; every window then takes its twin's row.
-            distinct = fc.distinct_windows(maps, boxes, rule=cfg.features.scale_rule)
-            pooled = fc.pool_windows(maps, boxes[distinct.rows], fc.feature_pyramid(self.nets, cfg.model.pyramid),
-                                     scale_index=distinct.scale_index, rule=cfg.features.scale_rule)
-        if timer is not None:
-            timer.count("windows", len(boxes))
-            timer.count("fc_windows", len(distinct.rows))
-        with phase("fc"):
-            feats = fc.head_features(pooled, self.feature, self.nets, cfg.detect.batch_windows)
-        with phase("score"):
-            if self.softmax:
-                distinct_scores = feats[:, 1:].float()  # column 0 is the background
-            else:
-                distinct_scores = self.models.svm.scores(feats)  # on the features' device
-            scores = distinct_scores[torch.as_tensor(distinct.inverse, device=distinct_scores.device)]
-            scores = scores.double().cpu().numpy()
+        scores, distinct, pooled = self._window_scores(cache, image_id, boxes, False, phase, timer)
+        if cfg.detect.test_flip:
+            # The same windows on the mirrored image, their scores averaged with the image's own.
+            mirrored, _, _ = self._window_scores(cache, image_id, B.flip_boxes(boxes, image_wh[0]), True, phase, None)
+            scores = (scores + mirrored) / 2
 
         def regress(kept: list[np.ndarray]) -> list[np.ndarray]:
             # One gather and one device->host copy of the pool5 rows any class moves, not one per class.
@@ -164,6 +151,32 @@ class Scorer:
                               regress=regress if self.models.bbox is not None else None, timer=timer)
 
 
+    def _window_scores(self, cache, image_id: str, boxes: np.ndarray, flip: bool, phase,
+                       timer: PhaseTimer | None) -> tuple[np.ndarray, fcfeatures.DistinctWindows, torch.Tensor]:
+        """float64 [N, classes] scores of ``boxes`` on the image's maps (``flip``: the mirrored image's, ``boxes``
+        already mirrored), with the distinct windows and their pool5 rows (what box regression reads)."""
+        fc, cfg = fcfeatures, self.cfg
+        with phase("read"):
+            maps = fc.load_maps(cache, image_id, self.scales_subset, device=self.device, flip=flip)
+        with phase("pool"):
+            # Pool and score each distinct (scale, conv5 rectangle) once; every window then takes its twin's row.
+            distinct = fc.distinct_windows(maps, boxes, rule=cfg.features.scale_rule)
+            pooled = fc.pool_windows(maps, boxes[distinct.rows], fc.feature_pyramid(self.nets, cfg.model.pyramid),
+                                     scale_index=distinct.scale_index, rule=cfg.features.scale_rule)
+        if timer is not None:
+            timer.count("windows", len(boxes))
+            timer.count("fc_windows", len(distinct.rows))
+        with phase("fc"):
+            feats = fc.head_features(pooled, self.feature, self.nets, cfg.detect.batch_windows)
+        with phase("score"):
+            if self.softmax:
+                distinct_scores = feats[:, 1:].float()  # column 0 is the background
+            else:
+                distinct_scores = self.models.svm.scores(feats)  # on the features' device
+            scores = distinct_scores[torch.as_tensor(distinct.inverse, device=distinct_scores.device)]
+        return scores.double().cpu().numpy(), distinct, pooled
+
+
 def one_blas_thread():
     """numpy's BLAS on one thread, within ``with``: box regression's products ([<=100, D] x [D, 4] per class) are too
     thin to share, and waking a second thread for each cost 5-10 ms on a busy machine (6x the product itself).
@@ -182,15 +195,20 @@ class LiveMaps:
     def __init__(self, backbone: Backbone, scales: tuple[int, ...], image: np.ndarray, device: torch.device):
         self.spec, self.scales = backbone.spec, tuple(scales)
         self.height, self.width = image.shape[:2]
+        self._backbone, self._image, self._device = backbone, image, device
+        self._maps = {False: self._compute(image)}
+
+    def _compute(self, image: np.ndarray) -> list[torch.Tensor]:
         with torch.inference_mode():
-            self._maps = [backbone(preprocess(image, s, self.spec, device=device)[None])[0].float()
-                          for s in self.scales]
+            return [self._backbone(preprocess(image, s, self.spec, device=self._device)[None])[0].float()
+                    for s in self.scales]
 
     def image_hw(self, image_id: str) -> tuple[int, int]:
         return self.height, self.width
 
     def maps(self, image_id: str, flip: bool = False, device="cpu", scales_subset=None) -> list[torch.Tensor]:
-        if flip:
-            raise SppError("live conv5 maps have no flipped copy")
+        """The image's maps (``flip``: the mirrored image's, computed on first use)."""
+        if flip not in self._maps:
+            self._maps[flip] = self._compute(np.ascontiguousarray(self._image[:, ::-1]))
         scales = self.scales if scales_subset is None else tuple(scales_subset)
-        return [self._maps[self.scales.index(s)].to(device) for s in scales]
+        return [self._maps[flip][self.scales.index(s)].to(device) for s in scales]
