@@ -37,7 +37,8 @@ if [[ -z "${IMAGES_SPLIT:-}" ]]; then
   [[ -f "$VOC_ROOT/VOC2007/ImageSets/Main/test_demo.txt" ]] && IMAGES_SPLIT=test_demo
 fi
 FC_DTYPE=$(config detect.fc_dtype)
-variant=(--feature "$FEATURE")
+# One look per window, as bench times it: a run's detect.test_flip (the mirrored image scored too) is turned off here.
+variant=(--feature "$FEATURE" --set detect.test_flip=false)
 [[ "${ONE_SCALE:-1}" == 1 ]] && variant+=(--one-scale) && MODE=spp_1scale || MODE=spp_5scale
 [[ "${BBOX:-1}" == 1 ]] && variant+=(--bbox) || variant+=(--no-bbox)
 
