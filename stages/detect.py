@@ -17,10 +17,11 @@ import torch
 
 from .core import fccompress, fcfeatures
 from .core.artifacts import Run, StageResult, atomic_write_bytes
+from .core.errors import SppError
 from .core.logs import progress
 from .core.nets import resolve_device
 from .core.proposals import load_proposals
-from .core.registry import detect_tag
+from .core.registry import command_for_path, detect_tag
 from .core.runner import Produced, StagePlan, execute
 from .core.scoring import Scorer
 from .core.timing import PhaseTimer, profile, profile_line
@@ -44,6 +45,11 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False, starte
         scorer = Scorer(cfg, run_dir, feature, one_scale, use_bbox, device)
     proposals_manifest = run_dir.require("proposals", split)
     features_manifest = fcfeatures.features_manifest(run_dir, split, feature)
+    if cfg.detect.test_flip and not features_manifest.data.get("config", {}).get("features", {}).get("flip"):
+        # Checked before anything runs: detections already made stay as they are.
+        raise SppError(f"detect.test_flip needs the mirrored maps of split {split!r}, and its feature cache has "
+                       f"none: run `{command_for_path(features_manifest.path)} --set detect.test_flip=true`",
+                       features_manifest.path)
     inputs = {"proposals": proposals_manifest, "features": features_manifest, **scorer.net_manifests}
     if scorer.svm_manifest is not None:
         inputs["svm"] = scorer.svm_manifest

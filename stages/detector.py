@@ -255,7 +255,7 @@ class Detector:
                 "bbox": self.bbox, "scales": list(self.scales), "score_thresh": self.score_thresh,
                 "score": ("fine-tuned fc8 softmax probability" if self.feature == "softmax"
                           else f"linear SVM score on {self.feature} (decision boundary 0)"),
-                "classes": list(self.classes)}
+                "test_flip": bool(self.cfg.detect.test_flip), "classes": list(self.classes)}
 
 
 # -- spp detect --images ----------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ Reads the pretrained checkpoint (``00_pretrain``; only its backbone is used) or,
 Per image and scale: ``nets.preprocess`` (shorter side = scale, SPEC §3) -> backbone -> float16 map [C,h,w].
 Images whose resized sizes match are batched (up to ``features.batch_images``); others run one by one, because
 zero padding to a common size would change the border cells. Flipped maps (the mirrored image through the
-network) are stored for the training split when ``features.flip`` is on; fine-tuning trains on flips (SPEC §3).
+network) are stored for the training split when ``features.flip`` is on, as fine-tuning trains on flips (SPEC §3),
+and for any other split when ``detect.test_flip`` is on (``stores_flip``).
 
 Streaming and resumable: each image is written as soon as its maps exist and marked complete once flushed; a
 killed run resumes from its ``.partial.h5`` file without recomputing finished images.
@@ -104,11 +105,11 @@ def load_backbone(cfg: Config, source: Path | str, is_checkpoint: bool) -> nets.
 
 def stores_flip(cfg: Config, split: str, conv_from: str = "pretrain") -> bool:
     """Whether ``split``'s cache also holds the mirrored image's maps: the training split's serve fine-tuning on
-    the cache (not a --conv model's own maps: SVMs and box regressors train on the images as they are); the test
+    the cache (not a --conv model's own maps: SVMs and box regressors train on the images as they are); any other
     split's serve ``detect.test_flip``."""
     if split == cfg.data.train_split:
         return bool(cfg.features.flip and conv_from == "pretrain")
-    return bool(cfg.detect.test_flip and split == cfg.data.test_split)
+    return bool(cfg.detect.test_flip)
 
 
 def run(cfg: Config, split: str, conv_from: str = "pretrain") -> StageResult:

@@ -213,7 +213,8 @@ def _section_run(cfg, run: Run, manifests: list[Manifest], now) -> str:
         ("proposals", f"selective search ks {list(c.proposals.ks)}, at most "
                       f"{c.proposals.max_boxes or 'all'} boxes per image", False),
         ("svm / bbox / detect", f"C {c.svm.C:g}, hard-negative pruning {c.svm.pruning}; box-regression lambda "
-                                f"{c.bbox.lam:g}; NMS {c.detect.nms_iou:g}, score above {c.detect.score_thresh:g}",
+                                f"{c.bbox.lam:g}; NMS {c.detect.nms_iou:g}, score above {c.detect.score_thresh:g}"
+                                f"{', mirrored image scored too' if c.detect.test_flip else ''}",
          False),
         ("seed", str(c.seed), False),
     ]

@@ -147,8 +147,9 @@ def test_folder_glob_and_several_files_give_the_apis_detections(trained, tmp_pat
         ["detections.json"] + [f"{i}_detections.jpg" for i in ("000001", "000002", "000001_2", "000003")])
     # the exact schema
     assert set(data) == {"format", "box_convention", "run", "feature", "one_scale", "bbox", "scales",
-                         "score_thresh", "score", "classes", "complete", "images", "skipped", "profile"}
+                         "score_thresh", "score", "test_flip", "classes", "complete", "images", "skipped", "profile"}
     assert data["format"] == "sppnet-detections/1" and data["box_convention"] == BOX_CONVENTION
+    assert data["test_flip"] is False
     assert "0-based" in BOX_CONVENTION and "x2, y2 exclusive" in BOX_CONVENTION
     assert (data["feature"], data["one_scale"], data["bbox"], data["scales"]) == ("ftfc7", True, True, [128])
     assert data["classes"] == list(trained.detector.classes) and data["score_thresh"] == LOW
@@ -481,11 +482,15 @@ def test_test_flip_on_a_split_needs_mirrored_maps_and_extract_features_stores_th
     _invoke("proposals", *common, "--split", "test")
     _invoke("extract-features", *common, "--split", "test")
     _invoke("detect", *common, "--split", "test", "--feature", "ftfc7", "--one-scale")
+    run = Run(runs / "r")
+    before = run.require("detect", "test-ftfc7-s1-bb").fingerprint
     result = _invoke("detect", *common, "--split", "test", "--feature", "ftfc7", "--one-scale", *flip, expect=1)
-    assert "holds no flipped maps" in result.output and "detect.test_flip" in result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "needs the mirrored maps of split 'test'" in line
+    assert "spp extract-features" in line and "--split test" in line and "--set detect.test_flip=true" in line
+    assert run.require("detect", "test-ftfc7-s1-bb").fingerprint == before  # checked before anything was undone
     _invoke("extract-features", *common, "--split", "test", *flip)
     _invoke("detect", *common, "--split", "test", "--feature", "ftfc7", "--one-scale", *flip)
-    run = Run(runs / "r")
     made = run.require("detect", "test-ftfc7-s1-bb")
     assert made.data["config"]["detect"]["test_flip"] is True
     # Without it, the record has no test_flip key: detections made before the setting existed stay up to date.
@@ -494,7 +499,7 @@ def test_test_flip_on_a_split_needs_mirrored_maps_and_extract_features_stores_th
     assert not list((runs / "r" / "02_features" / "test").glob("*.corrupt"))  # detect closed its cache
 
 
-def test_only_the_training_and_test_splits_store_mirrored_maps():
+def test_which_splits_store_mirrored_maps():
     from stages.core.config import build_config
     from stages.extract_features import stores_flip
 
@@ -503,5 +508,29 @@ def test_only_the_training_and_test_splits_store_mirrored_maps():
     assert not stores_flip(cfg, "trainval", conv_from="finetune")
     assert not stores_flip(build_config("synth", {"features.flip": False}), "trainval")
     on = build_config("synth", {"features.flip": True, "detect.test_flip": True})
-    assert stores_flip(on, "test") and not stores_flip(on, "val")
+    assert stores_flip(on, "test") and stores_flip(on, "val")  # any split detect may score
     assert stores_flip(on, "test", conv_from="finetune")  # a --conv model's own maps, mirrored for detection
+
+
+def test_test_flip_moves_boxes_as_the_image_alone_does(trained):
+    # Box regression reads the image as it is: with test_flip only the scores change, not where a window goes.
+    keep_all = {"detect.nms_iou": 1.0, "detect.max_per_image": 100000}
+    plain = Detector.from_run(trained.run_dir, feature="ftfc7", bbox=True, device="cpu", overrides=keep_all)
+    flipped = Detector.from_run(trained.run_dir, feature="ftfc7", bbox=True, device="cpu",
+                                overrides={**keep_all, "detect.test_flip": True})
+    image = np.asarray(Image.open(trained.jpegs[2]).convert("RGB"))
+    height, width = image.shape[:2]
+    windows = selective_search(image, plain.cfg.proposals, seed=plain.cfg.seed)
+    found = []
+    for detector in (plain, flipped):
+        with torch.inference_mode():
+            live = LiveMaps(detector.backbone, detector.scales, image, detector.scorer.device)
+            found.append(detector.scorer.score(live, "image", windows, (width, height), score_thresh=LOW))
+    moved = 0
+    for (boxes_plain, scores_plain), (boxes_flip, scores_flip) in zip(*found):
+        assert len(boxes_plain) == len(boxes_flip) == len(windows)
+        np.testing.assert_array_equal(np.unique(boxes_plain, axis=0), np.unique(boxes_flip, axis=0))
+        assert not np.array_equal(scores_plain, scores_flip)
+        moved += int((np.unique(boxes_plain, axis=0).shape != np.unique(windows, axis=0).shape)
+                     or not np.array_equal(np.unique(boxes_plain, axis=0), np.unique(windows, axis=0)))
+    assert moved  # the regressors do move boxes: the equality above says something

@@ -128,7 +128,7 @@ class Scorer:
         scores, distinct, pooled = self._window_scores(cache, image_id, boxes, False, phase, timer)
         if cfg.detect.test_flip:
             # The same windows on the mirrored image, their scores averaged with the image's own.
-            mirrored, _, _ = self._window_scores(cache, image_id, B.flip_boxes(boxes, image_wh[0]), True, phase, None)
+            mirrored, _, _ = self._window_scores(cache, image_id, B.flip_boxes(boxes, image_wh[0]), True, phase, timer)
             scores = (scores + mirrored) / 2
 
         def regress(kept: list[np.ndarray]) -> list[np.ndarray]:

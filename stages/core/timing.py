@@ -75,7 +75,8 @@ def profile(timer: PhaseTimer, images: int, total_s: float) -> dict:
     """Where a detection run's ``total_s`` went (see the module doc): ``{"seconds": {phase: s}, "images": n,
     "per_image": {phase: s / n}, "total_s", "first_image_s" (process start to the first image: startup + load),
     "per_image_s" (the per-image phases' sum / n), "unaccounted_s" (total minus every phase), "counts"
-    (``{"windows": scored, "fc_windows": distinct ones through fc}``), "clock"}``."""
+    (``{"windows": scored, "fc_windows": distinct ones through fc}``; with ``detect.test_flip`` each window is
+    scored twice and counted twice), "clock"}``."""
     known = (*ONCE_PHASES, *IMAGE_PHASES)
     seconds = {name: float(timer.seconds.get(name, 0.0)) for name in known}
     seconds.update({name: float(s) for name, s in timer.seconds.items() if name not in seconds})
