@@ -153,8 +153,9 @@ run_dir, times_file, status, tag, started, backbone, preset, scales, train, test
 sets = sys.argv[14:]
 stages = []
 for line in Path(times_file).read_text().splitlines():
-    name, seconds, state, command = line.split("\t", 3)
-    stages.append({"stage": name, "seconds": round(float(seconds), 2), "status": state, "command": command})
+    name, seconds, state, peak, command = line.split("\t", 4)
+    stages.append({"stage": name, "seconds": round(float(seconds), 2), "status": state,
+                   "peak_rss_mb": int(peak) if peak.isdigit() else None, "command": command})
 summary = {"script": "bench/voc2007.sh", "status": status, "started": started,
            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "backbone": backbone, "preset": preset,
            "scales": json.loads(scales), "train_split": train, "test_split": test, "device": device,
@@ -177,9 +178,10 @@ if status == "ok" and metrics_path.exists():
     for name, ap in metrics["ap"].items():
         print(f"  {name:<{width}}  {100 * ap:6.2f}")
     print(f"  {'mAP':<{width}}  {100 * metrics['mAP']:6.2f}")
-print(f"\nstage times (wall s){'' if status == 'ok' else ' -- ' + status}:")
+print(f"\nstage times (wall s) and peak resident memory{'' if status == 'ok' else ' -- ' + status}:")
 for s in stages:
-    print(f"  {s['stage']:<18} {s['seconds']:>10.1f}  {s['status']}")
+    peak = "-" if s["peak_rss_mb"] is None else f"{s['peak_rss_mb']:,} MB"
+    print(f"  {s['stage']:<18} {s['seconds']:>10.1f}  {peak:>9}  {s['status']}")
 print(f"  {'total':<18} {summary['total_seconds']:>10.1f}")
 out = Path(run_dir) / "bench_voc2007.json"
 atomic_write_json(out, summary)
@@ -193,19 +195,23 @@ stage() {  # name, spp arguments...: runs one stage, records its wall time and w
   echo
   echo "== $name: spp $*"
   out=$(mktemp)
+  rss=$(mktemp)
   start=$(date +%s.%N)
   set +e
-  "$PY" -m sppcli "$@" | tee "$out"
+  # GNU time gives the stage's peak resident memory (its largest process, workers included); without it: "-".
+  if [[ -x /usr/bin/time ]]; then /usr/bin/time -q -f %M -o "$rss" "$PY" -m sppcli "$@" | tee "$out"
+  else "$PY" -m sppcli "$@" | tee "$out"; fi
   rc=${PIPESTATUS[0]}
   set -e
   end=$(date +%s.%N)
   if ((rc != 0)); then state="failed (exit $rc)"
   elif grep -q '^up to date' "$out"; then state="up to date"
   else state=ran; fi
-  rm -f "$out"
-  printf '%s\t%s\t%s\t%s\n' "$name" "$(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.3f", b - a}')" "$state" \
-    "spp $*" >> "$TIMES"
-  echo "-- $name: $state, $(tail -n1 "$TIMES" | cut -f2) s"
+  peak=$(awk 'NF && $1 ~ /^[0-9]+$/ {printf "%.0f", $1 / 1024; found = 1} END {if (!found) print "-"}' "$rss")
+  rm -f "$out" "$rss"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.3f", b - a}')" \
+    "$state" "$peak" "spp $*" >> "$TIMES"
+  echo "-- $name: $state, $(tail -n1 "$TIMES" | cut -f2) s, peak RSS $peak MB"
   if ((rc != 0)); then summary "failed at $name"; exit "$rc"; fi
 }
 
