@@ -142,14 +142,14 @@ STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 echo "== bench/voc2007.sh: $BACKBONE, scales $scales, train $TRAIN, test $TEST, device $DEVICE, run $RUN_DIR"
 echo "   machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
 
-summary() {  # status: writes bench_voc2007.json and prints AP + stage times
-  "$PY" - "$RUN_DIR" "$TIMES" "$1" "$TEST-ftfc7-s$(tr -cd , <<<"$scales" | wc -c | awk '{print $1 + 1}')-bb" \
+summary() {  # status: writes bench_voc2007.json and prints AP (of the best row evaluated) + stage times
+  "$PY" - "$RUN_DIR" "$TIMES" "$1" "$(tr -cd , <<<"$scales" | wc -c | awk '{print $1 + 1}')" \
       "$STARTED" "$BACKBONE" "$PRESET" "$scales" "$TRAIN" "$TEST" "$DEVICE" "$VOC" "$DATASET" \
       "${SETS[@]}" <<'EOF'
 import json, os, platform, sys, time
 from pathlib import Path
 from stages.core.artifacts import atomic_write_json
-run_dir, times_file, status, tag, started, backbone, preset, scales, train, test, device, voc, dataset = sys.argv[1:14]
+run_dir, times_file, status, n_scales, started, backbone, preset, scales, train, test, device, voc, dataset = sys.argv[1:14]
 sets = sys.argv[14:]
 stages = []
 for line in Path(times_file).read_text().splitlines():
@@ -168,13 +168,25 @@ try:
         summary["machine"]["gpu"] = torch.cuda.get_device_name(0)
 except Exception:  # noqa: BLE001 - the summary must be written whatever torch says
     pass
-metrics_path = Path(run_dir) / "07_eval" / tag / "metrics.json"
-if status == "ok" and metrics_path.exists():
-    metrics = json.loads(metrics_path.read_text())
-    summary.update({"eval_tag": tag, "metrics_file": str(metrics_path), "mAP": metrics["mAP"], "ap": metrics["ap"],
+# Every row this invocation evaluated (ran or up to date), by its eval tag; the best one is printed in full.
+rows = {}
+for s in stages:
+    words = s["command"].split()
+    if s["stage"].startswith("eval ") and s["status"] in ("ran", "up to date") and "--feature" in words:
+        tag = (f"{test}-{words[words.index('--feature') + 1]}-s{1 if '--one-scale' in words else n_scales}"
+               f"{'-bb' if '--bbox' in words else ''}")
+        path = Path(run_dir) / "07_eval" / tag / "metrics.json"
+        if path.exists():
+            rows[tag] = json.loads(path.read_text())
+summary["rows"] = {tag: m["mAP"] for tag, m in rows.items()}
+if status == "ok" and rows:
+    tag = max(rows, key=lambda t: rows[t]["mAP"])
+    metrics = rows[tag]
+    summary.update({"eval_tag": tag, "metrics_file": str(Path(run_dir) / "07_eval" / tag / "metrics.json"),
+                    "mAP": metrics["mAP"], "ap": metrics["ap"],
                     "npos": metrics.get("npos"), "num_images": metrics.get("num_images")})
     width = max(len(c) for c in metrics["ap"])
-    print(f"\nAP on {test} ({tag}, VOC07 11-point):")
+    print(f"\nAP on {test} ({tag}, the best row evaluated, VOC07 11-point):")
     for name, ap in metrics["ap"].items():
         print(f"  {name:<{width}}  {100 * ap:6.2f}")
     print(f"  {'mAP':<{width}}  {100 * metrics['mAP']:6.2f}")
