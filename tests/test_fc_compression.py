@@ -165,8 +165,10 @@ def test_what_the_records_hold():
     assert fccompress.compression_record(svd.detect, uses_fc=False) == {}  # pool5 features
     assert fccompress.compression_record(_with(cfg, fc_compression="int8").detect) == {"fc_compression": "int8"}
     # Without compression, detect's record is the section as it was recorded before the setting existed.
-    old = {k: v for k, v in cfg.section("detect").items() if k not in ("fc_compression", "fc_svd_ranks")}
+    # (test_flip too: it is recorded only when on)
+    old = {k: v for k, v in cfg.section("detect").items() if k not in ("fc_compression", "fc_svd_ranks", "test_flip")}
     assert fccompress.detect_record(cfg.detect) == old
+    assert fccompress.detect_record(_with(cfg, test_flip=True).detect) == old | {"test_flip": True}
     assert fccompress.detect_record(svd.detect) == old | {"fc_compression": "svd", "fc_svd_ranks": [64, 32]}
     # ranks mean nothing without svd: they change no record
     assert fccompress.detect_record(_with(cfg, fc_svd_ranks=(8, 8)).detect) == old
