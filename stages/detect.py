@@ -41,15 +41,15 @@ def run(cfg, split: str, feature: str = "ftfc7", one_scale: bool = False, starte
     n_scales = len(cfg.features.scales)
     use_bbox = bool(cfg.detect.bbox)
     tag = detect_tag(split, feature, one_scale, n_scales, use_bbox)
-    with timer("load"):
-        scorer = Scorer(cfg, run_dir, feature, one_scale, use_bbox, device)
-    proposals_manifest = run_dir.require("proposals", split)
     features_manifest = fcfeatures.features_manifest(run_dir, split, feature)
     if cfg.detect.test_flip and not features_manifest.data.get("config", {}).get("features", {}).get("flip"):
-        # Checked before anything runs: detections already made stay as they are.
+        # Checked before anything is loaded or undone: detections already made stay as they are.
         raise SppError(f"detect.test_flip needs the mirrored maps of split {split!r}, and its feature cache has "
                        f"none: run `{command_for_path(features_manifest.path)} --set detect.test_flip=true`",
                        features_manifest.path)
+    with timer("load"):
+        scorer = Scorer(cfg, run_dir, feature, one_scale, use_bbox, device)
+    proposals_manifest = run_dir.require("proposals", split)
     inputs = {"proposals": proposals_manifest, "features": features_manifest, **scorer.net_manifests}
     if scorer.svm_manifest is not None:
         inputs["svm"] = scorer.svm_manifest

@@ -438,32 +438,41 @@ def test_detection_imports_neither_sklearn_nor_torchvision(trained):
 
 
 # -- detect.test_flip: the mirrored image's scores averaged in ---------------------------------------------------
-def _all_window_scores(scorer, image: np.ndarray, windows: np.ndarray, backbone) -> list[dict]:
-    """Per class, {window: score} of every window (NMS 1.0 and no cap in the scorer's config: nothing dropped)."""
+KEEP_ALL = {"detect.nms_iou": 1.0, "detect.max_per_image": 100000}  # no window dropped by NMS or the cap
+
+
+def _plain_and_flipped(trained, bbox: bool) -> tuple[Detector, Detector]:
+    """The trained run's detector keeping every window, without and with ``detect.test_flip``."""
+    return tuple(Detector.from_run(trained.run_dir, feature="ftfc7", bbox=bbox, device="cpu",
+                                   overrides={**KEEP_ALL, "detect.test_flip": flip}) for flip in (False, True))
+
+
+def _score_every_window(detector: Detector, image: np.ndarray, windows: np.ndarray) -> list[tuple]:
+    """``Scorer.score``'s per-class (boxes, scores) of ``windows`` on ``image``, every window kept."""
     height, width = image.shape[:2]
     with torch.inference_mode():
-        found = scorer.score(LiveMaps(backbone, scorer.scales, image, scorer.device), "image", windows,
-                             (width, height), score_thresh=LOW)
-    out = []
-    for kept_boxes, kept_scores in found:
-        assert len(kept_boxes) == len(windows)
-        out.append({tuple(np.round(b, 6)): s for b, s in zip(kept_boxes, kept_scores)})
-    return out
+        live = LiveMaps(detector.backbone, detector.scales, image, detector.scorer.device)
+        found = detector.scorer.score(live, "image", windows, (width, height), score_thresh=LOW)
+    assert all(len(kept_boxes) == len(windows) for kept_boxes, _ in found)
+    return found
+
+
+def _all_window_scores(detector: Detector, image: np.ndarray, windows: np.ndarray) -> list[dict]:
+    """Per class, {window: score} of every window."""
+    return [{tuple(np.round(b, 6)): s for b, s in zip(kept_boxes, kept_scores)}
+            for kept_boxes, kept_scores in _score_every_window(detector, image, windows)]
 
 
 def test_test_flip_averages_the_scores_of_the_mirrored_image(trained):
-    keep_all = {"detect.nms_iou": 1.0, "detect.max_per_image": 100000}
-    plain = Detector.from_run(trained.run_dir, feature="ftfc7", bbox=False, device="cpu", overrides=keep_all)
-    flipped = Detector.from_run(trained.run_dir, feature="ftfc7", bbox=False, device="cpu",
-                                overrides={**keep_all, "detect.test_flip": True})
+    plain, flipped = _plain_and_flipped(trained, bbox=False)
     image = np.asarray(Image.open(trained.jpegs[5]).convert("RGB"))
     width = image.shape[1]
     windows = selective_search(image, plain.cfg.proposals, seed=plain.cfg.seed)
     mirror = np.ascontiguousarray(image[:, ::-1])
-    own = _all_window_scores(plain.scorer, image, windows, plain.backbone)
+    own = _all_window_scores(plain, image, windows)
     # The mirrored image as a photo of its own, its windows mirrored: no flip anywhere in the scorer.
-    seen_mirrored = _all_window_scores(plain.scorer, mirror, B.flip_boxes(windows, width), plain.backbone)
-    averaged = _all_window_scores(flipped.scorer, image, windows, flipped.backbone)
+    seen_mirrored = _all_window_scores(plain, mirror, B.flip_boxes(windows, width))
+    averaged = _all_window_scores(flipped, image, windows)
     differs = 0
     for k in range(len(own)):
         for box in own[k]:
@@ -514,23 +523,13 @@ def test_which_splits_store_mirrored_maps():
 
 def test_test_flip_moves_boxes_as_the_image_alone_does(trained):
     # Box regression reads the image as it is: with test_flip only the scores change, not where a window goes.
-    keep_all = {"detect.nms_iou": 1.0, "detect.max_per_image": 100000}
-    plain = Detector.from_run(trained.run_dir, feature="ftfc7", bbox=True, device="cpu", overrides=keep_all)
-    flipped = Detector.from_run(trained.run_dir, feature="ftfc7", bbox=True, device="cpu",
-                                overrides={**keep_all, "detect.test_flip": True})
+    plain, flipped = _plain_and_flipped(trained, bbox=True)
     image = np.asarray(Image.open(trained.jpegs[2]).convert("RGB"))
-    height, width = image.shape[:2]
     windows = selective_search(image, plain.cfg.proposals, seed=plain.cfg.seed)
-    found = []
-    for detector in (plain, flipped):
-        with torch.inference_mode():
-            live = LiveMaps(detector.backbone, detector.scales, image, detector.scorer.device)
-            found.append(detector.scorer.score(live, "image", windows, (width, height), score_thresh=LOW))
+    found = [_score_every_window(detector, image, windows) for detector in (plain, flipped)]
     moved = 0
     for (boxes_plain, scores_plain), (boxes_flip, scores_flip) in zip(*found):
-        assert len(boxes_plain) == len(boxes_flip) == len(windows)
         np.testing.assert_array_equal(np.unique(boxes_plain, axis=0), np.unique(boxes_flip, axis=0))
         assert not np.array_equal(scores_plain, scores_flip)
-        moved += int((np.unique(boxes_plain, axis=0).shape != np.unique(windows, axis=0).shape)
-                     or not np.array_equal(np.unique(boxes_plain, axis=0), np.unique(windows, axis=0)))
+        moved += not np.array_equal(np.unique(boxes_plain, axis=0), np.unique(windows, axis=0))
     assert moved  # the regressors do move boxes: the equality above says something

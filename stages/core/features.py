@@ -425,7 +425,7 @@ class FeatureCache:
                 return cached
         if flip and not self.has_flip:
             raise SppError(f"feature cache of split {self.split!r} holds no flipped maps (they are stored for the "
-                           "training split, and for the test split with detect.test_flip on: rerun "
+                           "training split, and for any other split with detect.test_flip on: rerun "
                            "extract-features with it)", self.paths[self._file_of.get(image_id, 0)])
         group, path = self._group(image_id)
         try:

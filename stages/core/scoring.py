@@ -118,17 +118,17 @@ class Scorer:
               score_thresh: float | None = None,
               timer: PhaseTimer | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per-class (boxes, scores) of one image's windows; conv5 maps are read and pooled once (and the mirrored
-        image's once more with ``detect.test_flip``). ``cache`` is a
-        ``FeatureCache`` or ``LiveMaps``; ``score_thresh`` defaults to ``detect.score_thresh``. ``timer`` (a
-        ``PhaseTimer``) counts the phases "read", "pool", "fc", "score", "nms" and "bbox"."""
-        fc, cfg, phase = fcfeatures, self.cfg, timer or no_timer
+        image's once more with ``detect.test_flip``). ``cache`` is a ``FeatureCache`` or ``LiveMaps``;
+        ``score_thresh`` defaults to ``detect.score_thresh``. ``timer`` (a ``PhaseTimer``) counts the phases
+        "read", "pool", "fc", "score", "nms" and "bbox"."""
+        cfg = self.cfg
         boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         if len(boxes) == 0:
             return [(np.zeros((0, 4)), np.zeros(0)) for _ in self.models.classes]
-        scores, distinct, pooled = self._window_scores(cache, image_id, boxes, False, phase, timer)
+        scores, distinct, pooled = self._window_scores(cache, image_id, boxes, False, timer)
         if cfg.detect.test_flip:
             # The same windows on the mirrored image, their scores averaged with the image's own.
-            mirrored, _, _ = self._window_scores(cache, image_id, B.flip_boxes(boxes, image_wh[0]), True, phase, timer)
+            mirrored, _, _ = self._window_scores(cache, image_id, B.flip_boxes(boxes, image_wh[0]), True, timer)
             scores = (scores + mirrored) / 2
 
         def regress(kept: list[np.ndarray]) -> list[np.ndarray]:
@@ -150,12 +150,11 @@ class Scorer:
                               nms_iou=d.nms_iou, max_per_image=d.max_per_image,
                               regress=regress if self.models.bbox is not None else None, timer=timer)
 
-
-    def _window_scores(self, cache, image_id: str, boxes: np.ndarray, flip: bool, phase,
-                       timer: PhaseTimer | None) -> tuple[np.ndarray, fcfeatures.DistinctWindows, torch.Tensor]:
+    def _window_scores(self, cache, image_id: str, boxes: np.ndarray, flip: bool, timer: PhaseTimer | None
+                       ) -> tuple[np.ndarray, fcfeatures.DistinctWindows, torch.Tensor]:
         """float64 [N, classes] scores of ``boxes`` on the image's maps (``flip``: the mirrored image's, ``boxes``
         already mirrored), with the distinct windows and their pool5 rows (what box regression reads)."""
-        fc, cfg = fcfeatures, self.cfg
+        fc, cfg, phase = fcfeatures, self.cfg, timer or no_timer
         with phase("read"):
             maps = fc.load_maps(cache, image_id, self.scales_subset, device=self.device, flip=flip)
         with phase("pool"):
