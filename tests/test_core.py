@@ -88,6 +88,30 @@ def test_nms_is_torchvisions_kernel_loaded_without_torchvision():
         np.testing.assert_array_equal(B.nms(boxes, scores, 0.3), expected)
 
 
+def test_nms_top_is_the_full_nms_cut_at_the_limit(monkeypatch):
+    # the top-scoring prefix NMS runs on must give the same boxes as NMS on all of them, ties in score included,
+    # whether the first prefix is enough, it has to grow, or it grows to every box
+    full_nms = B.nms
+    prefixes = []
+    monkeypatch.setattr(B, "nms", lambda boxes, scores, iou: prefixes.append(len(scores)) or full_nms(boxes, scores, iou))
+    rng = np.random.default_rng(1)
+    seen = set()
+    for trial in range(60):
+        n = int(rng.integers(0, 3000))
+        (width, height), (small, large) = ((500, 400), (1, 200)) if trial % 3 else ((300, 200), (30, 150))
+        x1, y1 = rng.uniform(0, width, n), rng.uniform(0, height, n)  # spread out, or crowded (few kept)
+        boxes = np.stack([x1, y1, x1 + rng.uniform(small, large, n), y1 + rng.uniform(small, large, n)], axis=1)
+        boxes[rng.random(n) < 0.1] = boxes[0] if n else boxes[:0]  # duplicates
+        scores = np.round(rng.normal(size=n), 1 if trial % 2 else 8)  # many ties, or few
+        for limit in (1, 5, 60, 100, 4000):
+            expected = full_nms(boxes, scores, 0.3)[:limit]
+            prefixes.clear()
+            np.testing.assert_array_equal(B.nms_top(boxes, scores, 0.3, limit), expected)
+            seen.add((len(prefixes) > 1, len(expected) == limit, bool(prefixes) and prefixes[-1] < n))
+    assert {(False, True, True), (True, True, True), (True, False, False)} <= seen
+    assert B.nms_top(np.zeros((3, 4)), np.zeros(3), 0.3, 0).tolist() == []
+
+
 # -- config ---------------------------------------------------------------------------------------------------
 def test_config_rejects_unknown_keys_and_wrong_types():
     with pytest.raises(SppError, match="unknown config key 'finetune.iterz'"):

@@ -55,6 +55,28 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     return keep.numpy()
 
 
+def nms_top(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: int) -> np.ndarray:
+    """``nms(boxes, scores, iou_threshold)[:limit]``, computed on as few of the top-scoring boxes as give it.
+
+    Greedy NMS decides each box from the boxes ranked above it alone (the kernel ranks by score, ties by index:
+    a stable sort), so NMS on the top ``m`` boxes of that ranking keeps exactly the full result's kept boxes
+    among them. Once ``limit`` are kept, no lower box can enter the first ``limit``. Detection keeps 100 a class
+    from about 2,000 windows; most classes of an image need a few hundred of them, where the full pass costs
+    time quadratic in all 2,000."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    limit = int(limit)
+    if limit <= 0 or len(scores) == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-scores, kind="stable")  # the kernel's ranking: score descending, ties by index
+    count = min(len(order), max(4 * limit, 256))
+    while True:
+        top = order[:count]  # in ranking order, so the kernel's stable sort keeps it
+        keep = top[nms(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[top], scores[top], iou_threshold)]
+        if len(keep) >= limit or count == len(order):
+            return keep[:limit]
+        count = min(len(order), 4 * count)
+
+
 def clip_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     boxes = np.array(boxes, dtype=np.float64).reshape(-1, 4)
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)

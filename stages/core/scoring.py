@@ -50,7 +50,7 @@ def detect_windows(boxes: np.ndarray, scores: np.ndarray, image_wh: tuple[int, i
         kept = []
         for k in range(scores.shape[1]):
             rows = np.flatnonzero(scores[:, k] > score_thresh)
-            kept.append(rows[B.nms(boxes[rows], scores[rows, k], nms_iou)[:max_per_image]])
+            kept.append(rows[B.nms_top(boxes[rows], scores[rows, k], nms_iou, max_per_image)])
     if regress is None:
         return [(boxes[rows], scores[rows, k]) for k, rows in enumerate(kept)]
     with phase("bbox"):
