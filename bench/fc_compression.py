@@ -78,7 +78,8 @@ def spp(python: str, *args: str) -> float:
 def measure(args, name: str, compression: str, ranks: list[int] | None, retrain: bool) -> dict:
     label = f"{name}-{'retrained' if retrain else 'as-is'}" if compression != "none" else "exact"
     run = variant_run(args.run, args.work, label, keep_svms=not retrain)
-    common = ["--run", label, "--runs-root", str(args.work), "--device", args.device]
+    common = ["--run", label, "--runs-root", str(args.work), "--device", args.device,
+              *(f"--set={item}" for item in args.set)]
     variant = ["--feature", args.feature, *(["--one-scale"] if args.one_scale else [])]
     fc = ["--fc-compression", compression, *(["--fc-svd-ranks", ",".join(map(str, ranks))] if ranks else [])]
     svm_seconds = None
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--no-retrain", action="store_true", help="only the as-is rows")
     parser.add_argument("--work", type=Path, required=True, help="scratch folder for the variant runs")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config key for every spp command (repeatable), e.g. detect.test_flip=false")
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs spp")
     parser.add_argument("--json", type=Path, help="write every row here")
     args = parser.parse_args()
