@@ -28,24 +28,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from stages.core.artifacts import read_manifest  # noqa: E402
 from stages.core.config import config_from_run  # noqa: E402
-from stages.core.registry import STAGES, detect_tag  # noqa: E402
+from stages.core.registry import STAGES, detect_tag, svm_tag  # noqa: E402
 
 # Stage folders a variant run writes itself; every other one is a link to the source run's.
 WRITTEN = (STAGES["svm"].folder, STAGES["detect"].folder, STAGES["eval"].folder)
 
 
+MARKER = ".fc_compression_scratch"  # in every run folder this script made: the only folders it deletes
+
+
 def parse_variant(text: str) -> tuple[str, str, list[int] | None]:
     """``none`` | ``int8`` | ``svd`` | ``svd:R6,R7`` -> (name, compression, ranks or None for the run's)."""
-    method, _, ranks = text.partition(":")
-    if method not in ("none", "int8", "svd") or (ranks and method != "svd"):
+    method, colon, ranks = text.partition(":")
+    if method not in ("none", "int8", "svd") or (colon and method != "svd"):
         raise argparse.ArgumentTypeError(f"expected none, int8, svd or svd:R6,R7, got {text!r}")
-    if not ranks:
+    if not colon:
         return method, method, None
     try:
         r6, r7 = (int(part) for part in ranks.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected svd:R6,R7 with two integers, got {text!r}") from None
+    if min(r6, r7) < 1:
+        raise argparse.ArgumentTypeError(f"svd ranks must be positive, got {text!r}")
     return f"svd-{r6}-{r7}", method, [r6, r7]
 
 
@@ -54,8 +60,11 @@ def variant_run(source: Path, work: Path, name: str, keep_svms: bool) -> Path:
     the SVM folder is a copy (``keep_svms``: the run's SVMs) or empty (they are retrained)."""
     run = work / name
     if run.exists():
+        if not (run / MARKER).is_file():
+            raise SystemExit(f"error: {run} exists and was not made by this script; choose another --work")
         shutil.rmtree(run)
     run.mkdir(parents=True)
+    (run / MARKER).touch()
     for entry in source.iterdir():
         if entry.name not in WRITTEN and entry.is_dir():
             (run / entry.name).symlink_to(entry.resolve(), target_is_directory=True)
@@ -65,6 +74,13 @@ def variant_run(source: Path, work: Path, name: str, keep_svms: bool) -> Path:
     if keep_svms and svm_folder.is_dir():
         shutil.copytree(svm_folder, run / svm_folder.name)
     return run
+
+
+def svm_fingerprint(run: Path, args) -> str:
+    """The fingerprint of the run's SVMs for ``args``'s variant (their manifest's)."""
+    n_scales = len(config_from_run(run).features.scales)
+    tag = svm_tag(args.feature, args.one_scale, n_scales)
+    return read_manifest(run / STAGES["svm"].folder / tag / "MANIFEST.json").fingerprint
 
 
 def spp(python: str, *args: str) -> float:
@@ -84,8 +100,12 @@ def measure(args, name: str, compression: str, ranks: list[int] | None, retrain:
     fc = ["--fc-compression", compression, *(["--fc-svd-ranks", ",".join(map(str, ranks))] if ranks else [])]
     svm_seconds = None
     if args.feature != "softmax" and (retrain or compression == "none"):
-        # For the exact row the copied SVMs are up to date, which this checks; retraining fits them anew.
         svm_seconds = spp(args.python, "train-svm", *common, *variant, *fc)
+        if compression == "none" and svm_fingerprint(run, args) != svm_fingerprint(args.run, args):
+            # up to date, train-svm skips itself; it fitted anew: the run's SVMs are stale for this code or config
+            raise SystemExit(f"error: the SVMs of {args.run} are not up to date (train-svm refitted them in {run}), "
+                             "so the as-is rows would not use the SVMs the exact row uses; run spp train-svm there "
+                             "first")
     detect_seconds = spp(args.python, "detect", *common, "--split", args.split, *variant,
                          "--bbox" if args.bbox else "--no-bbox", *fc)
     spp(args.python, "eval", *common, "--split", args.split, *variant, "--bbox" if args.bbox else "--no-bbox")
@@ -121,6 +141,8 @@ def main() -> None:
     args.run, args.work = args.run.resolve(), args.work.resolve()
     if not (args.run / "config.json").is_file():
         parser.error(f"{args.run}: not a run directory (no config.json)")
+    if args.work.is_relative_to(args.run) or args.run.is_relative_to(args.work):
+        parser.error(f"--work {args.work} must lie outside the run {args.run}, and not hold it")
 
     rows = [measure(args, "none", "none", None, retrain=False)]
     for name, compression, ranks in args.variant:

@@ -110,6 +110,11 @@ def test_nms_top_is_the_full_nms_cut_at_the_limit(monkeypatch):
             seen.add((len(prefixes) > 1, len(expected) == limit, bool(prefixes) and prefixes[-1] < n))
     assert {(False, True, True), (True, True, True), (True, False, False)} <= seen
     assert B.nms_top(np.zeros((3, 4)), np.zeros(3), 0.3, 0).tolist() == []
+    with pytest.raises(ValueError):
+        B.nms_top(np.zeros((3, 4)), np.zeros(3), 0.3, -1)
+    boxes = np.array([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]], dtype=float)
+    for scores in ([1.0, 2.0, np.nan], [np.nan, np.nan, 0.0]):
+        np.testing.assert_array_equal(B.nms_top(boxes, scores, 0.3, 2), full_nms(boxes, np.array(scores), 0.3)[:2])
 
 
 # -- config ---------------------------------------------------------------------------------------------------

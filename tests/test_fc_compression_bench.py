@@ -48,10 +48,33 @@ def test_rows_as_is_and_retrained_leave_the_source_run_alone(tmp_path):
     assert "fc compression on r, trainval-ftfc7-s1" in done.stdout
 
 
+def _refusal(*args: str) -> str:
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
 def test_bad_arguments_are_one_line(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--split", "test", "--variant", "svd:8",
-                           "--work", str(tmp_path / "w")], capture_output=True, text=True)
-    assert done.returncode == 2 and "expected svd:R6,R7 with two integers" in done.stderr
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--split", "test", "--variant", "int8",
-                           "--work", str(tmp_path / "w")], capture_output=True, text=True)
-    assert done.returncode == 2 and "not a run directory" in done.stderr
+    common = ("--split", "test", "--work", str(tmp_path / "w"))
+    assert "expected svd:R6,R7 with two integers" in _refusal(str(tmp_path), *common, "--variant", "svd:8")
+    assert "svd ranks must be positive" in _refusal(str(tmp_path), *common, "--variant", "svd:0,4")
+    assert "expected svd:R6,R7 with two integers" in _refusal(str(tmp_path), *common, "--variant", "svd:")
+    assert "expected none, int8, svd" in _refusal(str(tmp_path), *common, "--variant", "int8:4,4")
+    assert "not a run directory" in _refusal(str(tmp_path), *common, "--variant", "int8")
+    (tmp_path / "config.json").write_text("{}")
+    assert "must lie outside the run" in _refusal(str(tmp_path), "--split", "test", "--variant", "int8",
+                                                  "--work", str(tmp_path / "scratch"))
+    assert "must lie outside the run" in _refusal(str(tmp_path), "--split", "test", "--variant", "int8",
+                                                  "--work", str(tmp_path.parent))
+
+
+def test_a_folder_it_did_not_make_is_never_deleted(tmp_path):
+    run, work = tmp_path / "run", tmp_path / "work"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (work / "exact").mkdir(parents=True)
+    (work / "exact" / "keep.txt").write_text("mine")
+    done = subprocess.run([sys.executable, str(SCRIPT), str(run), "--split", "test", "--variant", "int8",
+                           "--work", str(work)], capture_output=True, text=True)
+    assert done.returncode == 1 and "was not made by this script" in done.stderr
+    assert (work / "exact" / "keep.txt").read_text() == "mine"

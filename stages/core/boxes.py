@@ -65,8 +65,12 @@ def nms_top(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: 
     time quadratic in all 2,000."""
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     limit = int(limit)
-    if limit <= 0 or len(scores) == 0:
+    if limit < 0:
+        raise ValueError(f"nms_top keeps a number of boxes, not {limit}")
+    if limit == 0 or len(scores) == 0:
         return np.zeros(0, dtype=np.int64)
+    if np.isnan(scores).any():  # the kernel ranks NaN first, numpy last: no shortcut to take
+        return nms(boxes, scores, iou_threshold)[:limit]
     order = np.argsort(-scores, kind="stable")  # the kernel's ranking: score descending, ties by index
     count = min(len(order), max(4 * limit, 256))
     while True:
