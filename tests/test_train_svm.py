@@ -582,13 +582,30 @@ def test_memory_bound_caps_the_fits_running_at_once():
     # Per class: its float32 negatives + fit_memory_bytes (float64 copy, liblinear's nodes); every value nonzero.
     per_fit = 4 * n_neg * dim + fit_memory_bytes(2 + n_neg, dim, (2 + n_neg) * dim)
     assert per_fit == 4 * 30 * 8 + 8 * 32 * 8 + 16 * (32 * 8 + 2 * 32)
-    for bound, expected in ((math.inf, 4), (2.5 * per_fit, 2), (0.5 * per_fit, 1)):
+    for bound, expected in ((math.inf, 4), (2.5 * per_fit, 2), (1.2 * per_fit, 1)):
         most[0] = 0
         miner = T.HardNegativeMiner(positives, fit, workers=4, max_cache_bytes=bound)
         assert miner.parallel_fits([0]) == 1
         miner.add_image(sample, is_last=False)
         assert miner.parallel_fits([0, 1, 2, 3]) == expected and most[0] <= expected
-        assert miner.evicted_for_memory == 0  # the store (960 bytes) is within every bound here
+        assert miner.evicted_for_memory == 0  # the store (960 bytes) and each fit are within every bound here
+
+
+def test_memory_bound_fits_a_class_on_its_hardest_negatives_that_fit():
+    # A fit copies its training set (float64, liblinear's 16-byte nodes): 1-d, one positive, each negative costs
+    # 4 (gathered) + 8 + 16 x 3 = 60 bytes and the positive 8 + 16 x 3 = 56. Room for 3 negatives; the store
+    # (4 bytes a window) is far from the bound.
+    fit = _RecordingFit()
+    bound = 56 + 3 * 60
+    miner = T.HardNegativeMiner([np.ones((1, 1), np.float32)], fit, T.MiningSchedule(-1.0001, -1.2, 100),
+                                max_cache_bytes=bound)
+    miner.add_image(_image(0, [0.1, 0.2], num_classes=1), is_last=False)  # 2 negatives fit: fitted on both
+    assert fit.calls[-1] == (0, [0.1, 0.2]) and miner.evicted_for_memory == 0
+    miner.add_image(_image(1, [0.9, -0.5, 0.5, 0.3, -0.9], num_classes=1), is_last=True)
+    # 7 cached, room for 3: the 3 highest scores of the model so far (w = [1]), in the cache's order
+    assert fit.calls[-1] == (0, [0.9, 0.5, 0.3]) and miner.evicted_for_memory == 4
+    assert miner.caches[0].key_set == {(1, 0), (1, 2), (1, 3)} and len(miner.store.compact()) == 3
+    assert miner._fit_bytes(0, miner.caches[0].negative_ids()) <= bound
 
 
 def test_max_cache_gb_is_checked_and_recorded():

@@ -211,8 +211,9 @@ class SvmConfig:
     tol: float = 1e-4  # liblinear dual stopping tolerance (sklearn's default; liblinear's own 0.1 stops early)
     max_iter: int = 20000  # liblinear dual passes; a fit reaching it is reported as not converged
     # GiB bound on the hard-negative cache (float32 features, each window once): past it the easiest negatives are
-    # evicted (metrics: cache_evicted_for_memory). The fits running at once are also kept within it, by their
-    # estimated memory (at least one runs), so the stage's peak is about twice this plus the positives. The
+    # evicted (metrics: cache_evicted_for_memory). Each fit, and the fits running at once, are also kept within it,
+    # by their estimated memory (a class whose fit would pass it is fitted on its hardest negatives that fit), so
+    # the stage's peak is about twice this plus the positives. The
     # embedded dataset never comes near it: there the results are those of unbounded mining.
     max_cache_gb: float = 8.0
 
