@@ -22,8 +22,8 @@ Features of an image are computed once for all classes; every class's candidates
 the classes due for a retrain are fitted in parallel, each fit in a process of its own (``core.svm.svm_fitter``:
 liblinear's random generator is process-wide, so threads would make the SVMs vary from run to run). Only the caches of
 hard negatives are held, never all negatives of all images, and each cached window's features once, however many
-classes hold it (``NegativeStore``); ``svm.max_cache_gb`` bounds that cache and the fits running at once. A killed
-run leaves no manifest and restarts clean.
+classes hold it (``NegativeStore``); ``svm.max_cache_gb`` bounds that cache, each fit and the fits running at once.
+A killed run leaves no manifest and restarts clean.
 """
 from __future__ import annotations
 

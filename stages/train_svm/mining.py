@@ -361,8 +361,9 @@ class HardNegativeMiner:
         """``neg_ids``, or, when fitting class k on them would pass ``max_cache_bytes`` (``_fit_bytes``: a fit copies
         its training set into float64 and liblinear's nodes, 7x the float32 rows when dense), the hardest of them
         that fit (highest score of k's current model; ties: the older); not when its positives alone pass it. The
-        others leave k's cache, as the store's own eviction does (``evicted_for_memory``). So a fit, like the store, stays within the bound: one fit of
-        16,000-d pool5 took 14 GB beside an 8 GB store before this. Unreached, it changes nothing."""
+        others leave k's cache, as the store's own eviction does (``evicted_for_memory``). So a fit, like the store,
+        stays within the bound: one fit of 16,000-d pool5 took 14 GB beside an 8 GB store before this. Unreached,
+        it changes nothing."""
         if math.isinf(self.max_cache_bytes) or self._fit_bytes(k, neg_ids) <= self.max_cache_bytes:
             return neg_ids
         cache = self.caches[k]
