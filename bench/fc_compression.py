@@ -28,9 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from stages.core.artifacts import read_manifest  # noqa: E402
+from stages.core.artifacts import Run, read_manifest  # noqa: E402
 from stages.core.config import config_from_run  # noqa: E402
-from stages.core.registry import STAGES, detect_tag, svm_tag  # noqa: E402
+from stages.core.registry import SCORERS, STAGES, detect_tag, svm_tag  # noqa: E402
 
 # Stage folders a variant run writes itself; every other one is a link to the source run's.
 WRITTEN = (STAGES["svm"].folder, STAGES["detect"].folder, STAGES["eval"].folder)
@@ -80,7 +80,7 @@ def svm_fingerprint(run: Path, args) -> str:
     """The fingerprint of the run's SVMs for ``args``'s variant (their manifest's)."""
     n_scales = len(config_from_run(run).features.scales)
     tag = svm_tag(args.feature, args.one_scale, n_scales)
-    return read_manifest(run / STAGES["svm"].folder / tag / "MANIFEST.json").fingerprint
+    return read_manifest(Run(run).manifest_path("svm", tag)).fingerprint
 
 
 def spp(python: str, *args: str) -> float:
@@ -97,6 +97,7 @@ def measure(args, name: str, compression: str, ranks: list[int] | None, retrain:
     common = ["--run", label, "--runs-root", str(args.work), "--device", args.device,
               *(f"--set={item}" for item in args.set)]
     variant = ["--feature", args.feature, *(["--one-scale"] if args.one_scale else [])]
+    bbox = "--bbox" if args.bbox else "--no-bbox"
     fc = ["--fc-compression", compression, *(["--fc-svd-ranks", ",".join(map(str, ranks))] if ranks else [])]
     svm_seconds = None
     if args.feature != "softmax" and (retrain or compression == "none"):
@@ -106,14 +107,12 @@ def measure(args, name: str, compression: str, ranks: list[int] | None, retrain:
             raise SystemExit(f"error: the SVMs of {args.run} are not up to date (train-svm refitted them in {run}), "
                              "so the as-is rows would not use the SVMs the exact row uses; run spp train-svm there "
                              "first")
-    detect_seconds = spp(args.python, "detect", *common, "--split", args.split, *variant,
-                         "--bbox" if args.bbox else "--no-bbox", *fc)
-    spp(args.python, "eval", *common, "--split", args.split, *variant, "--bbox" if args.bbox else "--no-bbox")
+    detect_seconds = spp(args.python, "detect", *common, "--split", args.split, *variant, bbox, *fc)
+    spp(args.python, "eval", *common, "--split", args.split, *variant, bbox)
     cfg = config_from_run(run)
     tag = detect_tag(args.split, args.feature, args.one_scale, len(cfg.features.scales), args.bbox)
-    metrics = json.loads((run / STAGES["eval"].folder / tag / "metrics.json").read_text())
-    detect_manifest = json.loads((run / STAGES["detect"].folder / tag / "MANIFEST.json").read_text())
-    prof = detect_manifest["metrics"]["profile"]
+    metrics = read_manifest(Run(run).manifest_path("eval", tag)).metrics
+    prof = read_manifest(Run(run).manifest_path("detect", tag)).metrics["profile"]
     return {"variant": name, "compression": compression, "svd_ranks": list(cfg.detect.fc_svd_ranks)
             if compression == "svd" else None, "svms": "retrained" if retrain else "as is", "run": str(run),
             "mAP": metrics["mAP"], "ap": metrics["ap"], "fc_s_per_image": prof["per_image"].get("fc"),
@@ -125,7 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", type=Path, help="a finished run (its SVMs, or fine-tuned net for softmax)")
     parser.add_argument("--split", required=True, help="the split to detect and evaluate")
-    parser.add_argument("--feature", default="ftfc7", choices=("fc6", "fc7", "ftfc6", "ftfc7", "softmax"))
+    parser.add_argument("--feature", default="ftfc7", choices=[f for f in SCORERS if f != "pool5"],
+                        help="a scorer that runs fc6/fc7 (pool5 has nothing to compress)")
     parser.add_argument("--one-scale", action="store_true", help="score each window at its one best scale")
     parser.add_argument("--bbox", action=argparse.BooleanOptionalAction, default=False, help="box regression")
     parser.add_argument("--variant", action="append", type=parse_variant, required=True,

@@ -71,11 +71,12 @@ def nms_top(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, limit: 
         return np.zeros(0, dtype=np.int64)
     if np.isnan(scores).any():  # the kernel ranks NaN first, numpy last: no shortcut to take
         return nms(boxes, scores, iou_threshold)[:limit]
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     order = np.argsort(-scores, kind="stable")  # the kernel's ranking: score descending, ties by index
     count = min(len(order), max(4 * limit, 256))
     while True:
         top = order[:count]  # in ranking order, so the kernel's stable sort keeps it
-        keep = top[nms(np.asarray(boxes, dtype=np.float64).reshape(-1, 4)[top], scores[top], iou_threshold)]
+        keep = top[nms(boxes[top], scores[top], iou_threshold)]
         if len(keep) >= limit or count == len(order):
             return keep[:limit]
         count = min(len(order), 4 * count)

@@ -327,13 +327,16 @@ class HardNegativeMiner:
         evicted[np.argsort(hardness, kind="stable")[:count]] = True  # ties: the older window first
         for cache in self.caches:
             ids = cache.negative_ids()
-            gone = evicted[ids]
-            if gone.any():
-                cache.ids = [ids[~gone]]
-                cache.key_set.difference_update(map(tuple, self.store.keys[ids[gone]].tolist()))
-                self.store.release(ids[gone])
+            self._evict(cache, ids, evicted[ids])
         self.evicted_for_memory += count
         self._compact()
+
+    def _evict(self, cache: ClassCache, ids: np.ndarray, gone: np.ndarray) -> None:
+        """Drop ``ids[gone]`` from ``cache`` (``ids``: all its negatives) and release them in the store."""
+        if gone.any():
+            cache.ids = [ids[~gone]]
+            cache.key_set.difference_update(map(tuple, self.store.keys[ids[gone]].tolist()))
+            self.store.release(ids[gone])
 
     def _compact(self) -> None:
         new_ids = self.store.compact()
@@ -370,20 +373,17 @@ class HardNegativeMiner:
         fixed = fit_memory_bytes(len(cache.positives), self.dim, int(np.count_nonzero(cache.positives)))
         if fixed >= self.max_cache_bytes:  # the positives alone pass it: no set of negatives fits
             return neg_ids
-        per_row = self.store.row_bytes + 8 * self.dim + 16 * (self.store.nonzeros[neg_ids] + 2)
+        per_row = self.store.row_bytes + fit_memory_bytes(1, self.dim, self.store.nonzeros[neg_ids])  # as _fit_bytes
         step = max(1, (64 << 20) // self.store.row_bytes)  # scored in blocks of 64 MB: no copy of them all
         hardness = np.concatenate([self.store.gather(neg_ids[i:i + step]) @ self.W[:, k] + self.b[k]
                                    for i in range(0, len(neg_ids), step)])
         order = np.argsort(-hardness, kind="stable")
         room = int(np.searchsorted(np.cumsum(per_row[order]), self.max_cache_bytes - fixed, side="right"))
-        kept = np.zeros(len(neg_ids), dtype=bool)
-        kept[order[:room]] = True
-        dropped = neg_ids[~kept]
-        cache.ids = [neg_ids[kept]]
-        cache.key_set.difference_update(map(tuple, self.store.keys[dropped].tolist()))
-        self.store.release(dropped)
-        self.evicted_for_memory += len(dropped)
-        return neg_ids[kept]
+        gone = np.ones(len(neg_ids), dtype=bool)
+        gone[order[:room]] = False
+        self._evict(cache, neg_ids, gone)
+        self.evicted_for_memory += int(gone.sum())
+        return neg_ids[~gone]
 
     def _retrain(self, classes: list[int], image_index: int) -> None:
         ids = {k: self._within_fit_budget(k, self.caches[k].negative_ids()) for k in classes}
