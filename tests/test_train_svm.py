@@ -60,9 +60,10 @@ def _direct_minimum(X_pos, X_neg, C=1e-3, pos_weight=2.0, bias_multiplier=10.0):
     return result.x[:d], result.x[d], result.fun
 
 
-def test_linearsvc_settings_minimise_the_liblinear_objective():
+@pytest.mark.parametrize("method", ["liblinear", "dense"])
+def test_linearsvc_settings_minimise_the_liblinear_objective(method):
     X_pos, X_neg = _toy_problem()
-    fit = fit_linear_svm(X_pos, X_neg, SvmSolver())
+    fit = fit_linear_svm(X_pos, X_neg, SvmSolver(method=method))
     w_ref, b_ref, minimum = _direct_minimum(X_pos, X_neg)
     ours = svm_objective(fit.w, fit.b, X_pos, X_neg)
     assert fit.converged
@@ -73,6 +74,56 @@ def test_linearsvc_settings_minimise_the_liblinear_objective():
     # The solution is the optimum of *this* objective: without the 2x positive weight the optimum differs.
     _, _, unweighted = _direct_minimum(X_pos, X_neg, pos_weight=1.0)
     assert svm_objective(fit.w, fit.b, X_pos, X_neg, pos_weight=1.0)["total"] > unweighted + 1e-5
+
+
+def _random_problem(seed: int, positives: int, negatives: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Post-ReLU-like rows scaled to a mean norm of 20, as train-svm scales its features."""
+    rng = np.random.default_rng(seed)
+    X_pos = (np.abs(rng.normal(size=(positives, dim))) + 0.3).astype(np.float32)
+    X_neg = np.abs(rng.normal(size=(negatives, dim))).astype(np.float32)
+    scale = np.float32(20 / np.linalg.norm(np.concatenate([X_pos, X_neg]), axis=1).mean())
+    return X_pos * scale, X_neg * scale
+
+
+def test_dense_solver_reaches_liblinears_optimum():
+    X_pos, X_neg = _random_problem(0, 40, 2000, 300)
+    theirs = fit_linear_svm(X_pos, X_neg, SvmSolver(tol=1e-5))
+    ours = fit_linear_svm(X_pos, X_neg, SvmSolver(tol=1e-5, method="dense"))
+    assert theirs.converged and ours.converged and ours.w.dtype == np.float32
+    objective = svm_objective(ours.w, ours.b, X_pos, X_neg)["total"]
+    assert objective == pytest.approx(svm_objective(theirs.w, theirs.b, X_pos, X_neg)["total"], rel=1e-5)
+    assert objective < svm_objective(ours.w * 1.01, ours.b, X_pos, X_neg)["total"]  # a minimum, not a plateau
+    np.testing.assert_allclose(ours.w, theirs.w, atol=2e-3 * np.abs(theirs.w).max())
+    assert ours.b == pytest.approx(theirs.b, abs=2e-3 * max(abs(theirs.b), 1.0))
+
+
+def test_dense_solver_reads_the_rows_in_place():
+    import tracemalloc
+
+    from stages.core.svm import Rows
+
+    X_pos, X_neg = _random_problem(1, 30, 3000, 400)  # 4.8 MB of negatives
+    blocks = (X_neg[:1000].copy(), X_neg[1000:].copy())
+    order = np.random.default_rng(2).permutation(3000)  # rows named out of block order
+    rows = Rows(blocks, (order >= 1000).astype(np.int64), np.where(order >= 1000, order - 1000, order))
+    solver = SvmSolver(method="dense", seed=5)
+    contiguous = fit_linear_svm(X_pos, X_neg[order], solver)
+    fit_linear_svm(X_pos[:2], X_neg[:2], solver)  # compiled, before measuring
+    tracemalloc.start()
+    try:
+        in_place = fit_linear_svm(X_pos, rows, solver)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Same rows in the same order, so the same visits: the same bits. No copy of the 4.8 MB on the way.
+    assert np.array_equal(in_place.w, contiguous.w) and in_place.b == contiguous.b
+    assert peak < 0.1 * X_neg.nbytes, peak
+    again = fit_linear_svm(X_pos, rows, solver)
+    assert np.array_equal(again.w, in_place.w)  # seeded: the same SVM on every run
+    assert not np.array_equal(fit_linear_svm(X_pos, rows, SvmSolver(method="dense", seed=6)).w, in_place.w)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        fit_linear_svm(X_pos, Rows((X_neg[:, :400:2].astype(np.float64),), np.zeros(1, np.int64), np.zeros(1, np.int64)),
+                       solver)
 
 
 def test_fit_needs_both_labels():
@@ -135,7 +186,7 @@ class _RecordingFit:
         self.calls = []
 
     def __call__(self, k, X_pos, X_neg):
-        self.calls.append((k, X_neg[:, 0].astype(np.float64).round(6).tolist()))  # float32 -> exact decimals
+        self.calls.append((k, np.asarray(X_neg)[:, 0].astype(np.float64).round(6).tolist()))  # float32 -> exact decimals
         return SvmFit(np.array([1.0], dtype=np.float32), 0.0, 1, True)
 
 
@@ -175,9 +226,11 @@ def test_mining_scores_with_the_model_from_before_the_image_and_skips_cached_key
     assert miner.added[-1] == (5, 0, 1) and len(fit.calls) == 2 and fit.calls[-1][1] == [-0.5, 0.4, -1.0]
 
 
-def test_mining_with_real_svms_is_the_same_with_parallel_workers():
+@pytest.mark.parametrize("method", ["liblinear", "dense"])
+def test_mining_with_real_svms_is_the_same_with_parallel_workers(method):
     """Big enough that the three classes' fits overlap in time: liblinear's random generator is process-wide, so
-    fits in threads gave different SVMs from run to run (seen on the embedded set); svm_fitter uses processes."""
+    fits in threads gave different SVMs from run to run (seen on the embedded set); svm_fitter uses processes for it
+    (threads for the dense solver, whose generator is the fit's own)."""
     rng = np.random.default_rng(3)
     dim = 48
 
@@ -188,7 +241,7 @@ def test_mining_with_real_svms_is_the_same_with_parallel_workers():
 
     positives = [(rng.normal(0.3, 1, (40, dim)) * 5).astype(np.float32) for _ in range(3)]
     images = list(stream())
-    solver = SvmSolver(seed=0)
+    solver = SvmSolver(seed=0, method=method)
     schedule = T.MiningSchedule(retrain_limit=300)
 
     def fit(k, X_pos, X_neg):
@@ -539,7 +592,7 @@ class _SignedFit:
         self.calls = []
 
     def __call__(self, k, X_pos, X_neg):
-        self.calls.append((k, X_neg[:, 0].astype(np.float64).round(6).tolist()))
+        self.calls.append((k, np.asarray(X_neg)[:, 0].astype(np.float64).round(6).tolist()))
         return SvmFit(np.array([1.0 if k == 0 else -1.0], dtype=np.float32), 0.0, 1, True)
 
 
@@ -579,9 +632,9 @@ def test_memory_bound_caps_the_fits_running_at_once():
 
     positives = [np.ones((2, dim), np.float32)] * 4
     sample = T.ImageNegatives(0, np.full((n_neg, dim), 0.5, np.float32), np.arange(n_neg), np.ones((n_neg, 4), bool))
-    # Per class: its float32 negatives + fit_memory_bytes (float64 copy, liblinear's nodes); every value nonzero.
-    per_fit = 4 * n_neg * dim + fit_memory_bytes(2 + n_neg, dim, (2 + n_neg) * dim)
-    assert per_fit == 4 * 30 * 8 + 8 * 32 * 8 + 16 * (32 * 8 + 2 * 32)
+    # Per class: fit_memory_bytes (float64 copy, liblinear's nodes; the rows are passed in place); every value nonzero.
+    per_fit = fit_memory_bytes(2 + n_neg, dim, (2 + n_neg) * dim)
+    assert per_fit == 8 * 32 * 8 + 16 * (32 * 8 + 2 * 32)
     for bound, expected in ((math.inf, 4), (2.5 * per_fit, 2), (1.2 * per_fit, 1)):
         most[0] = 0
         miner = T.HardNegativeMiner(positives, fit, workers=4, max_cache_bytes=bound)
@@ -592,11 +645,11 @@ def test_memory_bound_caps_the_fits_running_at_once():
 
 
 def test_memory_bound_fits_a_class_on_its_hardest_negatives_that_fit():
-    # A fit copies its training set (float64, liblinear's 16-byte nodes): 1-d, one positive, each negative costs
-    # 4 (gathered) + 8 + 16 x 3 = 60 bytes and the positive 8 + 16 x 3 = 56. Room for 3 negatives; the store
-    # (4 bytes a window) is far from the bound.
+    # A liblinear fit copies its training set (float64, liblinear's 16-byte nodes): 1-d, one positive, each row
+    # costs 8 + 16 x 3 = 56 bytes. Room for 3 negatives (and 50 bytes to spare); the store (4 bytes a window) is far
+    # from the bound.
     fit = _RecordingFit()
-    bound = 56 + 3 * 60
+    bound = 56 + 3 * 56 + 50
     miner = T.HardNegativeMiner([np.ones((1, 1), np.float32)], fit, T.MiningSchedule(-1.0001, -1.2, 100),
                                 max_cache_bytes=bound)
     miner.add_image(_image(0, [0.1, 0.2], num_classes=1), is_last=False)  # 2 negatives fit: fitted on both
@@ -606,6 +659,15 @@ def test_memory_bound_fits_a_class_on_its_hardest_negatives_that_fit():
     assert fit.calls[-1] == (0, [0.9, 0.5, 0.3]) and miner.evicted_for_memory == 4
     assert miner.caches[0].key_set == {(1, 0), (1, 2), (1, 3)} and len(miner.store.compact()) == 3
     assert miner._fit_bytes(0, miner.caches[0].negative_ids()) <= bound
+
+    # The dense solver copies nothing (56 bytes of its own per row, 16 for the weights): all 7 fit, none leaves.
+    fit = _RecordingFit()
+    miner = T.HardNegativeMiner([np.ones((1, 1), np.float32)], fit, T.MiningSchedule(-1.0001, -1.2, 100),
+                                max_cache_bytes=8 * 56 + 16,
+                                fit_bytes=lambda rows, dim, nonzeros: fit_memory_bytes(rows, dim, nonzeros, "dense"))
+    miner.add_image(_image(0, [0.1, 0.2], num_classes=1), is_last=False)
+    miner.add_image(_image(1, [0.9, -0.5, 0.5, 0.3, -0.9], num_classes=1), is_last=True)
+    assert fit.calls[-1] == (0, [0.1, 0.2, 0.9, -0.5, 0.5, 0.3, -0.9]) and miner.evicted_for_memory == 0
 
 
 def test_max_cache_gb_is_checked_and_recorded():
@@ -618,3 +680,9 @@ def test_max_cache_gb_is_checked_and_recorded():
             build_config(None, {"svm.max_cache_gb": bad})
     record = T._config_record(build_config(None, {}), "pool5", False, (688,))
     assert record["svm"]["max_cache_gb"] == 8.0  # it can change the SVMs, so it is part of their config
+    # The solver too, but the default only by its absence: runs made before the choice existed stay up to date.
+    assert "solver" not in record["svm"]
+    dense = T._config_record(build_config(None, {"svm.solver": "dense"}), "pool5", False, (688,))
+    assert dense["svm"]["solver"] == "dense"
+    with pytest.raises(SppError, match="svm.solver"):
+        build_config(None, {"svm.solver": "sgd"})

@@ -210,6 +210,9 @@ class SvmConfig:
     workers: int = 0  # classes trained in parallel; 0 = all cores
     tol: float = 1e-4  # liblinear dual stopping tolerance (sklearn's default; liblinear's own 0.1 stops early)
     max_iter: int = 20000  # liblinear dual passes; a fit reaching it is reported as not converged
+    # "liblinear" (scikit-learn's, as the released code: it copies each training set into float64 and its own
+    # 16-byte nodes) | "dense" (core/dense_svm.py: the same solver on the cached float32 rows in place, no copies)
+    solver: str = "liblinear"
     # GiB bound on the hard-negative cache (float32 features, each window once): past it the easiest negatives are
     # evicted (metrics: cache_evicted_for_memory). Each fit, and the fits running at once, are also kept within it,
     # by their estimated memory (a class whose fit would pass it is fitted on its hardest negatives that fit), so
@@ -347,6 +350,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "proposals.min_side_applies_to": ("both", "width"),
     "pretrain.optimizer": ("sgd", "adamw"),
     "svm.pruning": ("dedup", "overlap70", "none"),
+    "svm.solver": ("liblinear", "dense"),
     "detect.fc_dtype": ("float32", "bfloat16"),
     "detect.fc_compression": ("none", "svd", "int8"),
 }

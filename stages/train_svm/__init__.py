@@ -17,10 +17,13 @@ The released algorithm [S:spp_train.m, the same as R:rcnn_train.m]:
   evicted. Scores of one image come from the models as they were before that image.
 - Solver: liblinear L2-regularised hinge loss, dual (``-s 3 -c 1e-3 -w1 2 -B 10``) through sklearn's LinearSVC,
   whose objective is ``0.5|w|^2 + 0.5 (b/10)^2 + C [2 sum_pos hinge + sum_neg hinge]`` (``svm_objective``).
+  ``svm.solver = "dense"``: the same solver on the cached float32 rows in place (``core.dense_svm``; liblinear
+  copies each training set into float64 and its own nodes, 6x the rows when dense).
 
 Features of an image are computed once for all classes; every class's candidates are scored with one matmul, and
-the classes due for a retrain are fitted in parallel, each fit in a process of its own (``core.svm.svm_fitter``:
-liblinear's random generator is process-wide, so threads would make the SVMs vary from run to run). Only the caches of
+the classes due for a retrain are fitted in parallel, each liblinear fit in a process of its own
+(``core.svm.svm_fitter``: liblinear's random generator is process-wide, so threads would make the SVMs vary from run
+to run), each dense fit in a thread. Only the caches of
 hard negatives are held, never all negatives of all images, and each cached window's features once, however many
 classes hold it (``NegativeStore``); ``svm.max_cache_gb`` bounds that cache, each fit and the fits running at once.
 A killed run leaves no manifest and restarts clean.
@@ -46,7 +49,7 @@ from ..core.nets import resolve_device
 from ..core.proposals import load_proposals
 from ..core.roidb import build_roidb
 from ..core.runner import Produced, StagePlan, execute
-from ..core.svm import (SvmModel, SvmSolver, save_svm_model, svm_fitter, svm_objective)
+from ..core.svm import (SvmModel, SvmSolver, fit_memory_bytes, save_svm_model, svm_fitter, svm_objective)
 from ..core.registry import svm_tag
 from ..core.voc import VocDataset
 
@@ -126,6 +129,8 @@ def negative_stream(ctx: _Context, image_ids: Sequence[str], active: np.ndarray,
 
 def _config_record(cfg, feature: str, one_scale: bool, scales: tuple[int, ...]) -> dict:
     svm = {k: v for k, v in cfg.section("svm").items() if k != "workers"}  # workers do not change results
+    if svm.get("solver") == "liblinear":
+        del svm["solver"]  # the default, recorded only when another (so runs made before the choice stay up to date)
     return {"feature": feature, "one_scale": one_scale, "scales": list(scales), "train_split": cfg.data.train_split,
             "svm": svm, "scale_rule": cfg.features.scale_rule, "pyramid": list(cfg.model.pyramid),
             "backbone": cfg.model.backbone, "seed": cfg.seed,
@@ -206,11 +211,12 @@ def _train(cfg, run_dir: Run, dataset: VocDataset, inputs: dict, feature: str, s
         return svm_objective(w, b, X_pos, X_neg, solver.C, solver.pos_weight, solver.bias_multiplier)
 
     workers = cfg.svm.workers or os.cpu_count() or 1
-    with svm_fitter(solver, workers) as fit:  # classes due together are fitted in parallel processes
+    with svm_fitter(solver, workers) as fit:  # classes due together are fitted in parallel
         miner = mine_hard_negatives(
             negative_stream(ctx, image_ids, active, scale, cfg.svm.neg_iou, cfg.svm.pruning), positives,
             fit=lambda k, X_pos, X_neg: fit(X_pos, X_neg), schedule=schedule, objective=objective,
-            workers=workers, max_cache_bytes=cfg.svm.max_cache_gb * GIB)
+            workers=workers, max_cache_bytes=cfg.svm.max_cache_gb * GIB,
+            fit_bytes=lambda rows, dim, nonzeros: fit_memory_bytes(rows, dim, nonzeros, solver.method))
 
     b = miner.b.copy()
     b[~miner.trained] = -np.inf  # no positives (or no negatives): no detector, so no detections

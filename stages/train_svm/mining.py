@@ -14,7 +14,7 @@ from ..core import boxes as box_ops
 from ..core import spp
 from ..core.config import CHOICES
 from ..core.errors import SppError
-from ..core.svm import (SvmFit, fit_memory_bytes, svm_objective)
+from ..core.svm import (Rows, SvmFit, fit_memory_bytes, svm_objective)
 
 try:
     import resource  # peak memory in the metrics; Unix only
@@ -139,7 +139,8 @@ class NegativeStore:
     def add(self, features: np.ndarray, keys: np.ndarray) -> np.ndarray:
         """Store new windows (none held yet); returns their ids."""
         first = len(self)
-        self.blocks.append(np.asarray(features, dtype=np.float32).reshape(-1, self.dim))
+        # C-contiguous: the dense solver reads the rows in place
+        self.blocks.append(np.ascontiguousarray(np.asarray(features, dtype=np.float32).reshape(-1, self.dim)))
         self.keys = np.concatenate([self.keys, keys])
         self.holders = np.concatenate([self.holders, np.zeros(len(keys), np.int32)])
         self.nonzeros = np.concatenate([self.nonzeros, np.count_nonzero(self.blocks[-1], axis=1)])
@@ -156,17 +157,15 @@ class NegativeStore:
         for i, r in self.keys[ids[self.holders[ids] == 0]].tolist():  # dead now: a later visit stores it afresh
             self._id_of.pop((i, r), None)
 
+    def rows(self, ids: np.ndarray) -> Rows:
+        """The rows ``ids``, in that order, named where they lie (no copy)."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        block = np.searchsorted(self._starts, ids, side="right") - 1
+        return Rows(tuple(self.blocks) or (np.zeros((0, self.dim), np.float32),), block, ids - self._starts[block])
+
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """A float32 [len(ids), D] copy of the rows ``ids``, in that order."""
-        ids = np.asarray(ids, dtype=np.int64)
-        out = np.empty((len(ids), self.dim), np.float32)
-        block = np.searchsorted(self._starts, ids, side="right") - 1
-        order = np.argsort(block, kind="stable")
-        for part in np.split(order, np.flatnonzero(np.diff(block[order])) + 1):
-            if len(part):
-                b = block[part[0]]
-                out[part] = self.blocks[b][ids[part] - self._starts[b]]
-        return out
+        return self.rows(ids).gather()
 
     def blockwise(self) -> Iterator[tuple[int, np.ndarray]]:
         """(first id, features) of each block."""
@@ -222,8 +221,10 @@ FitFn = Callable[[int, np.ndarray, np.ndarray], SvmFit]
 class HardNegativeMiner:
     """The mining schedule over a stream of images, for all classes at once. Pure: no files, no networks.
 
-    ``fit(class_index, X_pos, X_neg) -> SvmFit`` trains one class; ``objective(w, b, X_pos, X_neg) -> dict``
-    evaluates it (both injectable, so the schedule is testable with hand-made solvers). With ``workers`` > 1 the
+    ``fit(class_index, X_pos, X_neg) -> SvmFit`` trains one class (``X_neg``: a ``core.svm.Rows`` naming the store's
+    rows, not a copy); ``objective(w, b, X_pos, X_neg) -> dict`` evaluates it (both injectable, so the schedule is
+    testable with hand-made solvers); ``fit_bytes(rows, dim, nonzeros)``: the memory one fit allocates (the solver's
+    ``core.svm.fit_memory_bytes``). With ``workers`` > 1 the
     classes due together call ``fit`` from that many threads at once, so it must be safe for that: liblinear in
     threads is not (see ``core.svm``), ``core.svm.svm_fitter`` is.
 
@@ -236,7 +237,7 @@ class HardNegativeMiner:
 
     def __init__(self, positives: Sequence[np.ndarray], fit: FitFn, schedule: MiningSchedule = MiningSchedule(),
                  objective: Callable[..., dict] = svm_objective, workers: int = 1,
-                 max_cache_bytes: float = math.inf):
+                 max_cache_bytes: float = math.inf, fit_bytes: Callable[..., int] = fit_memory_bytes):
         dims = {np.asarray(p).reshape(len(p), -1).shape[1] for p in positives if len(p)}
         if len(dims) != 1:
             raise ValueError(f"positives must share one feature dimension (got {sorted(dims)})")
@@ -249,7 +250,7 @@ class HardNegativeMiner:
         self.b = np.zeros(len(self.caches), dtype=np.float32)
         self.trained = np.zeros(len(self.caches), dtype=bool)
         self.fit, self.schedule, self.objective, self.workers = fit, schedule, objective, max(1, int(workers))
-        self.max_cache_bytes = float(max_cache_bytes)
+        self.max_cache_bytes, self.fit_bytes = float(max_cache_bytes), fit_bytes
         self.first_image = True
         self.added: list[tuple[int, int, int]] = []  # (image_index, class, negatives added)
         self.evicted_for_memory = 0  # windows evicted to keep the store within max_cache_bytes
@@ -344,11 +345,10 @@ class HardNegativeMiner:
             cache.ids = [new_ids[cache.negative_ids()]]
 
     def _fit_bytes(self, k: int, neg_ids: np.ndarray) -> int:
-        """Memory of fitting class k on ``neg_ids``: the gathered float32 negatives and the fit's own copies."""
+        """Memory of fitting class k on ``neg_ids``: the fit's own (the rows are passed where they lie)."""
         positives = self.caches[k].positives
         nonzeros = int(np.count_nonzero(positives)) + int(self.store.nonzeros[neg_ids].sum())
-        return self.store.row_bytes * len(neg_ids) + fit_memory_bytes(len(positives) + len(neg_ids), self.dim,
-                                                                      nonzeros)
+        return int(self.fit_bytes(len(positives) + len(neg_ids), self.dim, nonzeros))
 
     def parallel_fits(self, classes: Sequence[int]) -> int:
         """How many of ``classes`` are fitted at once: up to ``workers``, as many as fit in ``max_cache_bytes`` at the
@@ -362,7 +362,8 @@ class HardNegativeMiner:
 
     def _within_fit_budget(self, k: int, neg_ids: np.ndarray) -> np.ndarray:
         """``neg_ids``, or, when fitting class k on them would pass ``max_cache_bytes`` (``_fit_bytes``: a fit copies
-        its training set into float64 and liblinear's nodes, 7x the float32 rows when dense), the hardest of them
+        its training set into float64 and liblinear's nodes, 6x the float32 rows when dense; the dense solver
+        copies nothing), the hardest of them
         that fit (highest score of k's current model; ties: the older); not when its positives alone pass it. The
         others leave k's cache, as the store's own eviction does (``evicted_for_memory``). So a fit, like the store,
         stays within the bound: one fit of 16,000-d pool5 took 14 GB beside an 8 GB store before this. Unreached,
@@ -370,13 +371,11 @@ class HardNegativeMiner:
         if math.isinf(self.max_cache_bytes) or self._fit_bytes(k, neg_ids) <= self.max_cache_bytes:
             return neg_ids
         cache = self.caches[k]
-        fixed = fit_memory_bytes(len(cache.positives), self.dim, int(np.count_nonzero(cache.positives)))
+        fixed = self.fit_bytes(len(cache.positives), self.dim, int(np.count_nonzero(cache.positives)))
         if fixed >= self.max_cache_bytes:  # the positives alone pass it: no set of negatives fits
             return neg_ids
-        per_row = self.store.row_bytes + fit_memory_bytes(1, self.dim, self.store.nonzeros[neg_ids])  # as _fit_bytes
-        step = max(1, (64 << 20) // self.store.row_bytes)  # scored in blocks of 64 MB: no copy of them all
-        hardness = np.concatenate([self.store.gather(neg_ids[i:i + step]) @ self.W[:, k] + self.b[k]
-                                   for i in range(0, len(neg_ids), step)])
+        per_row = self.fit_bytes(1, self.dim, self.store.nonzeros[neg_ids]) - self.fit_bytes(0, self.dim, 0)
+        hardness = self._margins(self.store.rows(neg_ids), self.W[:, k], self.b[k])
         order = np.argsort(-hardness, kind="stable")
         room = int(np.searchsorted(np.cumsum(per_row[order]), self.max_cache_bytes - fixed, side="right"))
         gone = np.ones(len(neg_ids), dtype=bool)
@@ -385,13 +384,19 @@ class HardNegativeMiner:
         self.evicted_for_memory += int(gone.sum())
         return neg_ids[~gone]
 
+    @staticmethod
+    def _margins(rows: Rows, w: np.ndarray, b: np.float32) -> np.ndarray:
+        """float32 scores of ``rows``, read in 64 MB chunks: no copy of them all."""
+        parts = [chunk @ w + b for chunk in rows.chunks()]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
     def _retrain(self, classes: list[int], image_index: int) -> None:
         ids = {k: self._within_fit_budget(k, self.caches[k].negative_ids()) for k in classes}
 
         def fit_one(k: int) -> SvmFit:
-            # Only the gather (a copy, no BLAS) and the fit here: these threads fork the fit processes, and a fork
-            # while another thread is inside a BLAS call can deadlock (it did, in pool5 SVMs on VOC).
-            return self.fit(k, self.caches[k].positives, self.store.gather(ids[k]))
+            # Only the fit here, no BLAS: these threads fork liblinear's fit processes, and a fork while another
+            # thread is inside a BLAS call can deadlock (it did, in pool5 SVMs on VOC).
+            return self.fit(k, self.caches[k].positives, self.store.rows(ids[k]))
 
         parallel = self.parallel_fits(classes)
         if parallel > 1:
@@ -400,11 +405,12 @@ class HardNegativeMiner:
         else:
             fits = [fit_one(k) for k in classes]
         for k, fitted in zip(classes, fits):
-            # One class at a time, after every fork: the objective makes a float64 copy of the training set.
-            positives, X_neg = self.caches[k].positives, self.store.gather(ids[k])
-            objective = self.objective(fitted.w, fitted.b, positives, X_neg)
-            keep = X_neg @ np.asarray(fitted.w, dtype=np.float32) + np.float32(fitted.b) >= self.schedule.evict_thresh
-            del X_neg  # evict "easy" negatives: z < evict_thresh
+            # One class at a time, after every fork (BLAS), each reading the rows in chunks.
+            X_neg = self.store.rows(ids[k])
+            objective = self.objective(fitted.w, fitted.b, self.caches[k].positives, X_neg)
+            # evict "easy" negatives: z < evict_thresh
+            keep = self._margins(X_neg, np.asarray(fitted.w, dtype=np.float32), np.float32(fitted.b)) \
+                >= self.schedule.evict_thresh
             cache = self.caches[k]
             self.W[:, k] = fitted.w
             self.b[k] = fitted.b
@@ -422,9 +428,10 @@ class HardNegativeMiner:
 
 def mine_hard_negatives(stream: Iterable[ImageNegatives], positives: Sequence[np.ndarray], fit: FitFn,
                         schedule: MiningSchedule = MiningSchedule(), objective: Callable[..., dict] = svm_objective,
-                        workers: int = 1, max_cache_bytes: float = math.inf) -> HardNegativeMiner:
+                        workers: int = 1, max_cache_bytes: float = math.inf,
+                        fit_bytes: Callable[..., int] = fit_memory_bytes) -> HardNegativeMiner:
     """Run the schedule over ``stream`` (one pass; the last image is detected by look-ahead)."""
-    miner = HardNegativeMiner(positives, fit, schedule, objective, workers, max_cache_bytes)
+    miner = HardNegativeMiner(positives, fit, schedule, objective, workers, max_cache_bytes, fit_bytes)
     iterator = iter(stream)
     current = next(iterator, None)
     while current is not None:
