@@ -121,6 +121,8 @@ def test_dense_solver_reads_the_rows_in_place():
     again = fit_linear_svm(X_pos, rows, solver)
     assert np.array_equal(again.w, in_place.w)  # seeded: the same SVM on every run
     assert not np.array_equal(fit_linear_svm(X_pos, rows, SvmSolver(method="dense", seed=6)).w, in_place.w)
+    with pytest.raises(ValueError, match="out of range"):  # numba would read past the block, silently
+        fit_linear_svm(X_pos, Rows(blocks, np.array([0, 1]), np.array([5, 2000])), solver)
     with pytest.raises(ValueError, match="C-contiguous float32"):
         fit_linear_svm(X_pos, Rows((X_neg[:, :400:2].astype(np.float64),), np.zeros(1, np.int64), np.zeros(1, np.int64)),
                        solver)

@@ -53,7 +53,7 @@ class SvmSolver:
                    tol=svm_cfg.tol, max_iter=svm_cfg.max_iter, seed=seed, method=svm_cfg.solver)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Rows:
     """float32 rows named where they lie, not copied: row i is ``blocks[block[i]][row[i]]``."""
 
@@ -71,6 +71,8 @@ class Rows:
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         """A copy of them all (``np.asarray(rows)``), for code that wants a matrix."""
+        if copy is False:
+            raise ValueError("Rows are gathered from their blocks: a matrix of them is always a copy")
         out = self.gather()
         return out if dtype is None else out.astype(dtype)
 
@@ -119,11 +121,13 @@ def svm_objective(w: np.ndarray, b: float, X_pos: Matrix, X_neg: Matrix, C: floa
     w = np.asarray(w, dtype=np.float64).reshape(-1)
 
     def margins(X: Matrix) -> np.ndarray:
-        if not isinstance(X, Rows):
+        if isinstance(X, Rows):
+            chunks = X.chunks()
+        else:  # taken as it is (float64 stays exact), in slices of about 64 MB
             X = np.asarray(X).reshape(-1, len(w))
-            if len(X) == 0:
-                return np.zeros(0)
-        parts = [chunk.astype(np.float64) @ w + b for chunk in _as_rows(X).chunks()]
+            step = max(1, (64 << 20) // (X.itemsize * len(w)))
+            chunks = (X[lo:lo + step] for lo in range(0, len(X), step))
+        parts = [np.asarray(chunk, dtype=np.float64) @ w + b for chunk in chunks]
         return np.concatenate(parts) if parts else np.zeros(0)
 
     z_pos, z_neg = margins(X_pos), margins(X_neg)
@@ -142,15 +146,18 @@ def fit_linear_svm(X_pos: Matrix, X_neg: Matrix, solver: SvmSolver = SvmSolver()
     """
     if len(X_pos) == 0 or len(X_neg) == 0:
         raise ValueError(f"an SVM needs positives and negatives (got {len(X_pos)} and {len(X_neg)})")
-    pos, neg = _as_rows(X_pos), _as_rows(X_neg)
     if solver.method == "dense":
-        return _fit_dense(pos, neg, solver)
+        return _fit_dense(_as_rows(X_pos), _as_rows(X_neg), solver)
     if solver.method != "liblinear":
         raise ValueError(f"unknown SVM solver {solver.method!r} (known: liblinear, dense)")
     # Written straight into float64 (what LinearSVC takes): a float32 copy first would be held as well.
-    X = np.empty((len(pos) + len(neg), pos.dim), dtype=np.float64)
-    pos.gather(out=X[:len(pos)])
-    neg.gather(out=X[len(pos):])
+    X = np.empty((len(X_pos) + len(X_neg), X_pos.dim if isinstance(X_pos, Rows) else np.shape(X_pos)[1]),
+                 dtype=np.float64)
+    for part, source in ((X[:len(X_pos)], X_pos), (X[len(X_pos):], X_neg)):
+        if isinstance(source, Rows):
+            source.gather(out=part)
+        else:
+            part[:] = source
     y = np.concatenate([np.ones(len(X_pos)), -np.ones(len(X_neg))])
     LinearSVC, ConvergenceWarning = _liblinear()
     model = LinearSVC(penalty="l2", loss="hinge", dual=True, C=solver.C,
@@ -254,7 +261,7 @@ def svm_fitter(solver: SvmSolver, workers: int = 1) -> Iterator[Callable[[np.nda
     if solver.method == "dense":  # a generator per fit, the GIL released: any thread, any number at once
         from .dense_svm import compile_kernel
 
-        compile_kernel()  # once, before the threads
+        compile_kernel()  # once, before the threads (or loaded from numba's disk cache)
         yield lambda X_pos, X_neg: fit_linear_svm(X_pos, X_neg, solver)
         return
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():

@@ -377,7 +377,8 @@ class HardNegativeMiner:
         per_row = self.fit_bytes(1, self.dim, self.store.nonzeros[neg_ids]) - self.fit_bytes(0, self.dim, 0)
         hardness = self._margins(self.store.rows(neg_ids), self.W[:, k], self.b[k])
         order = np.argsort(-hardness, kind="stable")
-        room = int(np.searchsorted(np.cumsum(per_row[order]), self.max_cache_bytes - fixed, side="right"))
+        # at least the hardest one: a fit needs negatives
+        room = max(1, int(np.searchsorted(np.cumsum(per_row[order]), self.max_cache_bytes - fixed, side="right")))
         gone = np.ones(len(neg_ids), dtype=bool)
         gone[order[:room]] = False
         self._evict(cache, neg_ids, gone)
