@@ -64,7 +64,8 @@ abspath() { [[ "$1" = /* ]] && echo "$1" || echo "$PWD/$1"; }
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PRE=$REPO/data/gpu_check         # the prepared payload: synth/, proposals/<split>.h5, plan.tsv
 WHL=$REPO/.whl                   # the carried wheels
-WHEELS=(defusedxml)              # runtime imports the device image lacks (versions from requirements.lock)
+WHEELS=(defusedxml)              # runtime imports the device image lacks (versions from requirements.lock); numba
+                                 # is not carried: only svm.solver=dense imports it, and the embedded preset does not set it
 RUN_NAME=synth                   # the pipeline's run (as `make all`)
 
 MODE=check BUDGET="" BENCH_IMAGES="" WORK="" OUT_JSON="" USER_SETS=() PART_LABEL="" ONLY=tests,bench,pipeline

@@ -9,6 +9,9 @@ process and its largest forked fit), wall seconds, the retrains, the negatives e
 bound, and each class's final objective; then how far apart the two solvers' SVMs are.
 
     .venv/bin/python bench/svm_solvers.py --dim 16000 --classes 20 --images 40 --windows 2000 --max-cache-gb 4
+
+``--one-fit N``: instead, one fit of 130 positives and N negatives (``--density``: the fraction of nonzero values),
+each solver in turn in this process: seconds, passes and the objective.
 """
 from __future__ import annotations
 
@@ -66,6 +69,30 @@ def run_solver(args) -> dict:
             "converged": all(r.converged for c in miner.caches for r in c.retrains)}
 
 
+def one_fit(args) -> None:
+    from stages.core.svm import fit_linear_svm
+
+    rng = np.random.default_rng(args.seed)
+
+    def rows(count: int, shift: float) -> np.ndarray:
+        values = np.abs(rng.normal(size=(count, args.dim))).astype(np.float32) + np.float32(shift)
+        return values * (rng.random((count, args.dim), dtype=np.float32) < args.density)
+
+    X_pos, X_neg = rows(130, 0.3), rows(args.one_fit, 0.0)
+    scale = np.float32(20 / np.linalg.norm(X_neg, axis=1).mean())  # train-svm's feature scaling
+    X_pos *= scale
+    X_neg *= scale
+    print(f"one fit: 130 positives, {args.one_fit} negatives, dim {args.dim}, density {args.density}, tol {args.tol}")
+    for method in SOLVERS:
+        solver = SvmSolver(tol=args.tol, method=method, seed=args.seed)
+        fit_linear_svm(X_pos[:2], X_neg[:2], solver)  # imports and compilation out of the timing
+        started = time.perf_counter()
+        fitted = fit_linear_svm(X_pos, X_neg, solver)
+        seconds = time.perf_counter() - started
+        total = svm_objective(fitted.w, fitted.b, X_pos, X_neg)["total"]
+        print(f"{method:>10}: {seconds:7.2f} s, {fitted.n_iter} passes, objective {total:.5f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=int, default=16000)
@@ -78,10 +105,15 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=0.1, help="svm.tol (the CPU preset's)")
     parser.add_argument("--workers", type=int, default=2, help="svm.workers: fits at once")
     parser.add_argument("--max-cache-gb", type=float, default=8.0, help="svm.max_cache_gb")
+    parser.add_argument("--one-fit", type=int, metavar="N", help="time one fit of N negatives instead")
+    parser.add_argument("--density", type=float, default=1.0, help="--one-fit: fraction of nonzero values")
     parser.add_argument("--solver", choices=SOLVERS, help="run one solver here (internal)")
     parser.add_argument("--out", type=Path, help="where the one solver writes its SVMs (internal)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
+    if args.one_fit:
+        one_fit(args)
+        return
     if args.solver:
         print(json.dumps(run_solver(args)))
         return

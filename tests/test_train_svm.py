@@ -598,6 +598,23 @@ class _SignedFit:
         return SvmFit(np.array([1.0 if k == 0 else -1.0], dtype=np.float32), 0.0, 1, True)
 
 
+def test_rows_left_alive_do_not_keep_compacted_blocks():
+    # A retrain once held its last class's rows across the compaction that followed: the old blocks stayed alive
+    # beside their compacted copies, a second store (16 GiB of pool5 on VOC with an 8 GiB bound).
+    import weakref
+
+    store = T.NegativeStore(3)
+    ids = store.add(np.arange(12, dtype=np.float32).reshape(4, 3), np.array([[0, r] for r in range(4)]))
+    store.add(np.ones((2, 3), np.float32), np.array([[1, 0], [1, 1]]))
+    store.hold(ids[:2])
+    rows = store.rows(ids[:2])
+    np.testing.assert_array_equal(rows.gather(), [[0, 1, 2], [3, 4, 5]])
+    first, second = weakref.ref(store.blocks[0]), weakref.ref(store.blocks[1])
+    store.compact()  # block 0 loses rows 2 and 3, block 1 all of its rows
+    assert first() is None and second() is None and rows is not None
+    np.testing.assert_array_equal(store.gather(np.arange(2)), [[0, 1, 2], [3, 4, 5]])
+
+
 def test_memory_bound_evicts_the_windows_easiest_for_all_their_classes():
     fit = _SignedFit()
     positives = [np.ones((1, 1), np.float32), np.ones((1, 1), np.float32)]

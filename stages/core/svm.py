@@ -24,7 +24,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ class SvmSolver:
 class Rows:
     """float32 rows named where they lie, not copied: row i is ``blocks[block[i]][row[i]]``."""
 
-    blocks: tuple[np.ndarray, ...]  # float32 [m, D], C-contiguous
+    blocks: Sequence[np.ndarray]  # float32 [m, D], C-contiguous
     block: np.ndarray  # int64 [n]
     row: np.ndarray  # int64 [n]
 
@@ -176,7 +176,7 @@ def fit_linear_svm(X_pos: Matrix, X_neg: Matrix, solver: SvmSolver = SvmSolver()
 def _fit_dense(pos: Rows, neg: Rows, solver: SvmSolver) -> SvmFit:
     from .dense_svm import fit_dense_dual
 
-    blocks = pos.blocks + neg.blocks
+    blocks = (*pos.blocks, *neg.blocks)
     block = np.concatenate([pos.block, neg.block + len(pos.blocks)])
     labels = np.concatenate([np.ones(len(pos)), -np.ones(len(neg))])
     w, b, passes = fit_dense_dual(blocks, block, np.concatenate([pos.row, neg.row]), labels, C=solver.C,

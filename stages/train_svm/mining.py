@@ -158,10 +158,11 @@ class NegativeStore:
             self._id_of.pop((i, r), None)
 
     def rows(self, ids: np.ndarray) -> Rows:
-        """The rows ``ids``, in that order, named where they lie (no copy)."""
+        """The rows ``ids``, in that order, named where they lie (no copy). They name the store's own list of
+        blocks, which ``compact`` empties: a ``Rows`` left alive cannot keep the old blocks (a second store) alive."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         block = np.searchsorted(self._starts, ids, side="right") - 1
-        return Rows(tuple(self.blocks) or (np.zeros((0, self.dim), np.float32),), block, ids - self._starts[block])
+        return Rows(self.blocks or [np.zeros((0, self.dim), np.float32)], block, ids - self._starts[block])
 
     def gather(self, ids: np.ndarray) -> np.ndarray:
         """A float32 [len(ids), D] copy of the rows ``ids``, in that order."""
@@ -412,6 +413,7 @@ class HardNegativeMiner:
             # evict "easy" negatives: z < evict_thresh
             keep = self._margins(X_neg, np.asarray(fitted.w, dtype=np.float32), np.float32(fitted.b)) \
                 >= self.schedule.evict_thresh
+            del X_neg
             cache = self.caches[k]
             self.W[:, k] = fitted.w
             self.b[k] = fitted.b
