@@ -38,8 +38,29 @@ POSITIVES = 30  # per class
 HARD_QUANTILE = 0.8  # stand-in fit: this quantile of its negatives' scores lands on the margin (-1)
 
 
-def _rss_gib(who=resource.RUSAGE_SELF) -> float:
+def rss_gib(who=resource.RUSAGE_SELF) -> float:
+    """Peak RSS in GiB of this process (or of its largest finished child)."""
     return resource.getrusage(who).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2 ** 30
+
+
+def add_problem_arguments(parser: argparse.ArgumentParser, images: int) -> None:
+    """The synthetic stream's options (``problem``), ``images`` images by default."""
+    parser.add_argument("--dim", type=int, default=16000)
+    parser.add_argument("--classes", type=int, default=20)
+    parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--windows", type=int, default=2000, help="windows per image")
+    parser.add_argument("--retrain-every", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--own", type=float, default=0.5, help="weight of the class-specific part of hardness")
+
+
+def figures_in_child(script: str, *flags: str) -> dict:
+    """Run ``script`` with this command line plus ``flags`` in a process of its own (so its peak RSS is its own
+    alone) and return the JSON of its last output line; exit with its error if it fails."""
+    done = subprocess.run([sys.executable, script, *sys.argv[1:], *flags], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(flags)}: exit code {done.returncode}\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def problem(args):
@@ -92,7 +113,7 @@ def run_layout(args) -> dict:
     stream, positives = problem(args)
     fit = standin_fit if args.fit == "standin" else (lambda k, P, N: fit_linear_svm(P, N, SvmSolver(tol=0.01)))
     schedule = T.MiningSchedule(retrain_limit=args.retrain_every)
-    before = _rss_gib()
+    before = rss_gib()
     started = time.perf_counter()
     if args.layout == "per-class":
         miner = PerClassMiner(positives, fit, schedule, objective=no_objective)
@@ -122,8 +143,8 @@ def run_layout(args) -> dict:
         distinct = int((miner.store.holders > 0).sum())
         retrains = sum(len(c.retrains) for c in miner.caches)
     digest = hashlib.sha256(miner.W.tobytes() + miner.b.tobytes()).hexdigest()[:16]
-    return {"layout": args.layout, "peak_gib": round(_rss_gib(), 3), "before_mining_gib": round(before, 3),
-            "children_peak_gib": round(_rss_gib(resource.RUSAGE_CHILDREN), 3),
+    return {"layout": args.layout, "peak_gib": round(rss_gib(), 3), "before_mining_gib": round(before, 3),
+            "children_peak_gib": round(rss_gib(resource.RUSAGE_CHILDREN), 3),
             "cache_peak_gib": round(cache_peak / 2 ** 30, 3),
             "seconds": round(time.perf_counter() - started, 1), "cached_rows": rows, "distinct_windows": distinct,
             "retrains": retrains, "evicted_for_memory": getattr(miner, "evicted_for_memory", 0), "svms": digest}
@@ -131,13 +152,7 @@ def run_layout(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dim", type=int, default=16000)
-    parser.add_argument("--classes", type=int, default=20)
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--windows", type=int, default=2000, help="windows per image")
-    parser.add_argument("--retrain-every", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--own", type=float, default=0.5, help="weight of the class-specific part of hardness")
+    add_problem_arguments(parser, images=200)
     parser.add_argument("--fit", choices=("standin", "liblinear"), default="standin")
     parser.add_argument("--max-cache-gb", type=float, default=float("inf"), help="the shared store's bound (GiB)")
     parser.add_argument("--layout", choices=("per-class", "shared"), help="run one layout here (internal)")
@@ -146,13 +161,8 @@ def main() -> None:
     if args.layout:
         print(json.dumps(run_layout(args)))
         return
-    results = []
-    for layout in ("per-class", "shared"):  # one after the other: each process's peak is its own
-        command = [sys.executable, __file__, *sys.argv[1:], "--layout", layout]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            sys.exit(f"{layout}: exit code {done.returncode}\n{done.stderr[-2000:]}")
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    # one after the other: each process's peak is its own
+    results = [figures_in_child(__file__, "--layout", layout) for layout in ("per-class", "shared")]
     print(f"dim {args.dim}, {args.classes} classes, {args.images} images x {args.windows} windows, fit {args.fit}")
     print(f"{'layout':>10} {'peak GiB':>9} {'mining GiB':>11} {'cache GiB':>10} {'cached rows':>12} {'distinct':>9} "
           f"{'retrains':>9} {'evicted':>8} {'s':>7}  svms")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,25 +30,20 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from stages import train_svm as T  # noqa: E402
 from stages.core.svm import SvmSolver, fit_memory_bytes, svm_fitter, svm_objective  # noqa: E402
+from svm_memory import add_problem_arguments, figures_in_child, problem, rss_gib  # noqa: E402
 
 SOLVERS = ("liblinear", "dense")
 
 
-def _rss_gib(who=resource.RUSAGE_SELF) -> float:
-    return resource.getrusage(who).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2 ** 30
-
-
 def run_solver(args) -> dict:
     """Mine with ``args.solver`` in this process; the figures as a dict, the SVMs to ``args.out``."""
-    from svm_memory import problem  # the synthetic stream, shared with the cache-layout benchmark
-
     stream, positives = problem(args)
     solver = SvmSolver(tol=args.tol, method=args.solver, seed=args.seed)
 
     def objective(w, b, X_pos, X_neg):
         return svm_objective(w, b, X_pos, X_neg, solver.C, solver.pos_weight, solver.bias_multiplier)
 
-    before, children_before = _rss_gib(), _rss_gib(resource.RUSAGE_CHILDREN)  # importing torch forks one (~0.5 GiB)
+    before, children_before = rss_gib(), rss_gib(resource.RUSAGE_CHILDREN)  # importing torch forks one (~0.5 GiB)
     started = time.perf_counter()
     with svm_fitter(solver, args.workers) as fit:
         miner = T.mine_hard_negatives(
@@ -59,10 +53,10 @@ def run_solver(args) -> dict:
     seconds = time.perf_counter() - started
     np.savez(args.out, W=miner.W, b=miner.b)
     last = [c.retrains[-1] for c in miner.caches if c.retrains]
-    return {"solver": args.solver, "peak_gib": round(_rss_gib(), 3), "before_mining_gib": round(before, 3),
+    return {"solver": args.solver, "peak_gib": round(rss_gib(), 3), "before_mining_gib": round(before, 3),
             # the largest forked fit; 0 when no fit forked (or none outgrew the import's child)
-            "fit_children_peak_gib": round(_rss_gib(resource.RUSAGE_CHILDREN), 3)
-            if _rss_gib(resource.RUSAGE_CHILDREN) > children_before else 0.0, "seconds": round(seconds, 1),
+            "fit_children_peak_gib": round(rss_gib(resource.RUSAGE_CHILDREN), 3)
+            if rss_gib(resource.RUSAGE_CHILDREN) > children_before else 0.0, "seconds": round(seconds, 1),
             "retrains": sum(len(c.retrains) for c in miner.caches), "evicted_for_memory": miner.evicted_for_memory,
             "negatives_in_last_fits": int(sum(r.negatives for r in last)),
             "objective_mean": float(np.mean([r.objective["total"] for r in last])),
@@ -95,13 +89,7 @@ def one_fit(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dim", type=int, default=16000)
-    parser.add_argument("--classes", type=int, default=20)
-    parser.add_argument("--images", type=int, default=40)
-    parser.add_argument("--windows", type=int, default=2000, help="windows per image")
-    parser.add_argument("--retrain-every", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--own", type=float, default=0.5, help="weight of the class-specific part of hardness")
+    add_problem_arguments(parser, images=40)  # bench/svm_memory.py's synthetic stream
     parser.add_argument("--tol", type=float, default=0.1, help="svm.tol (the CPU preset's)")
     parser.add_argument("--workers", type=int, default=2, help="svm.workers: fits at once")
     parser.add_argument("--max-cache-gb", type=float, default=8.0, help="svm.max_cache_gb")
@@ -121,11 +109,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for solver in SOLVERS:  # one after the other: each process's peak is its own
             out = Path(scratch) / f"{solver}.npz"
-            command = [sys.executable, __file__, *sys.argv[1:], "--solver", solver, "--out", str(out)]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode:
-                sys.exit(f"{solver}: exit code {done.returncode}\n{done.stderr[-2000:]}")
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            results.append(figures_in_child(__file__, "--solver", solver, "--out", str(out)))
             with np.load(out) as data:
                 svms[solver] = (data["W"], data["b"])
     (W1, _), (W2, _) = svms["liblinear"], svms["dense"]

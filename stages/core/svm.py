@@ -53,6 +53,9 @@ class SvmSolver:
                    tol=svm_cfg.tol, max_iter=svm_cfg.max_iter, seed=seed, method=svm_cfg.solver)
 
 
+CHUNK_BYTES = 64 << 20  # rows read at a time by a pass over a training set (no copy of it all)
+
+
 @dataclass(frozen=True, eq=False)
 class Rows:
     """float32 rows named where they lie, not copied: row i is ``blocks[block[i]][row[i]]``."""
@@ -91,7 +94,7 @@ class Rows:
                 out[part] = self.blocks[block[part[0]]][row[part]]
         return out
 
-    def chunks(self, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+    def chunks(self, max_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
         """float32 copies of consecutive rows, about ``max_bytes`` each: a pass over them without a copy of all."""
         step = max(1, max_bytes // (4 * self.dim))
         for lo in range(0, len(self), step):
@@ -123,9 +126,9 @@ def svm_objective(w: np.ndarray, b: float, X_pos: Matrix, X_neg: Matrix, C: floa
     def margins(X: Matrix) -> np.ndarray:
         if isinstance(X, Rows):
             chunks = X.chunks()
-        else:  # taken as it is (float64 stays exact), in slices of about 64 MB
+        else:  # taken as it is (float64 stays exact), in slices of about CHUNK_BYTES
             X = np.asarray(X).reshape(-1, len(w))
-            step = max(1, (64 << 20) // (X.itemsize * len(w)))
+            step = max(1, CHUNK_BYTES // (X.itemsize * len(w)))
             chunks = (X[lo:lo + step] for lo in range(0, len(X), step))
         parts = [np.asarray(chunk, dtype=np.float64) @ w + b for chunk in chunks]
         return np.concatenate(parts) if parts else np.zeros(0)
@@ -200,7 +203,7 @@ def fit_memory_bytes(rows, dim: int, nonzeros, method: str = "liblinear"):
     (sklearn's ``dense_to_sparse``: a 16-byte (index, value) node per nonzero, plus a bias node and an end node per
     row); both live until the fit returns. dense: no copy, its own 7 float64-sized values per row and the weights."""
     if method == "dense":
-        return 56 * rows + 8 * (dim + 1) + 0 * nonzeros
+        return 56 * rows + 8 * (dim + 1) + 0 * nonzeros  # "+ 0 * nonzeros": elementwise when nonzeros is an array
     return 8 * rows * dim + 16 * (nonzeros + 2 * rows)
 
 
