@@ -112,6 +112,35 @@ def test_int8_head_is_close_to_float32():
     assert 0 < relative < 2e-2  # 8-bit weights and (7-bit range) activations: ~1.5% here
 
 
+def test_int8_engine_is_onednn_only_where_the_cpu_has_amx(monkeypatch):
+    default = torch.backends.quantized.engine
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert fccompress.int8_engine() == ("onednn" if "onednn" in torch.backends.quantized.supported_engines
+                                        else default)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert fccompress.int8_engine() == default
+
+
+@pytest.mark.parametrize("engine", sorted({"onednn", "x86", "fbgemm"} & set(torch.backends.quantized.supported_engines)))
+def test_int8_layers_packed_for_any_engine_agree_and_leave_the_engine_alone(engine):
+    """Packing for an engine changes no global setting (a packed layer keeps its engine), and every engine
+    quantizes alike: their fc7 agree to rounding, each equally close to float32."""
+    head = _head(fc_dim=128)
+    pooled = torch.relu(torch.randn(256, head.in_features))
+    before = torch.backends.quantized.engine
+    packed = fccompress.quantize_int8(head, engine=engine).eval()
+    other_engine = next((e for e in ("x86", "fbgemm", "onednn") if e != engine
+                         and e in torch.backends.quantized.supported_engines), None)
+    if other_engine is None:
+        pytest.skip(f"{engine} is this build's only x86/oneDNN engine: nothing to compare it with")
+    reference = fccompress.quantize_int8(head, engine=other_engine).eval()
+    assert torch.backends.quantized.engine == before
+    with torch.inference_mode():
+        exact, fast, other = (h.features(pooled, "fc7") for h in (head, packed, reference))
+    assert float((fast - exact).norm() / exact.norm()) < 2e-2
+    assert float((fast - other).norm() / exact.norm()) < 2e-3  # rounding, not a different scheme
+
+
 def test_int8_refuses_bfloat16_and_other_devices_in_one_line():
     with pytest.raises(SppError, match="takes float32 input") as err:
         fccompress.compress_head(_head(), "int8", dtype=torch.bfloat16)

@@ -137,5 +137,5 @@ def compare_fc_variants(setup: _Setup, head: nets.SppHead, heads: dict, made: di
             "raw_seconds": raw_seconds[name]}
     return {"windows_per_image": float(np.mean([len(rows) for rows in pooled])), "images": len(pooled),
             "scale": scale, "selected": variant_name(*selected), "reference": REFERENCE,
-            "svd_ranks": [int(r) for r in svd_ranks], "quantized_engine": torch.backends.quantized.engine,
+            "svd_ranks": [int(r) for r in svd_ranks], "quantized_engine": fccompress.int8_engine(),
             "bfloat16_native": bfloat16_native(setup.device), "variants": variants}

@@ -4,8 +4,8 @@
   singular values, and the layer becomes two: ``S_t V_t^T`` without bias (``in -> t``), then ``U_t`` with the
   original bias (``t -> out``), ``t (in + out)`` multiply-adds per window instead of ``in x out``;
 - **int8**: PyTorch's dynamic int8 linear layers (``quantize_dynamic``: int8 weights per output channel, each
-  batch's input quantized on the fly, int32 accumulation; the fbgemm/x86 kernels use VNNI where the CPU has it).
-  CPU only.
+  batch's input quantized on the fly, int32 accumulation), packed for oneDNN where the CPU has AMX tiles and for
+  PyTorch's default engine (fbgemm/x86, VNNI where the CPU has it) elsewhere (``int8_engine``). CPU only.
 
 fc8 is left as it is (it is small, and softmax scores read it). ``compress_head`` returns a compressed copy (the
 head it is given is untouched) with the head's interface (``features``, ``forward``, ``in_features``,
@@ -14,6 +14,7 @@ is never trained or saved.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -100,13 +101,37 @@ def truncated_svd(layer: nn.Linear, rank: int) -> nn.Module:
     return LowRankLinear(reduce, expand)
 
 
-def quantize_int8(head: SppHead, layers: Sequence[str] = COMPRESSED_LAYERS) -> SppHead:
-    """A copy of ``head`` whose ``layers`` are dynamic int8 linear layers (weights per output channel; the
-    quantization engine is PyTorch's default for the CPU, ``torch.backends.quantized.engine``)."""
+def int8_engine() -> str:
+    """The quantized engine int8 layers are packed for: "onednn" where the CPU has AMX tiles (its int8 GEMMs run
+    on them: 2.5x the x86/fbgemm engine's rate at fc6's shape on a 2-core AMX machine, docs/BENCHMARKS.md), else
+    PyTorch's default (``torch.backends.quantized.engine``). Both quantize alike (per-channel int8 weights,
+    per-batch uint8 input); their results differ by rounding only."""
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if "onednn" in torch.backends.quantized.supported_engines and has_amx is not None and has_amx():
+        return "onednn"
+    return torch.backends.quantized.engine
+
+
+@contextlib.contextmanager
+def _quantized_engine(engine: str):
+    """``torch.backends.quantized.engine`` set to ``engine`` inside, restored after: a packed layer keeps the
+    engine it was packed for, so nothing else in the process changes."""
+    saved = torch.backends.quantized.engine
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = saved
+
+
+def quantize_int8(head: SppHead, layers: Sequence[str] = COMPRESSED_LAYERS, engine: str | None = None) -> SppHead:
+    """A copy of ``head`` whose ``layers`` are dynamic int8 linear layers (weights per output channel), packed for
+    ``engine`` (default ``int8_engine()``)."""
     check_combination("int8", torch.float32, next(head.parameters()).device)
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
+    with warnings.catch_warnings(), _quantized_engine(engine or int8_engine()):
+        # torch.ao.quantization announces its move to torchao on every call
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*")
         return quantize_dynamic(head, {name: per_channel_dynamic_qconfig for name in layers}, dtype=torch.qint8,
