@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from stages import bench, detect, train_svm
-from stages.core import fccompress, nets
+from stages.core import fccompress, fcfeatures, nets
 from stages.core.config import Config, build_config
 from stages.core.errors import SppError
 from stages.core.fccompress import Int8Linear, LowRankLinear
@@ -95,6 +95,34 @@ def test_svd_head_compresses_fc6_fc7_only_and_keeps_the_interface():
     with torch.inference_mode():
         exact, fast = small.features(pooled, "fc7"), small16.features(pooled.bfloat16(), "fc7").float()
     assert (fast - exact).abs().max() / exact.abs().max() < 2e-2
+
+
+def test_bfloat16_batches_are_padded_to_few_shapes_and_rows_keep_their_features(monkeypatch):
+    """A bfloat16 head on the CPU sees batches padded to a multiple of BFLOAT16_ROW_MULTIPLE rows (one oneDNN
+    kernel per shape, not per image); the rows come back as many as went in, each with its own features."""
+    head = _head(fc_dim=64)
+    head16 = fccompress.compress_head(head, "none", dtype=torch.bfloat16)
+    multiple = fcfeatures.BFLOAT16_ROW_MULTIPLE
+    assert fcfeatures.row_multiple(head16, "cpu") == multiple
+    assert fcfeatures.row_multiple(head16, "cuda") == 1
+    assert fcfeatures.row_multiple(head, "cpu") == 1
+    assert fcfeatures.row_multiple(fccompress.compress_head(head, "int8"), "cpu") == 1
+    seen = []
+    features = head16.features
+    monkeypatch.setattr(head16, "features", lambda x, layer: seen.append((len(x), x.dtype)) or features(x, layer))
+    pooled = torch.relu(torch.randn(3 * multiple + 5, head.in_features))
+    with torch.inference_mode():
+        out = fcfeatures.head_rows(head16, pooled, "fc7", batch=2 * multiple)
+        alone = torch.cat([features(row[None].bfloat16(), "fc7") for row in pooled[:: multiple // 2]]).float()
+        exact = head.features(pooled, "fc7")
+    assert seen == [(2 * multiple, torch.bfloat16), (2 * multiple, torch.bfloat16)]  # 2m rows, then m + 5 padded
+    assert out.shape == (len(pooled), 64) and out.dtype == torch.float32
+    assert torch.allclose(out[:: multiple // 2], alone, rtol=1e-2, atol=1e-3)  # zero rows beside it change nothing
+    assert float((out - exact).abs().max() / exact.abs().max()) < 2e-2
+    seen.clear()
+    with torch.inference_mode():
+        fcfeatures.head_rows(head16, pooled[:multiple], "fc7")  # a whole multiple: no copy beyond the conversion
+    assert seen == [(multiple, torch.bfloat16)]
 
 
 # ------------------------------------------------------------------------------------------------ int8

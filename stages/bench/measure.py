@@ -39,7 +39,8 @@ class FlopCounter:
     grouped by the ``groups`` each layer is in.
 
     ``with FlopCounter({"conv": backbone, "fc": head}) as counter: ...`` then ``counter.flops["conv"]`` and
-    ``counter.by_layer["conv.body.conv1"]``. Bias additions, activations, LRN and pooling are not counted.
+    ``counter.by_layer["conv.body.conv1"]``. Bias additions, activations, LRN and pooling are not counted, nor the
+    zero rows ``fcfeatures.head_rows`` pads a bfloat16 batch with.
     """
 
     def __init__(self, groups: dict[str, nn.Module] | nn.Module):
@@ -54,7 +55,8 @@ class FlopCounter:
             kh, kw = module.kernel_size
             return 2 * output.numel() * (module.in_channels // module.groups) * kh * kw
         if isinstance(module, (nn.Linear, Int8Linear)):  # each output element: in_features multiply-adds
-            return 2 * output.numel() * module.in_features
+            rows = output.numel() // module.out_features - fcfeatures.padding_rows()  # not head_rows' padding
+            return 2 * rows * module.out_features * module.in_features
         return 0
 
     def __enter__(self) -> "FlopCounter":

@@ -7,6 +7,7 @@ One image at a time: its conv5 maps are read once, every window gets its scale a
 """
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -208,13 +209,54 @@ def head_features(pooled: torch.Tensor, feature: str, nets_by_kind: dict, batch:
         head.train(was_training)
 
 
+# A bfloat16 GEMM on the CPU runs a oneDNN kernel built for its shape on first use and cached by it: with a new
+# row count for every image, each image paid for a build (tens of ms at fc6's shape). Batches are padded to a
+# multiple of this many rows, so that a handful of shapes serve every image.
+BFLOAT16_ROW_MULTIPLE = 128
+_PADDING_ROWS = contextvars.ContextVar("padding_rows", default=0)
+
+
+def padding_rows() -> int:
+    """How many of the rows in the batch ``head_rows`` is running now are its zero padding (0 outside it): FLOP
+    counters (spp bench) leave them out, so that a rate is the windows' work, not the padding's."""
+    return _PADDING_ROWS.get()
+
+
+def row_multiple(head, device: torch.device | str) -> int:
+    """The multiple ``head_rows`` pads a batch's rows to: ``BFLOAT16_ROW_MULTIPLE`` for a bfloat16 head on the
+    CPU, else 1 (float32 GEMMs build nothing per shape; int8 layers quantize per batch, padding or not)."""
+    return BFLOAT16_ROW_MULTIPLE if head.input_dtype == torch.bfloat16 and torch.device(device).type == "cpu" else 1
+
+
+def _padded_batch(rows: torch.Tensor, dtype: torch.dtype, multiple: int) -> torch.Tensor:
+    """``rows`` in ``dtype``, with zero rows after them up to a multiple of ``multiple`` (converted in the copy:
+    no extra pass over the rows). A row's features do not depend on the rows beside it."""
+    count = len(rows)
+    padded = -(-count // multiple) * multiple
+    if padded == count:
+        return rows.to(dtype)
+    batch = torch.empty((padded, *rows.shape[1:]), dtype=dtype, device=rows.device)
+    batch[:count] = rows
+    batch[count:] = 0
+    return batch
+
+
 def head_rows(head, pooled: torch.Tensor, layer: str = "fc7", batch: int = 4096) -> torch.Tensor:
     """``head.features(.., layer)`` of pooled rows, ``batch`` rows at a time, each batch converted to the type fc6
-    takes (bfloat16 for a bfloat16 head, detect.fc_dtype), float32 out: the fc path of train-svm and detect, and
-    of every mode of spp bench, so that it times this very code. Call in inference mode, the head in eval mode."""
+    takes (bfloat16 for a bfloat16 head, detect.fc_dtype) and padded as ``row_multiple`` says, float32 out: the fc
+    path of train-svm and detect, and of every mode of spp bench, so that it times this very code. Call in
+    inference mode, the head in eval mode."""
     step = max(1, int(batch))
-    dtype = head.input_dtype
-    parts = [head.features(pooled[i:i + step].to(dtype), layer) for i in range(0, len(pooled), step)]
+    dtype, multiple = head.input_dtype, row_multiple(head, pooled.device)
+    parts = []
+    for start in range(0, len(pooled), step):
+        rows = pooled[start:start + step]
+        batch = _padded_batch(rows, dtype, multiple)
+        token = _PADDING_ROWS.set(len(batch) - len(rows))
+        try:
+            parts.append(head.features(batch, layer)[:len(rows)])
+        finally:
+            _PADDING_ROWS.reset(token)
     if not parts:
         width = {"pool5": head.in_features, "softmax": head.fc8.out_features}.get(layer)
         width = width if width is not None else getattr(head, layer).out_features
