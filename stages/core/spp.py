@@ -214,25 +214,44 @@ class _RangeMaxTable:
     """
 
     def __init__(self, fmap: torch.Tensor, max_a: int, max_b: int):
-        self.channels = fmap.shape[0]
-        self.offsets = np.zeros((max_a + 1, max_b + 1), np.int64)  # first row of T[a, b] in ``flat``
-        self.row_widths = np.zeros(max_b + 1, np.int64)  # columns of T[., b]
-        tables, total = [], 0
-        rows_max = fmap.permute(1, 2, 0)  # [H, W, C]
+        self.channels = channels = fmap.shape[0]
+        height, width = fmap.shape[1:]
+        if max_a >= height.bit_length() or max_b >= width.bit_length():
+            raise ValueError(f"a {1 << max_a}x{1 << max_b} block does not fit a {height}x{width} map")
+        rows_of = [height - (1 << a) + 1 for a in range(max_a + 1)]  # T[a, .] has these rows
+        self.row_widths = np.array([width - (1 << b) + 1 for b in range(max_b + 1)], np.int64)  # columns of T[., b]
+        sizes = np.outer(rows_of, self.row_widths)
+        self.offsets = (np.cumsum(sizes.reshape(-1)) - sizes.reshape(-1)).reshape(sizes.shape)  # first row of T[a, b]
+        # Every table written in place into one [rows, C] tensor (no concatenation copy), unless gradients flow.
+        in_place = not (torch.is_grad_enabled() and fmap.requires_grad)
+        self.flat = fmap.new_empty((int(sizes.sum()), channels)) if in_place else None
+        tables = []
+
+        def table(a: int, b: int, value: torch.Tensor | None = None, first=None, second=None) -> torch.Tensor:
+            """T[a, b] [rows, cols, C]: ``value``, or ``maximum(first, second)``, written into ``flat``."""
+            if not in_place:
+                block = value if value is not None else torch.maximum(first, second)
+                tables.append(block.reshape(-1, channels))
+                return block
+            start = int(self.offsets[a, b])
+            block = self.flat[start:start + int(sizes[a, b])].view(rows_of[a], int(self.row_widths[b]), channels)
+            if value is not None:
+                block.copy_(value)
+            else:
+                torch.maximum(first, second, out=block)
+            return block
+
+        rows_max = table(0, 0, value=fmap.permute(1, 2, 0))  # [H, W, C]
         for a in range(max_a + 1):
             if a:
                 step = 1 << (a - 1)
-                rows_max = torch.maximum(rows_max[:-step], rows_max[step:])
+                rows_max = table(a, 0, first=rows_max[:-step], second=rows_max[step:])
             block = rows_max
-            for b in range(max_b + 1):
-                if b:
-                    step = 1 << (b - 1)
-                    block = torch.maximum(block[:, :-step], block[:, step:])
-                self.offsets[a, b] = total
-                self.row_widths[b] = block.shape[1]
-                total += block.shape[0] * block.shape[1]
-                tables.append(block.reshape(-1, self.channels))
-        self.flat = torch.cat(tables)
+            for b in range(1, max_b + 1):
+                step = 1 << (b - 1)
+                block = table(a, b, first=block[:, :-step], second=block[:, step:])
+        if not in_place:
+            self.flat = torch.cat(tables)
 
     def pool(self, bins: tuple[np.ndarray, ...]) -> torch.Tensor:
         """Max over each bin of one level: ``bins`` from ``_window_bins`` -> [M, C, n, n] (channels-last strides)."""
