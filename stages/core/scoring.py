@@ -17,7 +17,7 @@ from . import fcfeatures
 from .artifacts import CONV_LAYERS_PART, Run
 from .bboxreg import BboxModel, apply_bbox, load_bbox_model
 from .errors import SppError
-from .nets import BACKGROUND, Backbone, load_checkpoint, preprocess
+from .nets import BACKGROUND, Backbone, conv5_maps, load_checkpoint, preprocess
 from .registry import bbox_tag, command_for_path, svm_tag
 from .svm import SvmModel, load_svm_model
 from .timing import PhaseTimer, no_timer
@@ -199,7 +199,7 @@ class LiveMaps:
 
     def _compute(self, image: np.ndarray) -> list[torch.Tensor]:
         with torch.inference_mode():
-            return [self._backbone(preprocess(image, s, self.spec, device=self._device)[None])[0].float()
+            return [conv5_maps(self._backbone, preprocess(image, s, self.spec, device=self._device)[None])[0].float()
                     for s in self.scales]
 
     def image_hw(self, image_id: str) -> tuple[int, int]:
