@@ -111,6 +111,19 @@ def test_zf5_width_scales_channels_only():
         build_backbone("zf5", width=0)
 
 
+@pytest.mark.parametrize("name", ["zf5", "mobilenet_v2"])
+def test_conv5_maps_run_channels_last_with_the_same_values(name):
+    """nets.conv5_maps: the trunk in NHWC (faster with oneDNN/cuDNN), the plain forward's values to float rounding,
+    the maps left channels-last (SPP pooling reads them as [h, w, C] without a copy)."""
+    torch.manual_seed(0)
+    backbone = build_backbone(name, width=0.25 if name == "zf5" else 1.0).eval()
+    images = torch.randn(2, 3, 97, 131)
+    with torch.inference_mode():
+        plain, fast = backbone(images), nets.conv5_maps(backbone, images)
+    assert fast.shape == plain.shape and fast.is_contiguous(memory_format=torch.channels_last)
+    assert float((fast - plain).abs().max()) <= 1e-4 * float(plain.abs().max())
+
+
 def test_head_dropout_is_set_and_checked():
     head = SppHead(8, (1,), fc_dim=4, num_classes=2, dropout=0.3)
     assert head.dropout_p == 0.3 and head.dropout.p == 0.3
