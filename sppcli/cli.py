@@ -599,10 +599,13 @@ def report(out, **common):
         help="CPU threads for the kernels (0: every core).")
 @option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
         help="cpu: process CPU time (with --threads 1, for a machine shared with other jobs).")
+@option("--sustained-seconds", type=float, default=6.0, show_default=True,
+        help="After the timed runs, run each type's best GEMM back to back this long: the rate it holds beside "
+             "its best call (0: skip).")
 @_fc_compression_options
 @_errors_as_one_line
-def bench(backbone, n_images, images_alias, windows, repeats, json_out, fc_dtype, threads, clock, fc_compression,
-          fc_svd_ranks, **common):
+def bench(backbone, n_images, images_alias, windows, repeats, json_out, fc_dtype, threads, clock, sustained_seconds,
+          fc_compression, fc_svd_ranks, **common):
     """Time R-CNN mode vs SPP 1-scale vs SPP 5-scale per image (conv, pool, fc), with FLOP rates. Every mode also
     runs fc6+fc7 in float32, bfloat16, svd and int8 on its own windows in the same runs: per variant SPP and R-CNN
     totals and their ratio, fc rate against the matmul peak of its own type, distance to float32."""
@@ -614,7 +617,7 @@ def bench(backbone, n_images, images_alias, windows, repeats, json_out, fc_dtype
     cfg = _config(**common, extra={"model.backbone": backbone, **_fc_overrides(fc_compression, fc_svd_ranks)})
     click.echo(stage.run(cfg, n_images=n_images, windows=windows, repeats=repeats,
                          json_out=Path(json_out) if json_out else None, fc_dtype=fc_dtype, threads=threads,
-                         clock=clock))
+                         clock=clock, sustained_seconds=sustained_seconds))
 
 
 def main() -> None:

@@ -326,6 +326,46 @@ def test_matmul_peak_is_the_best_over_shapes_kernels_and_passes(monkeypatch):
     assert measure.peak_dtype("int8", "float32") == "int8" and measure.peak_dtype("svd", "bfloat16") == "bfloat16"
 
 
+def test_sustained_rate_is_all_calls_over_their_time_with_fifths(monkeypatch):
+    """The rate a GEMM holds: every call after one untimed warm-up until the time is spent, all FLOPs over all the
+    time (not the best call), and the rate of each fifth of that time, which shows a machine slowing down."""
+    from stages.bench import measure
+    from stages.core import timing
+
+    calls = []
+    monkeypatch.setattr(measure, "_operands", lambda kernel, shape, dtype, device: lambda: calls.append(kernel))
+    durations = [0.1] * 4 + [0.3] * 4  # fast at first, then three times slower
+    stamps = iter(t for d in durations for t in (0.0, d))
+    monkeypatch.setitem(timing.CLOCKS, "wall", lambda: next(stamps))
+    held = measure.sustained_gflops(torch.device("cpu"), "float32", (10, 20, 30), "mm", seconds=1.6)
+    assert calls == ["mm"] * 9 and held["calls"] == 8 and held["seconds"] == pytest.approx(1.6)
+    flops = 2 * 10 * 20 * 30
+    assert held["gflops"] == pytest.approx(8 * flops / 1.6 / 1e9)
+    assert held["gflops_by_fifth"][0] == pytest.approx(flops / 0.1 / 1e9)  # the first fifth: fast calls
+    assert held["gflops_by_fifth"][-1] == pytest.approx(flops / 0.3 / 1e9)  # the last: slow ones
+    assert 1 <= len(held["gflops_by_fifth"]) <= 5
+
+
+def test_matmul_peak_holds_its_best_gemm_and_keeps_a_previous_hold(monkeypatch):
+    from stages.bench import measure
+
+    shapes = {"fc6": (4, 8, 16), "square": (32, 32, 32)}
+    rates = {(4, "linear"): 50.0, (32, "linear"): 60.0, (32, "mm"): 70.0}
+    monkeypatch.setattr(measure, "matmul_gflops", lambda device, shape, repeats, dtype, clock, *, kernel, warmups: {
+        "shape_mkn": list(shape), "dtype": dtype, "kernel": kernel, "gflops": rates[shape[0], kernel]})
+    held = []
+    monkeypatch.setattr(measure, "sustained_gflops", lambda device, dtype, shape, kernel, seconds, clock: held.append(
+        (shape, kernel, seconds)) or {"gflops": 30.0, "seconds": seconds})
+    cpu = torch.device("cpu")
+    before = measure.matmul_peak(cpu, "float32", shapes, when="before")
+    assert "sustained" not in before and not held
+    after = measure.matmul_peak(cpu, "float32", shapes, previous=before, when="after", sustained_seconds=2.0)
+    assert held == [((32, 32, 32), "mm", 2.0)]  # the best GEMM, held
+    assert after["sustained"] == {"when": "after", "gflops": 30.0, "seconds": 2.0}
+    again = measure.matmul_peak(cpu, "float32", shapes, previous=after, when="later")
+    assert again["sustained"] == after["sustained"] and len(held) == 1
+
+
 def test_matmul_peak_runs_every_kernel_on_this_cpu():
     from stages.bench import measure
 
@@ -365,7 +405,7 @@ def test_bench_end_to_end_tiny_writes_json(tmp_path):
     cfg = _tiny_cfg(tmp_path)
     out = tmp_path / "bench.json"
     text = bench.run(cfg, n_images=2, windows=50, repeats=1, json_out=out, rcnn_windows=8, rcnn_input_size=64,
-                     synth_hw=(90, 120), matmul_shape=(128, 128, 128), threads=1)
+                     synth_hw=(90, 120), matmul_shape=(128, 128, 128), threads=1, sustained_seconds=0.05)
     results = json.loads(out.read_text())
     for key in ("speedup_total_1scale", "speedup_conv_1scale", "speedup_total_5scale", "fc_fraction_of_matmul_peak",
                 "spp_1scale_seconds_per_image", "device", "matmul_gflops", "pooling"):
@@ -406,6 +446,10 @@ def test_bench_end_to_end_tiny_writes_json(tmp_path):
         assert data["peak_dtype"] == own_type[name] and data["peak_gflops"] == peaks[own_type[name]]["gflops"]
         rate = modes["spp_1scale"]["fc_gflops_per_s"]
         assert data["fc_fraction_of_peak"] == pytest.approx(rate / peaks[own_type[name]]["gflops"])
+        held = peaks[own_type[name]]["sustained"]  # the best GEMM held back to back after the timed runs
+        assert held["when"] == "after" and held["seconds"] >= 0.05 and held["kernel"] == peaks[own_type[name]][
+            "best"]["kernel"]
+        assert data["fc_fraction_of_sustained"] == pytest.approx(rate / held["gflops"])
         assert data["speedup_total_1scale"] == pytest.approx(modes["rcnn"]["total_seconds"]
                                                             / modes["spp_1scale"]["total_seconds"])
         assert data["speedup_conv_1scale"] == results["speedup_conv_1scale"]
@@ -414,9 +458,10 @@ def test_bench_end_to_end_tiny_writes_json(tmp_path):
         assert modes["spp_1scale"]["fc_flops"] / spp1["unique_windows"] == pytest.approx(data["flops_per_window"])
     selected = variants["float32"]
     assert results["fc_fraction_of_matmul_peak"] == selected["fc_fraction_of_peak"]
+    assert results["fc_fraction_of_sustained"] == selected["fc_fraction_of_sustained"]
     for mode in ("rcnn", "spp_1scale", "spp_5scale"):  # the main table is the selected variant's
         assert selected["modes"][mode]["fc_seconds"] == pytest.approx(results["modes"][mode]["seconds"]["fc"])
-    assert "GEMM peaks" in text and "% of peak" in text
+    assert "GEMM peaks" in text and "% of peak" in text and "held" in text and "of the rate it holds" in text
 
 
 def test_bench_takes_dataset_images_and_tops_up_proposals(tmp_path, tiny_devkit):
@@ -448,6 +493,9 @@ def test_bench_cli_passes_precision_threads_and_clock(monkeypatch, tmp_path):
                                       "bfloat16", "--threads", "1", "--clock", "cpu"])
     assert result.exit_code == 0, result.output
     assert (seen["n_images"], seen["fc_dtype"], seen["threads"], seen["clock"]) == (2, "bfloat16", 1, "cpu")
+    assert seen["sustained_seconds"] == 6.0  # the CLI holds each best GEMM by default
+    result = CliRunner().invoke(cli, ["bench", "--runs-root", str(tmp_path), "--sustained-seconds", "0"])
+    assert result.exit_code == 0 and seen["sustained_seconds"] == 0.0
     bad = CliRunner().invoke(cli, ["bench", "--runs-root", str(tmp_path), "--clock", "sundial"])
     assert bad.exit_code != 0 and "sundial" in bad.output
 

@@ -137,9 +137,11 @@ def _fc_shapes(head: nets.SppHead, windows: int, fc_batch: int,
 
 
 def _matmul_peaks(device: torch.device, dtypes, shapes: dict, clock: str, previous: dict | None = None,
-                  when: str = "") -> dict:
-    """``matmul_peak`` of each type in ``dtypes``, keeping ``previous`` measurements (the best of both counts)."""
-    return {dtype: matmul_peak(device, dtype, shapes, clock, previous=(previous or {}).get(dtype), when=when)
+                  when: str = "", sustained_seconds: float = 0.0) -> dict:
+    """``matmul_peak`` of each type in ``dtypes``, keeping ``previous`` measurements (the best of both counts);
+    with ``sustained_seconds``, also the rate the best GEMM holds (``sustained_gflops``)."""
+    return {dtype: matmul_peak(device, dtype, shapes, clock, previous=(previous or {}).get(dtype), when=when,
+                               sustained_seconds=sustained_seconds)
             for dtype in dtypes}
 
 
@@ -147,7 +149,7 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
         rcnn_windows: int | None = None, rcnn_input_size: int = rcnn.RCNN_INPUT_SIZE,
         synth_hw: tuple[int, int] = SYNTH_IMAGE_HW, matmul_shape: tuple[int, int, int] | None = None,
         channels_last: bool = True, cuda_tf32: bool = True, fc_dtype: str = "float32",
-        threads: int | None = None, clock: str = "wall") -> str:
+        threads: int | None = None, clock: str = "wall", sustained_seconds: float = 0.0) -> str:
     """Time R-CNN mode, SPP 1-scale and SPP 5-scale per image; returns the printable report and, with
     ``json_out``, writes every figure to that JSON file.
 
@@ -161,8 +163,12 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
     CPU time, for a machine shared with other jobs: use with ``threads=1``; see ``PhaseTimer``).
     ``matmul_shape``: the large square GEMM of the matmul peak (default ``CPU_MATMUL_SHAPE`` /
     ``CUDA_MATMUL_SHAPE``); the peak of each type is the best over it and fc6's and fc7's own shapes, measured
-    before and after the timed runs (``matmul_peak``).
+    before and after the timed runs (``matmul_peak``). ``sustained_seconds`` > 0: after the timed runs, each
+    type's best GEMM also runs back to back this long, for the rate it holds (``sustained_gflops``; the CLI's
+    default is 6 s), and each fc rate is also given against it.
     """
+    if sustained_seconds < 0:
+        raise SppError(f"sustained_seconds must be 0 (skip) or positive, got {sustained_seconds}")
     if n_images < 1 or windows < 1 or repeats < 1 or (rcnn_windows is not None and rcnn_windows < 1):
         raise SppError(f"bench needs at least one image, window, repeat and R-CNN window (got images={n_images}, "
                        f"windows={windows}, repeats={repeats}, rcnn_windows={rcnn_windows})")
@@ -216,7 +222,9 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
                     for mode in MODES:
                         samples[mode][k].append(_time_mode(mode, setup, image, boxes, turn=turn))
                         bar.update()
-        peaks = _matmul_peaks(device, peak_types, peak_shapes, clock, previous=peaks, when="after")
+        # The rate each best GEMM holds, measured after the timed runs, in the state they left the machine in.
+        peaks = _matmul_peaks(device, peak_types, peak_shapes, clock, previous=peaks, when="after",
+                              sustained_seconds=sustained_seconds)
         modes = {mode: _aggregate(samples[mode]) for mode in MODES}
         speeds = fc_variants.variant_speeds(modes, peaks, made["pairs"])
         pooling = _pooling_comparison(setup, first_image, first_boxes, max(3, repeats))
@@ -267,6 +275,7 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
         "matmul_gflops": matmul["gflops"],
         "matmul_peaks": peaks,
         "fc_fraction_of_matmul_peak": speeds[selected_name]["fc_fraction_of_peak"],
+        "fc_fraction_of_sustained": speeds[selected_name]["fc_fraction_of_sustained"],
         "spp_1scale_seconds_per_image": seconds["spp_1scale"]["total"],
         "spp_5scale_seconds_per_image": seconds["spp_5scale"]["total"],
         "rcnn_seconds_per_image": seconds["rcnn"]["total"],

@@ -84,12 +84,15 @@ def variant_speeds(modes: dict, peaks: dict, pairs: dict[str, tuple[str, str]]) 
         per_mode = {mode: dict(data["fc_variants"][name]) for mode, data in modes.items()}
         dtype = peak_dtype(*pair)
         peak = (peaks.get(dtype) or {}).get("gflops")
+        held = ((peaks.get(dtype) or {}).get("sustained") or {}).get("gflops")
         for mode, data in per_mode.items():
             data["fraction_of_peak"] = data["fc_gflops_per_s"] / peak if peak else None
+            data["fraction_of_sustained"] = data["fc_gflops_per_s"] / held if held else None
         rcnn, conv = per_mode["rcnn"]["total_seconds"], {mode: modes[mode]["seconds"]["conv"] for mode in modes}
         speeds[name] = {
             "modes": per_mode, "peak_dtype": dtype, "peak_gflops": peak,
             "fc_fraction_of_peak": per_mode["spp_1scale"]["fraction_of_peak"],
+            "sustained_gflops": held, "fc_fraction_of_sustained": per_mode["spp_1scale"]["fraction_of_sustained"],
             "speedup_total_1scale": ratio(rcnn, per_mode["spp_1scale"]["total_seconds"]),
             "speedup_total_5scale": ratio(rcnn, per_mode["spp_5scale"]["total_seconds"]),
             "speedup_conv_1scale": ratio(conv["rcnn"], conv["spp_1scale"]),

@@ -80,7 +80,9 @@ def format_report(results: dict) -> str:
         + "; ".join(_peak_text(peak) for peak in results["matmul_peaks"].values()),
         f"SPP 1-scale fc6+fc7 ({results.get('fc_variants', {}).get('selected', results['fc_dtype'])}): "
         f"{modes['spp_1scale']['gflops_per_s']['fc']:.1f} GFLOP/s = {_percent(results['fc_fraction_of_matmul_peak'])}"
-        f" of the {results['matmul']['dtype']} peak",
+        f" of the {results['matmul']['dtype']} peak"
+        + (f", {_percent(results['fc_fraction_of_sustained'])} of the rate it holds"
+           if results.get("fc_fraction_of_sustained") is not None else ""),
         f"SPP layer alone ({pooling['windows']} windows, {pooling['map_hw'][0]}x{pooling['map_hw'][1]} conv5 map at "
         f"{pooling['scale']}): spp.spp_pool {pooling['spp_pool_seconds']:.4f} s vs roi_pool per level "
         f"{pooling['roi_pool_per_level_seconds']:.4f} s ({pooling['speedup']:.1f}x, max |diff| "
@@ -111,8 +113,10 @@ def _peak_text(peak: dict) -> str:
     if peak.get("gflops") is None:
         return f"{peak['dtype']} not measured ({peak.get('not_measured', 'no kernel')})"
     best = peak["best"]
+    held = peak.get("sustained")
+    held_text = (f", held {held['gflops']:.1f} back to back for {held['seconds']:.0f} s" if held else "")
     return (f"{peak['dtype']} {peak['gflops']:.1f} GFLOP/s ({best['kernel']}, {best['shape']} "
-            f"{'x'.join(map(str, best['shape_mkn']))})")
+            f"{'x'.join(map(str, best['shape_mkn']))}{held_text})")
 
 
 def format_fc_variants(compared: dict) -> list[str]:
@@ -122,9 +126,10 @@ def format_fc_variants(compared: dict) -> list[str]:
         f"fc6+fc7 variants, each timed in every mode of the same runs (conv and pooling shared; * = the one in the "
         f"table above): svd ranks {'/'.join(map(str, compared['svd_ranks']))}, {compared['quantized_engine']} int8 "
         f"kernels, native bfloat16 {compared['bfloat16_native']}",
-        "fc GF/s, % of peak: SPP 1-scale's fc6+fc7 rate, against the GEMM peak of the variant's own type; SPP1 / "
-        "SPP5 / R-CNN s: totals per image with it; total 1sc / 5sc: R-CNN's total over SPP's",
-        f"{'variant':<15}{'SPP1 fc s':>10}{'vs f32':>8}{'MFLOP/win':>10}{'fc GF/s':>9} {'% of peak':<15}"
+        "fc GF/s, % of peak: SPP 1-scale's fc6+fc7 rate, against the GEMM peak of the variant's own type (its best "
+        "call); % held: against the rate that GEMM holds back to back; SPP1 / SPP5 / R-CNN s: totals per image with "
+        "it; total 1sc / 5sc: R-CNN's total over SPP's",
+        f"{'variant':<15}{'SPP1 fc s':>10}{'vs f32':>8}{'MFLOP/win':>10}{'fc GF/s':>9} {'% of peak':<15}{'% held':>7}"
         f"{'SPP1 s':>9}{'SPP5 s':>9}{'R-CNN s':>9}{'total 1sc':>10}{'total 5sc':>10}",
     ]
     shown = {name: data for name, data in compared["variants"].items() if "skipped" not in data}
@@ -138,6 +143,7 @@ def format_fc_variants(compared: dict) -> list[str]:
         lines.append(f"{label:<15}{data['seconds']:>10.4f}{data['speedup']:>7.2f}x"
                      f"{data['flops_per_window'] / 1e6:>10.2f}"
                      f"{modes['spp_1scale']['fc_gflops_per_s']:>9.1f} {of_peak}"
+                     f"{_percent(data.get('fc_fraction_of_sustained')):>7}"
                      f"{modes['spp_1scale']['total_seconds']:>9.3f}{modes['spp_5scale']['total_seconds']:>9.3f}"
                      f"{modes['rcnn']['total_seconds']:>9.2f}{data['speedup_total_1scale']:>9.1f}x"
                      f"{data['speedup_total_5scale']:>9.1f}x")

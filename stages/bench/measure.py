@@ -25,6 +25,9 @@ from ..core.timing import CLOCKS, PhaseTimer  # noqa: F401 (bench's instruments;
 CPU_MATMUL_SHAPE = (4096, 4096, 4096)
 CUDA_MATMUL_SHAPE = (8192, 8192, 8192)
 PEAK_WARMUPS, PEAK_REPEATS = 1, 3  # per GEMM: untimed calls, then the timed ones whose best counts
+# How long the peak's GEMM is also run back to back, for the rate it holds (``sustained_gflops``): on the 2-core
+# AMX machine bfloat16 and int8 GEMMs fall from their best call to about 40% of it within a few seconds.
+SUSTAINED_SECONDS = 6.0
 # The kernels of each type's peak: fc6/fc7's own (nn.Linear's x @ W^T + b; the dynamic int8 layer) and the
 # plain ones (a [M,K] @ [K,N] matmul; int8 x int8 -> int32 ``torch._int_mm``).
 GEMM_KERNELS = {"float32": ("linear", "mm"), "bfloat16": ("linear", "mm"), "int8": ("int_mm", "int8_linear")}
@@ -141,6 +144,35 @@ def matmul_gflops(device: torch.device, shape: tuple[int, int, int] | None = Non
             "repeats": len(seconds), "warmups": max(0, warmups), "threads": torch.get_num_threads()}
 
 
+def sustained_gflops(device: torch.device, dtype: str, shape: tuple[int, int, int], kernel: str,
+                     seconds: float = SUSTAINED_SECONDS, clock: str = "wall") -> dict:
+    """The rate one GEMM holds when called back to back for ``seconds`` (after a warm-up call): all calls' FLOPs
+    over their summed time, and the rate in each fifth of that time. The peak is one best call; a machine that
+    cannot hold that rate (power or thermal limits, other tenants) gives a lower one here, and no fc layer, fed
+    however well, runs faster than this for long."""
+    device = torch.device(device)
+    m, k, n = shape
+    timer = PhaseTimer(device, clock)
+    calls: list[float] = []
+    with torch.inference_mode():
+        call = _operands(kernel, (m, k, n), dtype, device)
+        call()
+        while sum(calls) < seconds or not calls:
+            timer.seconds.clear()
+            with timer("gemm"):
+                call()
+            calls.append(timer.seconds["gemm"])
+    flops = 2.0 * m * k * n
+    fifths, done, start = [], 0.0, 0
+    for index, spent in enumerate(calls):  # the calls of each fifth of the time
+        done += spent
+        if done >= (len(fifths) + 1) * sum(calls) / 5 or index == len(calls) - 1:
+            fifths.append(flops * (index + 1 - start) / sum(calls[start:index + 1]) / 1e9)
+            start = index + 1
+    return {"shape_mkn": [m, k, n], "kernel": kernel, "seconds": sum(calls), "calls": len(calls),
+            "gflops": flops * len(calls) / sum(calls) / 1e9, "gflops_by_fifth": fifths}
+
+
 def peak_dtype(compression: str, fc_dtype: str) -> str:
     """The GEMM type an fc variant's layers run in: int8 for int8 layers, else its fc dtype (an SVD's two
     smaller layers are ordinary float GEMMs)."""
@@ -149,7 +181,7 @@ def peak_dtype(compression: str, fc_dtype: str) -> str:
 
 def matmul_peak(device: torch.device, dtype: str, shapes: dict[str, tuple[int, int, int]], clock: str = "wall",
                 repeats: int = PEAK_REPEATS, warmups: int = PEAK_WARMUPS, previous: dict | None = None,
-                when: str = "") -> dict:
+                when: str = "", sustained_seconds: float = 0.0) -> dict:
     """The machine's GEMM peak in ``dtype``: the best ``matmul_gflops`` over ``shapes`` (name -> (M, K, N): the
     fc layers' own and a large square one) and ``GEMM_KERNELS[dtype]`` ("mm" on the "square" shape only: fc
     never runs it). ``previous``: an earlier ``matmul_peak`` of the same dtype whose measurements are kept, so
@@ -157,7 +189,8 @@ def matmul_peak(device: torch.device, dtype: str, shapes: dict[str, tuple[int, i
 
     Returns ``{"dtype", "gflops" (the peak; None when no kernel ran), "best": {"shape", "shape_mkn", "kernel",
     "when"}, "entries": [every measurement], "unavailable": {kernel: why}}`` (an int8 GEMM may be missing from a
-    build or device; ``not_measured`` then says why when none ran)."""
+    build or device; ``not_measured`` then says why when none ran), and with ``sustained_seconds`` > 0,
+    ``"sustained"``: ``sustained_gflops`` of the best entry's GEMM (a ``previous`` one is kept when not rerun)."""
     entries = list(previous["entries"]) if previous else []
     unavailable = dict(previous.get("unavailable", {})) if previous else {}
     for name, shape in shapes.items():
@@ -174,6 +207,11 @@ def matmul_peak(device: torch.device, dtype: str, shapes: dict[str, tuple[int, i
     if entries:
         best = max(entries, key=lambda entry: entry["gflops"])
         result.update(gflops=best["gflops"], best={key: best[key] for key in ("shape", "shape_mkn", "kernel", "when")})
+        if sustained_seconds > 0:
+            result["sustained"] = {"when": when, **sustained_gflops(device, dtype, tuple(best["shape_mkn"]),
+                                                                   best["kernel"], sustained_seconds, clock)}
+        elif previous and "sustained" in previous:
+            result["sustained"] = previous["sustained"]
     else:
         result["not_measured"] = "; ".join(f"{k}: {why}" for k, why in unavailable.items()) or "no GEMM kernel"
     return result
