@@ -599,7 +599,7 @@ def report(out, **common):
         help="CPU threads for the kernels (0: every core).")
 @option("--clock", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
         help="cpu: process CPU time (with --threads 1, for a machine shared with other jobs).")
-@option("--sustained-seconds", type=float, default=6.0, show_default=True,
+@option("--sustained-seconds", type=click.FloatRange(0, 600), default=6.0, show_default=True,
         help="After the timed runs, run each type's best GEMM back to back this long: the rate it holds beside "
              "its best call (0: skip).")
 @_fc_compression_options

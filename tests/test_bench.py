@@ -343,7 +343,14 @@ def test_sustained_rate_is_all_calls_over_their_time_with_fifths(monkeypatch):
     assert held["gflops"] == pytest.approx(8 * flops / 1.6 / 1e9)
     assert held["gflops_by_fifth"][0] == pytest.approx(flops / 0.1 / 1e9)  # the first fifth: fast calls
     assert held["gflops_by_fifth"][-1] == pytest.approx(flops / 0.3 / 1e9)  # the last: slow ones
-    assert 1 <= len(held["gflops_by_fifth"]) <= 5
+    assert len(held["gflops_by_fifth"]) == 5
+    stamps = iter([0.0, 3.0, 0.0, 0.0, 0.0, 0.1])  # a long call, a zero-time one, a short one: no empty division
+    calls.clear()
+    held = measure.sustained_gflops(torch.device("cpu"), "float32", (10, 20, 30), "mm", seconds=3.05)
+    # middles at 1.5, 3.0 and 3.05 of 3.1 s: the long call in the third fifth, the other two in the last
+    assert held["calls"] == 3 and held["gflops_by_fifth"][:2] == [None, None]
+    assert held["gflops_by_fifth"][2] == pytest.approx(flops / 3.0 / 1e9)
+    assert held["gflops_by_fifth"][4] == pytest.approx(2 * flops / 0.1 / 1e9)
 
 
 def test_matmul_peak_holds_its_best_gemm_and_keeps_a_previous_hold(monkeypatch):

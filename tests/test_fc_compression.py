@@ -150,9 +150,14 @@ def test_int8_engine_is_onednn_only_where_the_cpu_has_amx(monkeypatch):
 
 
 @pytest.mark.parametrize("engine", sorted({"onednn", "x86", "fbgemm"} & set(torch.backends.quantized.supported_engines)))
-def test_int8_layers_packed_for_any_engine_agree_and_leave_the_engine_alone(engine):
+def test_int8_layers_packed_for_any_engine_agree_and_leave_the_engine_alone(engine, monkeypatch):
     """Packing for an engine changes no global setting (a packed layer keeps its engine), and every engine
     quantizes alike: their fc7 agree to rounding, each equally close to float32."""
+    import torch.ao.quantization as quantization
+
+    packed_for, original = [], quantization.quantize_dynamic
+    monkeypatch.setattr(quantization, "quantize_dynamic", lambda *args, **kwargs: packed_for.append(
+        torch.backends.quantized.engine) or original(*args, **kwargs))
     head = _head(fc_dim=128)
     pooled = torch.relu(torch.randn(256, head.in_features))
     before = torch.backends.quantized.engine
@@ -162,7 +167,7 @@ def test_int8_layers_packed_for_any_engine_agree_and_leave_the_engine_alone(engi
     if other_engine is None:
         pytest.skip(f"{engine} is this build's only x86/oneDNN engine: nothing to compare it with")
     reference = fccompress.quantize_int8(head, engine=other_engine).eval()
-    assert torch.backends.quantized.engine == before
+    assert torch.backends.quantized.engine == before and packed_for == [engine, other_engine]
     with torch.inference_mode():
         exact, fast, other = (h.features(pooled, "fc7") for h in (head, packed, reference))
     assert float((fast - exact).norm() / exact.norm()) < 2e-2

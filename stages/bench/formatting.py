@@ -114,7 +114,7 @@ def _peak_text(peak: dict) -> str:
         return f"{peak['dtype']} not measured ({peak.get('not_measured', 'no kernel')})"
     best = peak["best"]
     held = peak.get("sustained")
-    held_text = (f", held {held['gflops']:.1f} back to back for {held['seconds']:.0f} s" if held else "")
+    held_text = (f", held {held['gflops']:.1f} back to back for {held['seconds']:.1f} s" if held else "")
     return (f"{peak['dtype']} {peak['gflops']:.1f} GFLOP/s ({best['kernel']}, {best['shape']} "
             f"{'x'.join(map(str, best['shape_mkn']))}{held_text})")
 

@@ -12,6 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -147,30 +148,34 @@ def matmul_gflops(device: torch.device, shape: tuple[int, int, int] | None = Non
 def sustained_gflops(device: torch.device, dtype: str, shape: tuple[int, int, int], kernel: str,
                      seconds: float = SUSTAINED_SECONDS, clock: str = "wall") -> dict:
     """The rate one GEMM holds when called back to back for ``seconds`` (after a warm-up call): all calls' FLOPs
-    over their summed time, and the rate in each fifth of that time. The peak is one best call; a machine that
-    cannot hold that rate (power or thermal limits, other tenants) gives a lower one here, and no fc layer, fed
-    however well, runs faster than this for long."""
+    over their summed time, and the rate in each fifth of that time (the calls whose middle falls in it; None for
+    a fifth without one). The peak is one best call; a machine that cannot hold that rate (power or thermal
+    limits, other tenants) gives a lower one here, and no fc layer, fed however well, runs faster than this for
+    long."""
     device = torch.device(device)
     m, k, n = shape
     timer = PhaseTimer(device, clock)
     calls: list[float] = []
+    total = 0.0
     with torch.inference_mode():
         call = _operands(kernel, (m, k, n), dtype, device)
         call()
-        while sum(calls) < seconds or not calls:
+        while total < seconds or not calls:
             timer.seconds.clear()
             with timer("gemm"):
                 call()
             calls.append(timer.seconds["gemm"])
+            total += calls[-1]
     flops = 2.0 * m * k * n
-    fifths, done, start = [], 0.0, 0
-    for index, spent in enumerate(calls):  # the calls of each fifth of the time
-        done += spent
-        if done >= (len(fifths) + 1) * sum(calls) / 5 or index == len(calls) - 1:
-            fifths.append(flops * (index + 1 - start) / sum(calls[start:index + 1]) / 1e9)
-            start = index + 1
-    return {"shape_mkn": [m, k, n], "kernel": kernel, "seconds": sum(calls), "calls": len(calls),
-            "gflops": flops * len(calls) / sum(calls) / 1e9, "gflops_by_fifth": fifths}
+    spent = np.asarray(calls)
+    middles = np.cumsum(spent) - spent / 2
+    fifth = np.minimum((middles / total * 5).astype(np.int64), 4) if total > 0 else np.zeros(len(spent), np.int64)
+    by_fifth = []
+    for part in range(5):
+        chosen = spent[fifth == part]
+        by_fifth.append(flops * len(chosen) / float(chosen.sum()) / 1e9 if chosen.sum() > 0 else None)
+    return {"shape_mkn": [m, k, n], "kernel": kernel, "seconds": total, "calls": len(calls),
+            "gflops": flops * len(calls) / total / 1e9 if total > 0 else float("inf"), "gflops_by_fifth": by_fifth}
 
 
 def peak_dtype(compression: str, fc_dtype: str) -> str:

@@ -34,9 +34,10 @@ DEFAULT_PYRAMID = (1, 2, 3, 6)  # 50 bins [P §4.1]
 TARGET_SIDE = 13 * 16
 # The paper's rule: the scale at which the window's area is closest to 224 x 224 pixels [P §4.1].
 TARGET_AREA = 224 * 224
-# Elements gathered at once by the sparse-table pooling (4 MB of float32): small temporaries the allocator reuses.
+# Elements of one corner block gathered by the sparse-table pooling (4 MB of float32; its four corners are gathered
+# at once): small temporaries the allocator reuses.
 _GATHER_ELEMENTS = 1 << 20
-_GATHER_ELEMENTS_GPU = 1 << 25  # on a GPU fewer, larger launches win; the caching allocator reuses the memory
+_GATHER_ELEMENTS_GPU = 1 << 23  # on a GPU fewer, larger launches win; the caching allocator reuses the memory
 
 
 def spp_dim(channels: int, pyramid: Sequence[int] = DEFAULT_PYRAMID) -> int:
@@ -392,7 +393,7 @@ def spp_pool(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID
         method = pooling_method(fmap.shape[1:], cells_np, roots, extent)
     if method == "table":
         table = _RangeMaxTable(fmap, *extent)
-        # Chunks keep each gather near _GATHER_ELEMENTS (small temporaries the allocator reuses).
+        # Chunks keep each corner block near _GATHER_ELEMENTS (small temporaries the allocator reuses).
         budget = _GATHER_ELEMENTS if fmap.device.type == "cpu" else _GATHER_ELEMENTS_GPU
         chunk = max(1, budget // (channels * sum(n * n for n in roots)))
         for lo in range(0, len(cells_np), chunk):
