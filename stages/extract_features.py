@@ -4,7 +4,8 @@ Reads the pretrained checkpoint (``00_pretrain``; only its backbone is used) or,
 ``model.weights`` is set, a torchvision trunk with those ImageNet weights. Writes ``02_features/<split>/``:
 ``features.h5`` (single process) or ``features.rank<r>.h5`` per torchrun rank, schema in ``core/features.py``.
 
-Per image and scale: ``nets.preprocess`` (shorter side = scale, SPEC §3) -> backbone -> float16 map [C,h,w].
+Per image and scale: ``nets.preprocess`` (shorter side = scale, SPEC §3) -> backbone (``nets.conv5_maps``:
+channels-last convolutions) -> float16 map [C,h,w].
 Images whose resized sizes match are batched (up to ``features.batch_images``); others run one by one, because
 zero padding to a common size would change the border cells. Flipped maps (the mirrored image through the
 network) are stored for the training split when ``features.flip`` is on, as fine-tuning trains on flips (SPEC §3),
@@ -250,8 +251,8 @@ class ConvRunner:
     @staticmethod
     def _forward(backbone: nets.Backbone, batch: torch.Tensor, device: torch.device) -> np.ndarray:
         with torch.inference_mode():
-            out = backbone(batch.to(device, non_blocking=True))
-            half = out.to(torch.float16)
+            out = nets.conv5_maps(backbone, batch.to(device, non_blocking=True))
+            half = out.to(torch.float16, memory_format=torch.contiguous_format)  # the cache stores [C, h, w]
             if not bool(torch.isfinite(half).all()):
                 raise SppError(f"conv5 activations overflow float16 (max |x| = {out.abs().max().item():.4g}); "
                                "the checkpoint is probably broken")
