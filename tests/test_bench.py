@@ -486,6 +486,9 @@ def test_bench_rejects_empty_requests(tmp_path):
         bench.run(_tiny_cfg(tmp_path), n_images=1, windows=0, repeats=1)
     with pytest.raises(SppError, match="threads"):
         bench.run(_tiny_cfg(tmp_path), n_images=1, windows=5, repeats=1, threads=-1)
+    for held in (-1.0, float("nan")):
+        with pytest.raises(SppError, match="sustained_seconds"):
+            bench.run(_tiny_cfg(tmp_path), n_images=1, windows=5, repeats=1, sustained_seconds=held)
 
 
 def test_bench_cli_passes_precision_threads_and_clock(monkeypatch, tmp_path):

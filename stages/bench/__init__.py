@@ -167,7 +167,7 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
     type's best GEMM also runs back to back this long, for the rate it holds (``sustained_gflops``; the CLI's
     default is 6 s), and each fc rate is also given against it.
     """
-    if sustained_seconds < 0:
+    if not sustained_seconds >= 0:  # NaN too
         raise SppError(f"sustained_seconds must be 0 (skip) or positive, got {sustained_seconds}")
     if n_images < 1 or windows < 1 or repeats < 1 or (rcnn_windows is not None and rcnn_windows < 1):
         raise SppError(f"bench needs at least one image, window, repeat and R-CNN window (got images={n_images}, "

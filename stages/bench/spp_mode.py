@@ -41,8 +41,8 @@ def spp_pooled_windows(backbone: nets.Backbone, image: np.ndarray, boxes, scales
     pyramid = tuple(int(n) for n in pyramid)
     image_hw = (int(image.shape[0]), int(image.shape[1]))
     with phase("conv"):
-        maps = [backbone(nets.preprocess(image, s, backbone.spec, device=device)[None]
-                         .contiguous(memory_format=memory_format))[0] for s in scales]
+        maps = [nets.conv5_maps(backbone, nets.preprocess(image, s, backbone.spec, device=device)[None],
+                                memory_format)[0] for s in scales]
     with phase("pool"):
         image_maps = fcfeatures.ImageMaps("", image_hw, scales, maps, backbone.spec)
         if dedup:
@@ -99,8 +99,8 @@ def _pooling_comparison(setup: _Setup, image: np.ndarray, boxes: np.ndarray, rep
     against ``spp.spp_pool_naive_per_level`` (torchvision's ``roi_pool`` called once per pyramid level)."""
     backbone, device, pyramid = setup.backbone, setup.device, setup.pyramid
     scale = setup.scales["spp_1scale"][0]
-    fmap = backbone(nets.preprocess(image, scale, backbone.spec, device=device)[None]
-                    .contiguous(memory_format=setup.memory_format))[0]
+    fmap = nets.conv5_maps(backbone, nets.preprocess(image, scale, backbone.spec, device=device)[None],
+                           setup.memory_format)[0]
     scaled = spp.scale_boxes(boxes, image.shape[:2], scale)
     cells = torch.from_numpy(spp.boxes_to_cells(scaled, tuple(fmap.shape[-2:]), backbone.spec))
     timer = PhaseTimer(device, setup.clock)

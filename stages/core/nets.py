@@ -510,13 +510,14 @@ def preprocess(image: np.ndarray, short_side: int, spec: BackboneSpec,
     return pixels.contiguous()
 
 
-def conv5_maps(backbone: "Backbone", images: torch.Tensor) -> torch.Tensor:
-    """conv5 [B, C, h, w] of preprocessed ``images`` [B, 3, H, W], the convolutions run channels-last (NHWC), the
-    layout oneDNN and cuDNN are fastest in: 1.75x for ZF-5 and 1.5x for MobileNetV2 at 688 px on 2 CPU threads,
-    the same values to float rounding (what ``spp bench`` times too). The maps keep their channels-last strides:
-    SPP pooling reads them as [h, w, C], so no copy is made here; ``.contiguous()`` where a C-order array is
-    needed."""
-    return backbone(images.contiguous(memory_format=torch.channels_last))
+def conv5_maps(backbone: "Backbone", images: torch.Tensor,
+               memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """conv5 [B, C, h, w] of preprocessed ``images`` [B, 3, H, W], the convolutions run in ``memory_format``:
+    by default channels-last (NHWC), the layout oneDNN and cuDNN are fastest in: 1.75x for ZF-5 and 1.5x for
+    MobileNetV2 at 688 px on 2 CPU threads, the same values to float rounding (``spp bench`` can time either).
+    The maps keep their channels-last strides: SPP pooling reads them as [h, w, C], so no copy is made here;
+    ``.contiguous()`` where a C-order array is needed."""
+    return backbone(images.contiguous(memory_format=memory_format))
 
 
 # ------------------------------------------------------------------------------------------------ head and net

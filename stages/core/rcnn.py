@@ -117,8 +117,7 @@ def rcnn_window_pooled(backbone: torch.nn.Module, image, boxes, spec: nets.Backb
     for start in range(0, len(boxes), max(1, int(batch))):
         chunk = boxes[start:start + max(1, int(batch))]
         with phase("conv"):
-            crops = warp_windows(pixels, chunk, input_size, context).contiguous(memory_format=memory_format)
-            conv5 = backbone(crops)
+            conv5 = nets.conv5_maps(backbone, warp_windows(pixels, chunk, input_size, context), memory_format)
         with phase("pool"):
             out[start:start + len(chunk)] = spp.spp_pool_full(conv5, pyramid).float()
     return out
