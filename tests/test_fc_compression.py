@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from torch import nn
 
 from stages import bench, detect, train_svm
-from stages.core import fccompress, fcfeatures, nets
+from stages.core import fccompress, fcfeatures, nets, quant
 from stages.core.config import Config, build_config
 from stages.core.errors import SppError
-from stages.core.fccompress import Int8Linear, LowRankLinear
+from stages.core.fccompress import LowRankLinear
 
 
 def _linear(in_features: int, out_features: int, seed: int = 0) -> nn.Linear:
@@ -126,18 +126,78 @@ def test_bfloat16_batches_are_padded_to_few_shapes_and_rows_keep_their_features(
 
 
 # ------------------------------------------------------------------------------------------------ int8
-def test_int8_head_is_close_to_float32():
+ONEDNN = fccompress.int8_engine() == "onednn"  # AMX: the oneDNN head that takes uint8 rows
+
+
+@pytest.mark.parametrize("engine", ["chosen", "dynamic"])
+def test_int8_head_is_close_to_float32(engine, monkeypatch):
+    """The int8 head the CPU gets (oneDNN's where it has AMX, ``quantize_dynamic``'s elsewhere; "dynamic" forces
+    the latter) is close to float32, and its layers say they are int8."""
+    if engine == "dynamic":
+        monkeypatch.setattr(fccompress, "int8_engine", lambda: torch.backends.quantized.engine)
+    onednn = ONEDNN and engine == "chosen"
     head = _head(fc_dim=128)
     pooled = torch.relu(torch.randn(256, head.in_features))
     small = fccompress.compress_head(head, "int8")
-    assert isinstance(small.fc6, Int8Linear) and isinstance(small.fc7, Int8Linear)
-    assert type(small.fc8) is nn.Linear and small.input_dtype == torch.float32
+    assert type(small) is (fccompress.Int8SppHead if onednn else nets.SppHead)
+    assert isinstance(small.fc6, fccompress.INT8_LAYERS) and isinstance(small.fc7, fccompress.INT8_LAYERS)
+    assert type(small.fc8) is nn.Linear and small.input_dtype == (torch.uint8 if onednn else torch.float32)
     assert fccompress.layer_summary(small)["fc7"] == {"in": 128, "out": 128, "rank": None, "int8": True}
     with torch.inference_mode():
-        exact, fast = head.features(pooled, "fc7"), small.features(pooled, "fc7")
-    assert fast.dtype == torch.float32
-    relative = float((fast - exact).norm() / exact.norm())
-    assert 0 < relative < 2e-2  # 8-bit weights and (7-bit range) activations: ~1.5% here
+        for layer in ("fc6", "fc7", "softmax"):
+            exact, fast = head.features(pooled, layer), small.features(pooled, layer)
+            assert fast.dtype == torch.float32 and fast.shape == exact.shape
+            relative = float((fast - exact).norm() / exact.norm())
+            assert 0 < relative < 2e-2, layer  # 8-bit weights and activations: ~1% here
+        assert torch.equal(small.features(pooled, "pool5"), pooled)
+
+
+def _int8_reference(layer: nn.Linear, rows: quant.QuantizedRows) -> torch.Tensor:
+    """relu(x W^T + b) from the quantized integers, in float64: the weights per output channel, symmetric, at
+    max |w| / 127.5 (rounded in float32); the input (q - zero_point) * scale."""
+    weight = layer.weight.detach()
+    scale = weight.abs().amax(1) / 127.5  # in float32, as the layer rounds them
+    weight_q = torch.round(weight / scale[:, None]).clamp(-128, 127).double()
+    x = (rows.values.double() - rows.zero_point) * rows.scale
+    return torch.relu(x @ (weight_q * scale.double()[:, None]).T + layer.bias.detach().double())
+
+
+@pytest.mark.skipif(not ONEDNN, reason="the oneDNN int8 head is used where the CPU has AMX tiles")
+@pytest.mark.parametrize("low", [0.0, -0.7])  # post-ReLU rows (zero point 0), and rows with negatives
+def test_onednn_int8_layer_is_the_integer_product_it_stands_for(low):
+    layer = _linear(40, 24, seed=5)
+    values = torch.rand(33, 40) * (2.0 - low) + low
+    rows = quant.quantize_rows(values)
+    assert (rows.zero_point == 0) == (low == 0.0)
+    int8 = fccompress.Int8LinearReLU(layer)
+    with torch.inference_mode():
+        out = int8(rows)
+        again = int8(values)  # float rows: quantized per batch the same way
+        empty = int8(rows[:0])
+    reference = _int8_reference(layer, rows)
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out, again) and empty.shape == (0, 24) and out.dtype == torch.float32
+
+
+@pytest.mark.skipif(not ONEDNN, reason="the oneDNN int8 head is used where the CPU has AMX tiles")
+def test_int8_head_takes_uint8_rows_and_head_rows_hands_each_head_its_kind():
+    head = _head(fc_dim=64)
+    int8 = fccompress.compress_head(head, "int8")
+    pooled = torch.relu(torch.randn(50, head.in_features))
+    rows = quant.quantize_rows(pooled)
+    with torch.inference_mode():
+        from_rows = fcfeatures.head_rows(int8, rows, "fc7", batch=64)
+        from_float = fcfeatures.head_rows(int8, pooled, "fc7", batch=64)  # quantized per batch: the same here
+        float_head = fcfeatures.head_rows(head, rows, "fc7")  # a float head dequantizes uint8 rows
+        batched = fcfeatures.head_rows(int8, rows, "fc6", batch=16)
+    assert torch.equal(from_rows, from_float)
+    torch.testing.assert_close(float_head, head.features(rows.dequantize(), "fc7"))
+    torch.testing.assert_close(batched, int8.features(rows, "fc6"))  # the batches share the rows' quantization
+    assert fcfeatures.head_features(rows, "pool5", {}).dtype == torch.float32
+    nets_by_kind = {"finetuned": type("Net", (), {"head": int8})()}
+    assert fcfeatures.takes_quantized_rows("ftfc7", nets_by_kind)
+    assert not fcfeatures.takes_quantized_rows("pool5", nets_by_kind)
+    assert not fcfeatures.takes_quantized_rows("ftfc7", {"finetuned": type("Net", (), {"head": head})()})
 
 
 def test_int8_engine_is_onednn_only_where_the_cpu_has_amx(monkeypatch):
@@ -287,7 +347,7 @@ def test_scoring_and_train_svm_load_compressed_heads(tmp_path):
     svd, _ = fcfeatures.load_feature_nets(run, "ftfc7", _with(cfg, fc_compression="svd", fc_svd_ranks=(8, 4)), "cpu")
     int8, _ = fcfeatures.load_feature_nets(run, "ftfc7", _with(cfg, fc_compression="int8"), "cpu")
     assert type(exact["finetuned"].head.fc7) is nn.Linear
-    assert svd["finetuned"].head.fc7.rank == 4 and isinstance(int8["finetuned"].head.fc7, Int8Linear)
+    assert svd["finetuned"].head.fc7.rank == 4 and isinstance(int8["finetuned"].head.fc7, fccompress.INT8_LAYERS)
     pooled = torch.relu(torch.randn(40, exact["finetuned"].head.in_features))
     reference = fcfeatures.head_features(pooled, "ftfc7", exact)
     for nets_by_kind, limit in ((svd, 1.0), (int8, 3e-2)):
@@ -337,6 +397,37 @@ def test_bench_reports_every_fc_variant(tmp_path):
     assert 0 < variants["int8"]["fc7_mean_rel_diff"] < 5e-2 and variants["int8"]["layers"]["fc6"]["int8"]
     assert variants["svd"]["fc7_mean_rel_diff"] > variants["int8"]["fc7_mean_rel_diff"]  # rank 8 of 64: far
     assert "fc6+fc7 variants" in text and "svd+bfloat16 *" in text and "truncated SVD (ranks fc6/fc7 16/8)" in text
+    # Each variant's total is conv + the pooling of its own rows + its fc; the int8 head's rows are uint8 where it
+    # takes them (pooled a second time, timed apart), every other variant's the selected float32 pooling.
+    for mode in ("spp_1scale", "spp_5scale", "rcnn"):
+        data = results["modes"][mode]
+        for name, variant in data["fc_variants"].items():
+            assert variant["total_seconds"] == pytest.approx(
+                data["seconds"]["conv"] + variant["pool_seconds"] + variant["fc_seconds"], rel=1e-9), (mode, name)
+            if name != "int8" or not ONEDNN or mode == "rcnn":
+                assert variant["pool_seconds"] == pytest.approx(data["seconds"]["pool"], rel=1e-9), (mode, name)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="the oneDNN int8 head (uint8 rows) is used where the CPU has AMX tiles")
+def test_bench_with_int8_selected_pools_uint8_rows_for_it(tmp_path, monkeypatch):
+    from stages.bench import spp_mode
+
+    quantized_calls = []
+    original = spp_mode.pool_image_windows
+    monkeypatch.setattr(spp_mode, "pool_image_windows", lambda *a, **k: quantized_calls.append(
+        k.get("quantized", a[5] if len(a) > 5 else False)) or original(*a, **k))
+    out = tmp_path / "bench.json"
+    bench.run(_bench_cfg(tmp_path, **{"detect.fc_compression": "int8"}), n_images=1, windows=30, repeats=1,
+              json_out=out, rcnn_windows=4, rcnn_input_size=64, synth_hw=(90, 120), matmul_shape=(64, 64, 64),
+              threads=1)
+    results = json.loads(out.read_text())
+    assert results["fc_variants"]["selected"] == "int8" and results["fc_layers"]["fc6"]["int8"]
+    assert True in quantized_calls and False in quantized_calls  # uint8 rows for int8, float32 for the others
+    for mode in ("spp_1scale", "spp_5scale"):
+        data = results["modes"][mode]
+        assert data["seconds"]["pool"] == pytest.approx(data["fc_variants"]["int8"]["pool_seconds"], rel=1e-9)
+        assert data["fc_variants"]["float32"]["pool_seconds"] > 0
+    assert 0 < results["fc_variants"]["variants"]["int8"]["fc7_mean_rel_diff"] < 5e-2
 
 
 def test_bench_refuses_int8_in_bfloat16_before_any_work(tmp_path, monkeypatch):

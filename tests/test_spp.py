@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import roi_pool
 
-from stages.core import spp
+from stages.core import quant, spp
 from stages.core.nets import BackboneSpec
 from stages.core.spp import (boxes_to_cells, choose_scale, pool_windows, scale_boxes, spp_dim, spp_pool,
                              spp_pool_full, spp_pool_naive_per_level, spp_pool_reference)
@@ -345,3 +345,38 @@ def test_spp_pool_cpu_equals_cuda():
             assert torch.equal(cpu, cuda.cpu()), method
         assert torch.equal(spp_pool_naive_per_level(fmap.cuda(), cells, (1, 2, 3, 6)).cpu(),
                            spp_pool_reference(fmap, cells, (1, 2, 3, 6)))
+
+
+# ------------------------------------------------------------------------------------------------ uint8 pooling
+def test_choose_qparams_by_hand():
+    assert quant.choose_qparams(0.0, 255.0) == (1.0, 0)
+    assert quant.choose_qparams(2.0, 4.0) == (4.0 / 255, 0)  # the range always holds 0
+    scale, zero_point = quant.choose_qparams(-1.0, 1.0)
+    assert scale == 2.0 / 255 and zero_point == 128  # 127.5 rounds to even
+    assert quant.choose_qparams(0.0, 0.0) == (1.0, 0)  # an all-zero map
+    with pytest.raises(ValueError, match="not finite"):
+        quant.choose_qparams(0.0, float("inf"))
+    rows = quant.QuantizedRows(torch.tensor([[0, 128, 255]], dtype=torch.uint8), scale, zero_point)
+    torch.testing.assert_close(rows.dequantize(), torch.tensor([[-128 * scale, 0.0, 127 * scale]]))
+    with pytest.raises(ValueError, match="uint8"):
+        quant.QuantizedRows(torch.zeros(2, 3), 1.0, 0)
+
+
+@pytest.mark.parametrize("low", [0.0, -0.5])  # post-ReLU maps, and maps with negative values (zero point > 0)
+def test_quantized_pooling_is_the_quantized_float_pooling(low):
+    """Quantization is monotonic, so pooling the quantized maps into uint8 gives exactly the quantized float rows,
+    with one scale for every scale's map; and the rows are within half a step of the float ones."""
+    rng = np.random.default_rng(4)
+    torch.manual_seed(4)
+    scales = [480, 688]
+    fmaps = [(torch.rand(12, 30, 40) * 3 + low), (torch.rand(12, 43, 57) * 3 + low)]
+    boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in rng.uniform((0, 0, 8, 8), (400, 300, 300, 200), (40, 4))])
+    boxes[:, 2:] = np.minimum(boxes[:, 2:], [[499, 374]])
+    exact = spp.pool_windows(fmaps, (375, 500), scales, boxes, ZF5, (1, 2, 3, 6))
+    rows = spp.pool_windows(fmaps, (375, 500), scales, boxes, ZF5, (1, 2, 3, 6), quantized=True)
+    scale, zero_point = quant.tensors_qparams(fmaps)
+    assert (rows.scale, rows.zero_point) == (scale, zero_point) and (zero_point > 0) == (low < 0)
+    assert torch.equal(rows.values, quant.quantize_values(exact, scale, zero_point).to(torch.uint8))
+    assert float((rows.dequantize() - exact).abs().max()) <= scale / 2 + 1e-6
+    empty = spp.pool_windows(fmaps, (375, 500), scales, boxes[:0], ZF5, (1, 2, 3, 6), quantized=True)
+    assert empty.shape == (0, exact.shape[1]) and empty.values.dtype == torch.uint8

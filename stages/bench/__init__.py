@@ -92,13 +92,15 @@ def _time_mode(mode: str, setup: _Setup, image: np.ndarray, boxes: np.ndarray, r
     result["seconds"]["total"] = sum(result["seconds"][p] for p in PHASES)
     result["flops"] = {"conv": float(conv_flops), "fc": float(counter.flops[f"fc:{setup.selected}"])}
     result["fc_variants"] = {name: {"seconds": float(seconds[f"fc:{name}"]),
+                                    "pool_seconds": float(seconds.get(f"pool:{name}", seconds.get("pool", 0.0))),
                                     "flops": float(counter.flops[f"fc:{name}"])} for name in heads}
     return result
 
 
 def _aggregate(samples: list[list[dict]]) -> dict:
     """samples[image][repeat] -> per phase: median over repeats, then mean over images; FLOPs likewise; per fc
-    variant its fc seconds and its total (conv + pool of this run + its own fc) the same way."""
+    variant its pool and fc seconds and its total (conv + its own pooling: float32 or uint8 rows, + its own fc) the
+    same way."""
     def typical(value) -> float:
         return statistics.mean(statistics.median(value(s) for s in reps) for reps in samples)
 
@@ -119,7 +121,9 @@ def _aggregate(samples: list[list[dict]]) -> dict:
         flops = typical(lambda s: s["fc_variants"][name]["flops"])
         out["fc_variants"][name] = {
             "fc_seconds": seconds, "fc_flops": flops, "fc_gflops_per_s": flops / seconds / 1e9 if seconds > 0 else 0.0,
-            "total_seconds": typical(lambda s: s["seconds"]["conv"] + s["seconds"]["pool"]
+            "pool_seconds": typical(lambda s: s["fc_variants"][name].get("pool_seconds", s["seconds"]["pool"])),
+            "total_seconds": typical(lambda s: s["seconds"]["conv"]
+                                     + s["fc_variants"][name].get("pool_seconds", s["seconds"]["pool"])
                                      + s["fc_variants"][name]["seconds"])}
     return out
 

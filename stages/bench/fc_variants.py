@@ -107,14 +107,20 @@ def compare_fc_variants(setup: _Setup, head: nets.SppHead, heads: dict, made: di
     and how far their fc7 features and fc8 scores are from float32's on every bench image's windows pooled at the
     1-scale setting. Call under ``torch.inference_mode()``."""
     scale = setup.scales["spp_1scale"]
-    pooled = [spp_window_features(setup.backbone, head, image, image_boxes, scale, setup.pyramid, setup.rule,
-                                  "pool5", memory_format=setup.memory_format)[0]
-              for (_image_id, image), image_boxes in zip(images, boxes)]
+    pooled, maps = [], []
+    for (_image_id, image), image_boxes in zip(images, boxes):
+        rows, info = spp_window_features(setup.backbone, head, image, image_boxes, scale, setup.pyramid, setup.rule,
+                                         "pool5", memory_format=setup.memory_format)
+        pooled.append(rows)
+        maps.append(info.maps)
     features: dict[str, torch.Tensor] = {}
     flops: dict[str, float] = {}
     for name, variant in heads.items():
+        # each variant's own input: an int8 head's uint8 rows quantized as detect quantizes them (the maps' range)
+        inputs = [fcfeatures.quantized_rows(image_maps, rows) if variant.input_dtype == torch.uint8 else rows
+                  for rows, image_maps in zip(pooled, maps)]
         with FlopCounter({"fc": variant}) as counter:
-            features[name] = torch.cat([fcfeatures.head_rows(variant, rows, "fc7", setup.fc_batch) for rows in pooled])
+            features[name] = torch.cat([fcfeatures.head_rows(variant, rows, "fc7", setup.fc_batch) for rows in inputs])
         flops[name] = counter.flops["fc"] / max(1, sum(len(rows) for rows in pooled))
 
     reference = features[REFERENCE]

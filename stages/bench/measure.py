@@ -16,9 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.ao.nn.quantized.dynamic import Linear as Int8Linear  # detect.fc_compression = "int8"
 
-from ..core import fccompress, fcfeatures, nets
+from ..core import fccompress, fcfeatures, nets, quant
 from ..core.errors import SppError
 from ..core.timing import CLOCKS, PhaseTimer  # noqa: F401 (bench's instruments; detect profiles with it too)
 
@@ -58,7 +57,7 @@ class FlopCounter:
         if isinstance(module, nn.Conv2d):  # each output element: in/groups x kh x kw multiply-adds
             kh, kw = module.kernel_size
             return 2 * output.numel() * (module.in_channels // module.groups) * kh * kw
-        if isinstance(module, (nn.Linear, Int8Linear)):  # each output element: in_features multiply-adds
+        if isinstance(module, (nn.Linear, *fccompress.INT8_LAYERS)):  # each output element: in_features mult-adds
             rows = output.numel() // module.out_features - fcfeatures.padding_rows()  # not head_rows' padding
             return 2 * rows * module.out_features * module.in_features
         return 0
@@ -66,7 +65,7 @@ class FlopCounter:
     def __enter__(self) -> "FlopCounter":
         for group, root in self.groups.items():
             for name, module in root.named_modules():
-                if isinstance(module, (nn.Conv2d, nn.Linear, Int8Linear)):
+                if isinstance(module, (nn.Conv2d, nn.Linear, *fccompress.INT8_LAYERS)):
                     self._handles.append(module.register_forward_hook(self._hook(group, f"{group}.{name}")))
         return self
 
@@ -92,12 +91,16 @@ def _operands(kernel: str, shape: tuple[int, int, int], dtype: str, device: torc
         weight = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8).to(device)
         return lambda: torch._int_mm(a, weight.t())
     x = torch.randn(m, k, generator=generator).to(device)
-    if kernel == "int8_linear":  # the dynamic int8 layer the int8 fc variant runs (float32 input)
+    if kernel == "int8_linear":  # the int8 layer the int8 fc variant runs, on its own input
         layer = nn.utils.skip_init(nn.Linear, k, n)
         with torch.no_grad():
             layer.weight.copy_(torch.randn(n, k, generator=generator) * 0.01)
             layer.bias.zero_()
-        quantized = fccompress.quantize_int8(nn.Sequential(layer), layers=("0",))[0]
+        if fccompress.int8_engine() == "onednn":  # uint8 rows in, as SPP pools them
+            rows = quant.quantize_rows(x.relu())
+            int8_layer = fccompress.Int8LinearReLU(layer)
+            return lambda: int8_layer(rows)
+        quantized = fccompress.quantize_int8(nn.Sequential(layer), layers=("0",))[0]  # float input, per batch
         return lambda: quantized(x)
     x = x.to(getattr(torch, dtype))
     if kernel == "linear":  # what fc6/fc7 run: x @ W^T + b, W [N, K]
@@ -265,14 +268,24 @@ class _Setup:
         return self.heads or {self.selected: self.head}
 
 
-def time_fc(setup: _Setup, rows: torch.Tensor, timer: PhaseTimer, turn: int = 0) -> None:
+def time_fc(setup: _Setup, rows: torch.Tensor | dict, timer: PhaseTimer, turn: int = 0) -> None:
     """fc6+fc7 of pooled ``rows`` through every fc variant's head, each timed as phase "fc:<name>" and the selected
     one also as "fc", with detect's fc path (``fcfeatures.head_rows``: batches converted to the head's type,
     float32 out) in every mode, so R-CNN and SPP mode differ only in the rows they feed it. The order rotates
-    with ``turn``, so that no variant always comes first after conv and pooling have filled the caches."""
+    with ``turn``, so that no variant always comes first after conv and pooling have filled the caches.
+
+    ``rows``: float32 rows, or ``{"float32": rows, "uint8": QuantizedRows}`` when pooling made both: an int8 head
+    (``input_dtype`` uint8) takes the uint8 ones, and its pooling phase ("pool:<name>") is "pool:uint8", every
+    other variant's "pool:float32"; "pool" becomes the selected variant's. Float rows alone: every variant's
+    pooling is "pool", and an int8 head quantizes them per batch inside its fc time."""
+    by_kind = rows if isinstance(rows, dict) else {"float32": rows}
     heads = list(setup.fc_heads().items())
     shift = turn % len(heads)
     for name, head in heads[shift:] + heads[:shift]:
+        kind = "uint8" if head.input_dtype == torch.uint8 and "uint8" in by_kind else "float32"
         with timer(f"fc:{name}"):
-            fcfeatures.head_rows(head, rows, "fc7", setup.fc_batch)
+            fcfeatures.head_rows(head, by_kind[kind], "fc7", setup.fc_batch)
+        pool_phase = f"pool:{kind}"
+        timer.seconds[f"pool:{name}"] = timer.seconds[pool_phase if pool_phase in timer.seconds else "pool"]
     timer.seconds["fc"] = timer.seconds[f"fc:{setup.selected}"]
+    timer.seconds["pool"] = timer.seconds[f"pool:{setup.selected}"]

@@ -31,5 +31,6 @@ def time_rcnn(setup: _Setup, image: np.ndarray, boxes: np.ndarray, keep: int, ti
     # fc on as many rows as there are windows: the same GEMMs the full R-CNN run would do.
     rows = pooled.index_select(0, torch.arange(len(boxes), device=pooled.device) % len(subset))
     time_fc(setup, rows, timer, turn)
-    seconds = {**timer.seconds, "conv": timer.seconds["conv"] * factor, "pool": timer.seconds["pool"] * factor}
+    seconds = {phase: value * factor if phase in ("conv", "pool") or phase.startswith("pool:") else value
+               for phase, value in timer.seconds.items()}
     return seconds, conv_flops, {"timed_windows": len(subset), "scale_factor": factor}

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..core import fcfeatures, nets, rcnn, spp
+from ..core.quant import QuantizedRows
 from .measure import FlopCounter, PhaseTimer, _Setup, time_fc
 
 
@@ -21,43 +22,55 @@ class SppPathInfo:
     windows: int = 0
     unique_windows: int = 0  # distinct (scale, conv5 rectangle) pairs: what is pooled and sent through fc
     per_scale: dict[int, int] = field(default_factory=dict)  # unique windows pooled from each scale
+    maps: fcfeatures.ImageMaps | None = None  # the conv5 maps the windows were pooled from
+
+
+def pool_image_windows(image_maps: fcfeatures.ImageMaps, boxes: np.ndarray, pyramid: Sequence[int],
+                       rule: str = "code", dedup: bool = True, quantized: bool = False
+                       ) -> tuple[torch.Tensor | QuantizedRows, np.ndarray, SppPathInfo]:
+    """``(pooled, inverse, info)`` of ``boxes`` on one image's conv5 maps: each window at its best scale, windows
+    sharing a (scale, conv5 rectangle) once (``dedup``), with detect's functions (``fcfeatures.distinct_windows``,
+    ``fcfeatures.pool_windows``); ``quantized``: uint8 rows, as an int8 head takes them."""
+    scales = image_maps.scales
+    if dedup:
+        distinct = fcfeatures.distinct_windows(image_maps, boxes, rule)
+        rows, scale_index, inverse = distinct.rows, distinct.scale_index, distinct.inverse
+    else:  # rows sorted by scale, as distinct_windows sorts them: each scale's block is pooled in place
+        scale_index = spp.choose_scale(boxes, image_maps.image_hw, scales, rule)
+        rows = np.argsort(scale_index, kind="stable")
+        scale_index = scale_index[rows]
+        inverse = np.empty_like(rows)
+        inverse[rows] = np.arange(len(rows))
+    pooled = fcfeatures.pool_windows(image_maps, boxes[rows], pyramid, scale_index=scale_index, rule=rule,
+                                     quantized=quantized)
+    info = SppPathInfo(windows=len(boxes), unique_windows=len(rows),
+                       per_scale={s: int(np.count_nonzero(scale_index == k)) for k, s in enumerate(scales)},
+                       maps=image_maps)
+    return pooled, inverse, info
 
 
 def spp_pooled_windows(backbone: nets.Backbone, image: np.ndarray, boxes, scales: Sequence[int],
                        pyramid: Sequence[int] = spp.DEFAULT_PYRAMID, rule: str = "code",
                        timer: rcnn.Timer | None = None, memory_format: torch.memory_format = torch.contiguous_format,
-                       dedup: bool = True) -> tuple[torch.Tensor, np.ndarray, SppPathInfo]:
-    """``(pooled, inverse, info)``: pool5 [U, D] float32 of the distinct windows of ``boxes`` (original-image
-    coordinates) straight from the image, and ``inverse`` [N], each window's row in it. The conv layers run once
-    per scale; each window is pooled at its best scale (SPEC §2), windows sharing a (scale, conv5 rectangle)
-    once (``dedup``; else every window has its own row), with the functions detect pools with
-    (``fcfeatures.distinct_windows``, ``fcfeatures.pool_windows``), so the two compute the same numbers at the
-    same cost. Timer phases "conv" and "pool". Call under ``torch.inference_mode()``, the backbone in eval mode.
+                       dedup: bool = True, quantized: bool = False
+                       ) -> tuple[torch.Tensor | QuantizedRows, np.ndarray, SppPathInfo]:
+    """``(pooled, inverse, info)``: pool5 [U, D] float32 (``quantized``: uint8 ``QuantizedRows``) of the distinct
+    windows of ``boxes`` (original-image coordinates) straight from the image, and ``inverse`` [N], each window's
+    row in it. The conv layers run once per scale; then ``pool_image_windows``, with the functions detect pools
+    with, so the two compute the same numbers at the same cost. Timer phases "conv" and "pool". Call under
+    ``torch.inference_mode()``, the backbone in eval mode.
     """
     phase = timer or rcnn._no_timer
     device = next(backbone.parameters()).device
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scales = tuple(int(s) for s in scales)
-    pyramid = tuple(int(n) for n in pyramid)
     image_hw = (int(image.shape[0]), int(image.shape[1]))
     with phase("conv"):
         maps = [nets.conv5_maps(backbone, nets.preprocess(image, s, backbone.spec, device=device)[None],
                                 memory_format)[0] for s in scales]
     with phase("pool"):
         image_maps = fcfeatures.ImageMaps("", image_hw, scales, maps, backbone.spec)
-        if dedup:
-            distinct = fcfeatures.distinct_windows(image_maps, boxes, rule)
-            rows, scale_index, inverse = distinct.rows, distinct.scale_index, distinct.inverse
-        else:  # rows sorted by scale, as distinct_windows sorts them: each scale's block is pooled in place
-            scale_index = spp.choose_scale(boxes, image_hw, scales, rule)
-            rows = np.argsort(scale_index, kind="stable")
-            scale_index = scale_index[rows]
-            inverse = np.empty_like(rows)
-            inverse[rows] = np.arange(len(rows))
-        pooled = fcfeatures.pool_windows(image_maps, boxes[rows], pyramid, scale_index=scale_index, rule=rule)
-    info = SppPathInfo(windows=len(boxes), unique_windows=len(rows),
-                       per_scale={s: int(np.count_nonzero(scale_index == k)) for k, s in enumerate(scales)})
-    return pooled, inverse, info
+        return pool_image_windows(image_maps, boxes, tuple(int(n) for n in pyramid), rule, dedup, quantized)
 
 
 def spp_window_features(backbone: nets.Backbone, head: nets.SppHead, image: np.ndarray, boxes, scales: Sequence[int],
@@ -74,8 +87,9 @@ def spp_window_features(backbone: nets.Backbone, head: nets.SppHead, image: np.n
     ``torch.inference_mode()`` with the modules in eval mode.
     """
     phase = timer or rcnn._no_timer
+    quantized = layer != "pool5" and head.input_dtype == torch.uint8  # an int8 head: uint8 rows, as detect pools
     pooled, inverse, info = spp_pooled_windows(backbone, image, boxes, scales, pyramid, rule, timer, memory_format,
-                                               dedup)
+                                               dedup, quantized)
     with phase("fc"):
         unique_features = pooled if layer == "pool5" else fcfeatures.head_rows(head, pooled, layer, fc_batch)
         features = unique_features.index_select(0, torch.from_numpy(inverse).to(unique_features.device))
@@ -86,11 +100,20 @@ def time_spp(mode: str, setup: _Setup, image: np.ndarray, boxes: np.ndarray, tim
              counter: FlopCounter, turn: int = 0) -> tuple[dict, float, dict]:
     """SPP mode ``mode`` on one image, inside ``counter``: (seconds per phase, conv FLOPs, what the result adds).
     fc runs every fc variant on the distinct windows (``time_fc``), as detect scores them: a window that shares
-    its twin's row takes its scores afterwards, so copying fc7 rows to every window is not counted."""
+    its twin's row takes its scores afterwards, so copying fc7 rows to every window is not counted.
+
+    Pooling is timed per kind of rows the variants take: float32 rows (phase "pool:float32") and, when a variant
+    is an int8 head, uint8 rows pooled straight from the quantized maps ("pool:uint8"); "pool" is the selected
+    variant's."""
     pooled, _inverse, info = spp_pooled_windows(setup.backbone, image, boxes, setup.scales[mode], setup.pyramid,
                                                 setup.rule, timer, setup.memory_format)
+    rows = {"float32": pooled}
+    timer.seconds["pool:float32"] = timer.seconds["pool"]
+    if any(head.input_dtype == torch.uint8 for head in setup.fc_heads().values()):
+        with timer("pool:uint8"):
+            rows["uint8"] = pool_image_windows(info.maps, boxes, setup.pyramid, setup.rule, quantized=True)[0]
     conv_flops = counter.flops["conv"]
-    time_fc(setup, pooled, timer, turn)
+    time_fc(setup, rows, timer, turn)
     return dict(timer.seconds), conv_flops, {"unique_windows": info.unique_windows}
 
 

@@ -3,9 +3,12 @@
 - **svd**: Fast R-CNN's truncated SVD (§3.1, SPEC §10), no retraining: ``W ~ U_t S_t V_t^T`` keeps the top ``t``
   singular values, and the layer becomes two: ``S_t V_t^T`` without bias (``in -> t``), then ``U_t`` with the
   original bias (``t -> out``), ``t (in + out)`` multiply-adds per window instead of ``in x out``;
-- **int8**: PyTorch's dynamic int8 linear layers (``quantize_dynamic``: int8 weights per output channel, each
-  batch's input quantized on the fly, int32 accumulation), packed for oneDNN where the CPU has AMX tiles and for
-  PyTorch's default engine (fbgemm/x86, VNNI where the CPU has it) elsewhere (``int8_engine``). CPU only.
+- **int8**: int8 weights per output channel, uint8 input per tensor, int32 accumulation. CPU only. Where the CPU
+  has AMX tiles (``int8_engine()`` is "onednn"), ``Int8SppHead``: each layer one oneDNN call that also applies the
+  scales, the bias and the ReLU (``Int8LinearReLU``), and fc6 takes the uint8 rows SPP pools straight from the
+  quantized conv5 map (``spp.pool_windows(..., quantized=True)``, ``core/quant.py``), so the pooled features are
+  never written or read in float32. Elsewhere PyTorch's dynamic int8 linear layers (``quantize_dynamic``, each
+  batch's input quantized on the fly) for its default engine (fbgemm/x86, VNNI where the CPU has it).
 
 fc8 is left as it is (it is small, and softmax scores read it). ``compress_head`` returns a compressed copy (the
 head it is given is untouched) with the head's interface (``features``, ``forward``, ``in_features``,
@@ -22,9 +25,11 @@ import warnings
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 
+from . import quant
 from .config import CHOICES
 from .errors import SppError
 from .nets import SppHead
@@ -138,6 +143,73 @@ def quantize_int8(head: SppHead, layers: Sequence[str] = COMPRESSED_LAYERS, engi
                                 inplace=False)
 
 
+class Int8LinearReLU(nn.Module):
+    """``relu(x W^T + b)`` of a float ``nn.Linear``, on oneDNN's int8 GEMM: ``W`` quantized per output channel
+    (symmetric int8, ``max |w| / 127.5`` per row, as PyTorch's per-channel observer), the input as uint8
+    ``QuantizedRows`` (float input is quantized per batch first), int32 accumulation, then the two scales, the
+    bias and the ReLU applied in the same call, float32 out. Inference only, CPU only."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().to("cpu", torch.float32)
+        self.in_features, self.out_features = int(linear.in_features), int(linear.out_features)
+        scale = (weight.abs().amax(1) / 127.5).clamp_min(torch.finfo(torch.float32).eps)
+        self.weight_scale = scale
+        self.weight_zero_point = torch.zeros(self.out_features, dtype=torch.int64)
+        quantized = torch.round(weight / scale[:, None]).clamp_(-128, 127).to(torch.int8)
+        self.packed = torch.ops.onednn.qlinear_prepack(quantized, None)  # oneDNN's own layout of the int8 weights
+        self.bias = (linear.bias.detach().to("cpu", torch.float32).clone() if linear.bias is not None else None)
+
+    def forward(self, x: torch.Tensor | quant.QuantizedRows) -> torch.Tensor:
+        rows = x if isinstance(x, quant.QuantizedRows) else quant.quantize_rows(x)
+        if len(rows) == 0:  # oneDNN refuses an empty batch
+            return torch.zeros((0, self.out_features), dtype=torch.float32)
+        return torch.ops.onednn.qlinear_pointwise(
+            rows.values.contiguous(), float(rows.scale), int(rows.zero_point), self.packed, self.weight_scale,
+            self.weight_zero_point, self.bias, 1.0, 0, torch.float32, "relu", [None], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, relu=True"
+
+
+class Int8SppHead(SppHead):
+    """An ``SppHead`` whose fc6 and fc7 are ``Int8LinearReLU`` (ReLU included) and whose fc8 is a float copy of
+    the head's: fc6 takes uint8 ``QuantizedRows`` (``input_dtype`` is ``torch.uint8``; float rows are quantized
+    per batch), fc7 the quantized fc6 activations. Built from a trained head, never trained or saved."""
+
+    def __init__(self, head: SppHead):
+        nn.Module.__init__(self)  # not SppHead's: every layer comes from ``head``
+        self.in_channels, self.pyramid, self.fc_dim = head.in_channels, head.pyramid, head.fc_dim
+        self.num_classes, self.dropout_p, self.dropout = head.num_classes, head.dropout_p, nn.Identity()
+        self.fc6, self.fc7 = Int8LinearReLU(head.fc6), Int8LinearReLU(head.fc7)
+        self.fc8 = copy.deepcopy(head.fc8).float()
+        self.eval()
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.uint8
+
+    def forward(self, pooled) -> torch.Tensor:
+        return self.fc8(self.fc7(self.fc6(pooled)))
+
+    def features(self, pooled, layer: str = "fc7") -> torch.Tensor:
+        if layer == "pool5":
+            return pooled.dequantize() if isinstance(pooled, quant.QuantizedRows) else pooled
+        if layer not in ("fc6", "fc7", "softmax"):
+            raise ValueError(f"unknown feature layer {layer!r} (known: pool5, fc6, fc7, softmax)")
+        x = self.fc6(pooled)
+        if layer == "fc6":
+            return x
+        x = self.fc7(x)
+        return x if layer == "fc7" else F.softmax(self.fc8(x), dim=1)
+
+    def set_dropout(self, p: float) -> None:
+        raise SppError("an int8 head is for inference only: it has no dropout to set")
+
+
+INT8_LAYERS = (Int8Linear, Int8LinearReLU)  # what an int8 fc layer is, on either engine
+
+
 def check_combination(compression: str, dtype: torch.dtype | str = torch.float32,
                       device: torch.device | str = "cpu") -> None:
     """Refuse, in one line, what ``compress_head`` cannot make: an unknown method, int8 in bfloat16 (int8 layers
@@ -161,7 +233,7 @@ def compress_head(head: SppHead, compression: str = "none", svd_ranks: Sequence[
     if len(svd_ranks) != len(COMPRESSED_LAYERS):
         raise SppError(f"svd ranks are one per layer of {', '.join(COMPRESSED_LAYERS)}, got {list(svd_ranks)}")
     if compression == "int8":
-        return quantize_int8(head).eval()
+        return Int8SppHead(head) if int8_engine() == "onednn" else quantize_int8(head).eval()
     compressed = copy.deepcopy(head).eval()
     if compression == "svd":
         for name, rank in zip(COMPRESSED_LAYERS, svd_ranks):
@@ -206,5 +278,5 @@ def layer_summary(head: SppHead) -> dict:
         layer = getattr(head, name)
         summary[name] = {"in": int(layer.in_features), "out": int(layer.out_features),
                          "rank": layer.rank if isinstance(layer, LowRankLinear) else None,
-                         "int8": isinstance(layer, Int8Linear)}
+                         "int8": isinstance(layer, INT8_LAYERS)}
     return summary

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from . import fccompress, spp
+from . import fccompress, quant, spp
 from .artifacts import Manifest, Run
 from .errors import SppError
 from .registry import command_for_path
 from .nets import load_checkpoint, resolve_device
+from .quant import QuantizedRows
 
 if TYPE_CHECKING:  # only their public reading APIs are used here
     from .features import FeatureCache
@@ -179,23 +180,43 @@ def distinct_windows(maps: ImageMaps, boxes: np.ndarray, rule: str = "code") -> 
 
 
 def pool_windows(maps: ImageMaps, boxes: np.ndarray, pyramid: Sequence[int], scale_index: np.ndarray | None = None,
-                 rule: str = "code") -> torch.Tensor:
-    """SPP-pooled conv5 features [N, C*bins] float32 on the maps' device (best scale unless ``scale_index``)."""
+                 rule: str = "code", quantized: bool = False) -> torch.Tensor | QuantizedRows:
+    """SPP-pooled conv5 features [N, C*bins] float32 on the maps' device (best scale unless ``scale_index``);
+    ``quantized``: as uint8 ``QuantizedRows`` quantized as ``quantized_rows`` does, pooled straight into uint8
+    (the input of an int8 head, ``takes_quantized_rows``)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     if len(boxes) == 0:
         channels = maps.maps[0].shape[0]
-        return torch.zeros((0, spp.spp_dim(channels, tuple(pyramid))), dtype=torch.float32, device=maps.maps[0].device)
+        empty = torch.zeros((0, spp.spp_dim(channels, tuple(pyramid))), dtype=torch.float32, device=maps.maps[0].device)
+        return quantized_rows(maps, empty) if quantized else empty
     pooled = spp.pool_windows(maps.maps, maps.image_hw, maps.scales, boxes, maps.spec, tuple(pyramid),
-                              scale_index=scale_index, rule=rule)
-    return pooled.float()
+                              scale_index=scale_index, rule=rule, quantized=quantized)
+    return pooled if quantized else pooled.float()
 
 
-def head_features(pooled: torch.Tensor, feature: str, nets_by_kind: dict, batch: int = 4096) -> torch.Tensor:
+def quantized_rows(maps: ImageMaps, pooled: torch.Tensor) -> QuantizedRows:
+    """Float rows pooled from ``maps`` as uint8 ``QuantizedRows`` with the scale and zero point of the maps' range:
+    exactly what ``pool_windows(..., quantized=True)`` pools (quantization commutes with max-pooling), so a
+    window's int8 features depend on its image only, whichever way it was pooled."""
+    scale, zero_point = quant.tensors_qparams(maps.maps)
+    return quant.QuantizedRows(quant.quantize_values(pooled.float(), scale, zero_point).to(torch.uint8), scale,
+                               zero_point)
+
+
+def takes_quantized_rows(feature: str, nets_by_kind: dict) -> bool:
+    """Whether ``feature`` is computed by a head that takes uint8 rows (``fccompress.Int8SppHead``), which SPP then
+    pools straight into uint8 (``pool_windows(..., quantized=True)``)."""
+    source = _check_feature(feature)
+    return source is not None and source[0] in nets_by_kind and \
+        nets_by_kind[source[0]].head.input_dtype == torch.uint8
+
+
+def head_features(pooled: torch.Tensor | QuantizedRows, feature: str, nets_by_kind: dict, batch: int = 4096) -> torch.Tensor:
     """pool5 -> itself; fc6/fc7 -> the pretrained head's post-ReLU activations; ftfc6/ftfc7 -> the fine-tuned
     head's. Batched, inference mode (no dropout), on the pooled tensor's device."""
     source = _check_feature(feature)
     if source is None:
-        return pooled
+        return pooled.dequantize() if isinstance(pooled, QuantizedRows) else pooled
     kind, layer = source
     if kind not in nets_by_kind:
         raise SppError(f"feature {feature!r} needs the {kind} network (run `spp {NET_STAGES[kind]}` first)")
@@ -248,10 +269,13 @@ def head_rows(head, pooled: torch.Tensor, layer: str = "fc7", batch: int = 4096)
     inference mode, the head in eval mode."""
     step = max(1, int(batch))
     dtype, multiple = head.input_dtype, row_multiple(head, pooled.device)
+    if isinstance(pooled, QuantizedRows) and dtype != torch.uint8:  # uint8 rows for a float head
+        pooled = pooled.dequantize()
     parts = []
     for start in range(0, len(pooled), step):
         rows = pooled[start:start + step]
-        batch = _padded_batch(rows, dtype, multiple)
+        # An int8 head takes uint8 rows as they are, and quantizes float ones per batch itself.
+        batch = rows if dtype == torch.uint8 else _padded_batch(rows, dtype, multiple)
         token = _PADDING_ROWS.set(len(batch) - len(rows))
         try:
             parts.append(head.features(batch, layer)[:len(rows)])
@@ -292,7 +316,8 @@ def window_features(cache: FeatureCache, image_id: str, boxes: np.ndarray, featu
         pyramid = cfg.model.pyramid if pyramid is None else pyramid
         rule = cfg.features.scale_rule if rule is None else rule
     maps = load_maps(cache, image_id, subset, device=device)
-    pooled = pool_windows(maps, boxes, feature_pyramid(nets_by_kind, pyramid), rule=rule or "code")
+    pooled = pool_windows(maps, boxes, feature_pyramid(nets_by_kind, pyramid), rule=rule or "code",
+                          quantized=takes_quantized_rows(feature, nets_by_kind))
     return head_features(pooled, feature, nets_by_kind, batch)
 
 

@@ -160,13 +160,19 @@ class Scorer:
         with phase("pool"):
             # Pool and score each distinct (scale, conv5 rectangle) once; every window then takes its twin's row.
             distinct = fc.distinct_windows(maps, boxes, rule=cfg.features.scale_rule)
+            # An int8 head takes uint8 rows, pooled straight into uint8, unless box regression needs the float
+            # pool5 rows: then those, quantized after (the same uint8 rows either way).
+            quantized = fc.takes_quantized_rows(self.feature, self.nets)
+            regressing = self.models.bbox is not None
             pooled = fc.pool_windows(maps, boxes[distinct.rows], fc.feature_pyramid(self.nets, cfg.model.pyramid),
-                                     scale_index=distinct.scale_index, rule=cfg.features.scale_rule)
+                                     scale_index=distinct.scale_index, rule=cfg.features.scale_rule,
+                                     quantized=quantized and not regressing)
+            fc_input = fc.quantized_rows(maps, pooled) if quantized and regressing else pooled
         if timer is not None:
             timer.count("windows", len(boxes))
             timer.count("fc_windows", len(distinct.rows))
         with phase("fc"):
-            feats = fc.head_features(pooled, self.feature, self.nets, cfg.detect.batch_windows)
+            feats = fc.head_features(fc_input, self.feature, self.nets, cfg.detect.batch_windows)
         with phase("score"):
             if self.softmax:
                 distinct_scores = feats[:, 1:].float()  # column 0 is the background

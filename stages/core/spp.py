@@ -26,6 +26,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import quant
+from .quant import QuantizedRows
+
 if TYPE_CHECKING:  # nets.py imports this module; the spec is only read through its attributes here
     from .nets import BackboneSpec
 
@@ -451,7 +454,8 @@ def spp_pool_full(fmaps: torch.Tensor, pyramid: Sequence[int] = DEFAULT_PYRAMID)
 
 def pool_windows(fmaps: Sequence[torch.Tensor], image_hw: tuple[int, int], scales: Sequence[int], boxes,
                  spec: BackboneSpec, pyramid: Sequence[int] = DEFAULT_PYRAMID,
-                 scale_index: np.ndarray | None = None, rule: str = "code") -> torch.Tensor:
+                 scale_index: np.ndarray | None = None, rule: str = "code",
+                 quantized: bool = False) -> torch.Tensor | QuantizedRows:
     """Pooled features of ``boxes`` (our convention, original-image coordinates) from one image's multi-scale
     conv5 maps (``fmaps[k]`` computed at shorter side ``scales[k]``) -> float32 [N, D], in input order.
 
@@ -459,6 +463,10 @@ def pool_windows(fmaps: Sequence[torch.Tensor], image_hw: tuple[int, int], scale
     by ``choose_scale(rule)``. Then ``scale_boxes`` -> ``boxes_to_cells`` -> ``spp_pool`` per scale. A scale
     whose boxes are consecutive rows (boxes sorted by scale, as ``distinct_cells`` orders them, or one scale) is
     pooled straight into its rows of the result, unless gradients flow through the maps.
+
+    ``quantized``: the rows as uint8 ``QuantizedRows`` instead (int8 fc6's input, ``fccompress``; inference only),
+    with one scale and zero point from the range of all the maps: each map is quantized once and pooled into
+    uint8 rows, exactly the quantized float rows (quantization is monotonic; ``core/quant.py``).
     """
     scales = [int(s) for s in scales]
     if len(fmaps) != len(scales) or not scales:
@@ -466,10 +474,15 @@ def pool_windows(fmaps: Sequence[torch.Tensor], image_hw: tuple[int, int], scale
     boxes = _as_boxes(boxes)
     channels = fmaps[0].shape[0]
     device = fmaps[0].device
+    if quantized:
+        scale, zero_point = quant.tensors_qparams(fmaps)
+        fmaps = [quant.quantize_values(fmap.float(), scale, zero_point) for fmap in fmaps]
     # Every row is written below (each box has exactly one scale): no zero fill needed.
-    out = torch.empty((len(boxes), spp_dim(channels, pyramid)), dtype=torch.float32, device=device)
+    out = torch.empty((len(boxes), spp_dim(channels, pyramid)), dtype=torch.uint8 if quantized else torch.float32,
+                      device=device)
+    result = quant.QuantizedRows(out, scale, zero_point) if quantized else out
     if len(boxes) == 0:
-        return out
+        return result
     if scale_index is None:
         scale_index = choose_scale(boxes, image_hw, scales, rule)
     scale_index = np.asarray(scale_index, dtype=np.int64).reshape(-1)
@@ -489,5 +502,5 @@ def pool_windows(fmaps: Sequence[torch.Tensor], image_hw: tuple[int, int], scale
             # Pooled in place: no temporary, no scatter copy (training keeps the plain autograd path).
             spp_pool(fmap, cells, pyramid, out=out[int(chosen[0]):int(chosen[-1]) + 1])
         else:
-            out[torch.from_numpy(chosen).to(device)] = spp_pool(fmap, cells, pyramid).to(torch.float32)
-    return out
+            out[torch.from_numpy(chosen).to(device)] = spp_pool(fmap, cells, pyramid).to(out.dtype)
+    return result

@@ -89,7 +89,8 @@ class _Context:
         return build_roidb(self.dataset, self.split, self.proposals, image_ids=[image_id])[0]
 
     def features(self, maps, boxes: np.ndarray, scale_index: np.ndarray | None = None) -> np.ndarray:
-        pooled = fcfeatures.pool_windows(maps, boxes, self.pyramid, scale_index=scale_index, rule=self.rule)
+        pooled = fcfeatures.pool_windows(maps, boxes, self.pyramid, scale_index=scale_index, rule=self.rule,
+                                         quantized=fcfeatures.takes_quantized_rows(self.feature, self.nets))
         return fcfeatures.head_features(pooled, self.feature, self.nets, FC_BATCH).cpu().numpy()
 
 

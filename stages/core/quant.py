@@ -1,0 +1,89 @@
+"""uint8 activations for the int8 fc layers (``detect.fc_compression = "int8"``, ``fccompress``): one affine
+quantization per tensor, ``q = clamp(round(x / scale) + zero_point, 0, 255)``, ``x ~ (q - zero_point) * scale``,
+with ``scale`` and ``zero_point`` chosen from the tensor's range as PyTorch's dynamic quantization chooses them
+(the range widened to include 0, so that 0 is exact; ``reduce_range`` off).
+
+``QuantizedRows`` carries the uint8 values with their scale and zero point. It is a plain container, not one of
+PyTorch's quantized tensor types (``torch.quint8``), which PyTorch deprecates.
+
+SPP pools fc6's input straight into uint8 (``spp.pool_windows(..., quantized=True)``). Quantization is monotonic,
+so it commutes with max-pooling: pooling the quantized conv5 map gives exactly the quantized pooled features. The
+map is much smaller than the pooled rows, and the rows are written one byte per value instead of four.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+UINT8_LEVELS = 255  # q in 0 .. 255
+
+
+@dataclass(frozen=True)
+class QuantizedRows:
+    """uint8 ``values`` [N, D] standing for ``(values - zero_point) * scale``: rows of one quantization."""
+
+    values: torch.Tensor
+    scale: float
+    zero_point: int
+
+    def __post_init__(self):
+        if self.values.dtype != torch.uint8 or self.values.dim() != 2:
+            raise ValueError(f"quantized rows are a uint8 [N, D] tensor, got {self.values.dtype} "
+                             f"{tuple(self.values.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, rows: slice) -> "QuantizedRows":
+        if not isinstance(rows, slice):
+            raise TypeError("quantized rows are indexed by a slice of rows")
+        return QuantizedRows(self.values[rows], self.scale, self.zero_point)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, D]: ``(values - zero_point) * scale``."""
+        return (self.values.float() - self.zero_point) * self.scale
+
+
+def choose_qparams(low: float, high: float) -> tuple[float, int]:
+    """``(scale, zero_point)`` for values in ``[low, high]``: the range widened to include 0, split into 255
+    steps, 0 on a step (as ``torch.quantize_per_tensor_dynamic`` chooses them, uint8, no reduced range); scale 1
+    for an all-zero range."""
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"cannot quantize values in [{low}, {high}]: not finite")
+    scale = (high - low) / UINT8_LEVELS
+    if scale == 0.0:
+        return 1.0, 0
+    zero_point = int(min(max(round(-low / scale), 0), UINT8_LEVELS))
+    return scale, zero_point
+
+
+def quantize_values(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """``clamp(round(x / scale) + zero_point, 0, 255)`` in ``x``'s float type (exact small integers): a monotonic
+    map, so ``max`` of the result is the result of ``max``."""
+    return torch.round(x / scale).add_(zero_point).clamp_(0, UINT8_LEVELS)
+
+
+def tensors_qparams(tensors: Sequence[torch.Tensor]) -> tuple[float, int]:
+    """``choose_qparams`` over the values of all ``tensors`` (e.g. one image's conv5 maps at every scale)."""
+    ranges = [torch.aminmax(t.detach()) for t in tensors if t.numel()]
+    if not ranges:
+        return choose_qparams(0.0, 0.0)
+    return choose_qparams(min(float(low) for low, _ in ranges), max(float(high) for _, high in ranges))
+
+
+def quantize_rows(x: torch.Tensor) -> QuantizedRows:
+    """Float rows [N, D] quantized with the scale their own range gives (dynamic quantization, per tensor)."""
+    scale, zero_point = tensors_qparams([x])
+    return QuantizedRows(quantize_values(x.float(), scale, zero_point).to(torch.uint8), scale, zero_point)
