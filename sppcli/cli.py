@@ -499,6 +499,9 @@ def detect(paths, feature, one_scale, split, bbox, image_options, out, score_thr
     Boxes are float pixel coordinates, 0-based from the image's top-left corner (EXIF orientation applied),
     x1/y1 inclusive and x2/y2 exclusive (width = x2 - x1), highest score first.
     """
+    from stages.core.memory import keep_freed_memory
+
+    keep_freed_memory()  # per-image tensors reuse freed memory instead of faulting in fresh pages
     images = [*image_options, *paths]
     if not images:
         given = [name for name, value in (("--out", out), ("--score-thresh", score_thresh),
@@ -610,7 +613,9 @@ def bench(backbone, n_images, images_alias, windows, repeats, json_out, fc_dtype
     runs fc6+fc7 in float32, bfloat16, svd and int8 on its own windows in the same runs: per variant SPP and R-CNN
     totals and their ratio, fc rate against the matmul peak of its own type, distance to float32."""
     from stages import bench as stage
+    from stages.core.memory import keep_freed_memory
 
+    keep_freed_memory()  # as spp detect: what R-CNN and SPP mode time is the work, not page faults
     if images_alias is not None:
         n_images = _num_images(None, images_alias)
 

@@ -376,7 +376,15 @@ def test_quantized_pooling_is_the_quantized_float_pooling(low):
     rows = spp.pool_windows(fmaps, (375, 500), scales, boxes, ZF5, (1, 2, 3, 6), quantized=True)
     scale, zero_point = quant.tensors_qparams(fmaps)
     assert (rows.scale, rows.zero_point) == (scale, zero_point) and (zero_point > 0) == (low < 0)
-    assert torch.equal(rows.values, quant.quantize_values(exact, scale, zero_point).to(torch.uint8))
+    assert torch.equal(rows.values, quant.quantize_values(exact, scale, zero_point))
     assert float((rows.dequantize() - exact).abs().max()) <= scale / 2 + 1e-6
+    # A uint8 map pools to the same bytes by the table (in uint8) and by roi_pool (in float32)
+    quantized_map = quant.quantize_values(fmaps[1], scale, zero_point)
+    assert quantized_map.dtype == torch.uint8
+    cells = torch.tensor([[0, 0, 56, 42], [3, 4, 20, 9], [10, 10, 10, 10], [7, 2, 30, 40]])
+    by_table = spp_pool(quantized_map, cells, (1, 2, 3, 6), method="table")
+    by_roi_pool = spp_pool(quantized_map, cells, (1, 2, 3, 6), method="roi_pool")
+    assert by_table.dtype == torch.uint8 and torch.equal(by_table.float(), by_roi_pool)
+    assert torch.equal(by_table.float(), spp_pool_reference(quantized_map.float(), cells, (1, 2, 3, 6)))
     empty = spp.pool_windows(fmaps, (375, 500), scales, boxes[:0], ZF5, (1, 2, 3, 6), quantized=True)
     assert empty.shape == (0, exact.shape[1]) and empty.values.dtype == torch.uint8

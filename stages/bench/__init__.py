@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core import fccompress, nets, rcnn
+from ..core import fccompress, memory, nets, rcnn
 from ..core.artifacts import Run, atomic_write_json
 from ..core.config import CHOICES
 from ..core.errors import SppError
@@ -265,6 +265,7 @@ def run(cfg, n_images: int = 3, windows: int = 2000, repeats: int = 3, json_out:
         "channels_last": bool(channels_last),
         "cuda_tf32": bool(cuda_tf32 and device.type == "cuda"),
         "fc_dtype": fc_dtype,
+        "malloc_kept_bytes": memory.kept_bytes(),  # spp bench's heap setting (core/memory.py); 0: glibc's default
         "fc_compression": cfg.detect.fc_compression,
         "fc_svd_ranks": list(cfg.detect.fc_svd_ranks),
         "fc_layers": fccompress.layer_summary(head),

@@ -2,7 +2,8 @@
 and int8 (``detect.fc_compression``, ``core/fccompress.py``). Every mode times every variant on its own rows in
 the same run (``measure.time_fc``: R-CNN's every window, SPP's distinct windows), so that each variant has its
 SPP and R-CNN totals and their ratio with one and the same fc path in both modes, and its fc rate against the
-GEMM peak of its own type (``measure.matmul_peak``). Per variant also: the speed-up over float32, FLOPs per
+GEMM peak of its own type (``measure.matmul_peak``). An int8 head that takes uint8 rows (``Int8SppHead``) gets
+them pooled straight into uint8 in the SPP modes, that pooling timed for it alone. Per variant also: the speed-up over float32, FLOPs per
 window, and how far its fc7 features, and the scores that the float32 head's fc8 gives them (a linear
 classifier, as the SVMs are), are from float32's, on each image's windows pooled at the 1-scale setting.
 """
@@ -73,7 +74,8 @@ def variant_heads(head: nets.SppHead, device: torch.device, svd_ranks, selected:
 
 def variant_speeds(modes: dict, peaks: dict, pairs: dict[str, tuple[str, str]]) -> dict[str, dict]:
     """Per fc variant, from the modes' aggregated runs (``modes[mode]["fc_variants"][name]``: the variant's fc
-    timed in that mode, conv and pooling shared): each mode's fc and total seconds and fc rate, the speed-ups
+    timed in that mode, conv shared, pooling shared but for an int8 head's uint8 rows, ``measure.time_fc``): each
+    mode's pool, fc and total seconds and fc rate, the speed-ups
     over R-CNN mode with this same fc path, and the fc rate as a fraction of the GEMM peak of the variant's own
     type (``peaks[peak_dtype]``; None where that peak was not measured)."""
     def ratio(numerator: float, denominator: float) -> float:

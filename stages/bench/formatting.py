@@ -44,7 +44,7 @@ def format_report(results: dict) -> str:
     lines = [
         f"SPP-net vs R-CNN speed: backbone {results['backbone']}, device {results['device']}, "
         f"{results['threads']} threads, {results['clock']} clock, load average {load[0]:.2f} before / "
-        f"{load[1]:.2f} after",
+        f"{load[1]:.2f} after{_heap_note(results.get('malloc_kept_bytes', 0))}",
         f"weights: {results['weights']}",
         f"images: {results['images']}",
         f"windows: {results['proposals']}",
@@ -119,17 +119,21 @@ def _peak_text(peak: dict) -> str:
             f"{'x'.join(map(str, best['shape_mkn']))}{held_text})")
 
 
+def _heap_note(kept_bytes: int) -> str:
+    return f", malloc keeps up to {kept_bytes >> 20} MiB freed (core/memory.py)" if kept_bytes else ""
+
+
 def format_fc_variants(compared: dict) -> list[str]:
     """The fc variants' tables: per variant, fc6+fc7 seconds, speed-up, FLOPs, rate against its own type's GEMM
     peak, SPP and R-CNN totals with it in both modes and their ratios; then its distance to float32."""
     lines = [
-        f"fc6+fc7 variants, each timed in every mode of the same runs (conv and pooling shared; * = the one in the "
-        f"table above): svd ranks {'/'.join(map(str, compared['svd_ranks']))}, {compared['quantized_engine']} int8 "
+        f"fc6+fc7 variants, each timed in every mode of the same runs (conv shared; pooling shared but for a head "
+        f"that takes uint8 rows, pooled apart for it; * = the one in the table above): svd ranks {'/'.join(map(str, compared['svd_ranks']))}, {compared['quantized_engine']} int8 "
         f"kernels, native bfloat16 {compared['bfloat16_native']}",
         "fc GF/s, % of peak: SPP 1-scale's fc6+fc7 rate, against the GEMM peak of the variant's own type (its best "
         "call); % held: against the rate that GEMM holds back to back; SPP1 / SPP5 / R-CNN s: totals per image with "
         "it; total 1sc / 5sc: R-CNN's total over SPP's",
-        f"{'variant':<15}{'SPP1 fc s':>10}{'vs f32':>8}{'MFLOP/win':>10}{'fc GF/s':>9} {'% of peak':<15}{'% held':>7}"
+        f"{'variant':<15}{'SPP1 pool':>10}{'SPP1 fc s':>10}{'vs f32':>8}{'MFLOP/win':>10}{'fc GF/s':>9} {'% of peak':<15}{'% held':>7}"
         f"{'SPP1 s':>9}{'SPP5 s':>9}{'R-CNN s':>9}{'total 1sc':>10}{'total 5sc':>10}",
     ]
     shown = {name: data for name, data in compared["variants"].items() if "skipped" not in data}
@@ -140,7 +144,9 @@ def format_fc_variants(compared: dict) -> list[str]:
             continue
         modes = data["modes"]
         of_peak = f"{_percent(data['fc_fraction_of_peak']):>5} {data['peak_dtype']:<9}"
-        lines.append(f"{label:<15}{data['seconds']:>10.4f}{data['speedup']:>7.2f}x"
+        pool = modes['spp_1scale'].get('pool_seconds')
+        lines.append(f"{label:<15}{'-' if pool is None else f'{pool:.4f}':>10}{data['seconds']:>10.4f}"
+                     f"{data['speedup']:>7.2f}x"
                      f"{data['flops_per_window'] / 1e6:>10.2f}"
                      f"{modes['spp_1scale']['fc_gflops_per_s']:>9.1f} {of_peak}"
                      f"{_percent(data.get('fc_fraction_of_sustained')):>7}"
@@ -150,7 +156,7 @@ def format_fc_variants(compared: dict) -> list[str]:
     if shown:
         any_variant = next(iter(shown.values()))
         lines.append(f"conv speed-up (every variant): 1-scale {any_variant['speedup_conv_1scale']:.1f}x, 5-scale "
-                     f"{any_variant['speedup_conv_5scale']:.1f}x; totals are conv + pool + the variant's fc per image")
+                     f"{any_variant['speedup_conv_5scale']:.1f}x; totals are conv + the variant's pool + its fc per image")
     lines += [
         "",
         f"their distance to float32 on the same windows ({compared['windows_per_image']:.0f} per image pooled at "

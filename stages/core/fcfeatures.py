@@ -199,8 +199,7 @@ def quantized_rows(maps: ImageMaps, pooled: torch.Tensor) -> QuantizedRows:
     exactly what ``pool_windows(..., quantized=True)`` pools (quantization commutes with max-pooling), so a
     window's int8 features depend on its image only, whichever way it was pooled."""
     scale, zero_point = quant.tensors_qparams(maps.maps)
-    return quant.QuantizedRows(quant.quantize_values(pooled.float(), scale, zero_point).to(torch.uint8), scale,
-                               zero_point)
+    return quant.QuantizedRows(quant.quantize_values(pooled, scale, zero_point), scale, zero_point)
 
 
 def takes_quantized_rows(feature: str, nets_by_kind: dict) -> bool:

@@ -13,6 +13,7 @@ map is much smaller than the pooled rows, and the rows are written one byte per 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -70,9 +71,13 @@ def choose_qparams(low: float, high: float) -> tuple[float, int]:
 
 
 def quantize_values(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """``clamp(round(x / scale) + zero_point, 0, 255)`` in ``x``'s float type (exact small integers): a monotonic
-    map, so ``max`` of the result is the result of ``max``."""
-    return torch.round(x / scale).add_(zero_point).clamp_(0, UINT8_LEVELS)
+    """uint8 ``clamp(round(x / scale) + zero_point, 0, 255)`` by PyTorch's quantizer in one pass (several times
+    faster than the same in separate elementwise operations): a monotonic map, so ``max`` of the result is the
+    result of ``max``."""
+    with warnings.catch_warnings():  # PyTorch announces the quantized types' deprecation on every call
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8).int_repr()
 
 
 def tensors_qparams(tensors: Sequence[torch.Tensor]) -> tuple[float, int]:
@@ -86,4 +91,4 @@ def tensors_qparams(tensors: Sequence[torch.Tensor]) -> tuple[float, int]:
 def quantize_rows(x: torch.Tensor) -> QuantizedRows:
     """Float rows [N, D] quantized with the scale their own range gives (dynamic quantization, per tensor)."""
     scale, zero_point = tensors_qparams([x])
-    return QuantizedRows(quantize_values(x.float(), scale, zero_point).to(torch.uint8), scale, zero_point)
+    return QuantizedRows(quantize_values(x, scale, zero_point), scale, zero_point)

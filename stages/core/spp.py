@@ -379,7 +379,10 @@ def spp_pool(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID
     """
     pyramid = tuple(int(n) for n in pyramid)
     cells = _check_cells(fmap, cells)
-    fmap = fmap.to(_compute_dtype(fmap))
+    # A uint8 map (quantized, ``pool_windows(quantized=True)``) is pooled in uint8 by the table: maxima of small
+    # integers need no float, and a byte per value is a quarter of the memory traffic. roi_pool takes floats only.
+    table_uint8 = fmap.dtype == torch.uint8 and method in ("auto", "table")
+    fmap = fmap if table_uint8 else fmap.to(_compute_dtype(fmap))
     channels = fmap.shape[0]
     if out is None:
         out = fmap.new_empty((len(cells), spp_dim(channels, pyramid)))
@@ -394,6 +397,8 @@ def spp_pool(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID
         extent = _table_extent(cells_np, roots)
     if method == "auto":
         method = pooling_method(fmap.shape[1:], cells_np, roots, extent)
+    if method == "roi_pool" and fmap.dtype == torch.uint8:
+        fmap = fmap.to(torch.float32)  # exact: small integers
     if method == "table":
         table = _RangeMaxTable(fmap, *extent)
         # Chunks keep each corner block near _GATHER_ELEMENTS (small temporaries the allocator reuses).
@@ -476,7 +481,7 @@ def pool_windows(fmaps: Sequence[torch.Tensor], image_hw: tuple[int, int], scale
     device = fmaps[0].device
     if quantized:
         scale, zero_point = quant.tensors_qparams(fmaps)
-        fmaps = [quant.quantize_values(fmap.float(), scale, zero_point) for fmap in fmaps]
+        fmaps = [quant.quantize_values(fmap, scale, zero_point) for fmap in fmaps]  # uint8, pooled in uint8
     # Every row is written below (each box has exactly one scale): no zero fill needed.
     out = torch.empty((len(boxes), spp_dim(channels, pyramid)), dtype=torch.uint8 if quantized else torch.float32,
                       device=device)

@@ -1,0 +1,52 @@
+"""core/memory.py: malloc keeps freed memory for the inference stages, so a per-image tensor reuses pages."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from stages.core import memory
+
+PAGE_FAULTS = textwrap.dedent("""
+    import resource, sys
+    import torch
+    from stages.core import memory
+    applied = memory.keep_freed_memory() if sys.argv[1] == "keep" else False
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    per_block = []
+    for _ in range(20):  # 96 MB allocated, touched and freed, as an image's tensors are
+        before = faults()
+        torch.ones(24 << 20)
+        per_block.append(faults() - before)
+    print(applied, memory.kept_bytes(), *per_block)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_kept_memory_spares_the_page_faults_of_a_fresh_block():
+    """A 96 MB block allocated and freed 20 times: by default each time fresh pages (24,576 of 4 KiB); once malloc
+    keeps freed memory, none after the first blocks (here the steady state came after 1 to 9 of them). In a child
+    process: the setting lasts for the process."""
+    def run(mode: str) -> tuple[str, int, list[int]]:
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], capture_output=True, text=True, check=True)
+        applied, kept, *faults = out.stdout.split()
+        return applied, int(kept), [int(f) for f in faults]
+
+    applied, kept, default_faults = run("default")
+    assert (applied, kept) == ("False", 0)
+    assert min(default_faults) > 10_000  # every block faulted in afresh
+    applied, kept, kept_faults = run("keep")
+    if applied != "True":
+        pytest.skip("this C library has no mallopt")
+    assert kept == memory.KEPT_BYTES
+    assert kept_faults[-1] < 1000 and sum(f < 1000 for f in kept_faults) >= 5, kept_faults
+
+
+def test_kept_bytes_is_zero_until_set(monkeypatch):
+    monkeypatch.setattr(memory, "_kept", [])
+    assert memory.kept_bytes() == 0
+    monkeypatch.setattr(memory.sys, "platform", "darwin")
+    assert memory.keep_freed_memory() is False and memory.kept_bytes() == 0
