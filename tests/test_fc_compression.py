@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from stages import bench, detect, train_svm
-from stages.core import fccompress, fcfeatures, nets, quant
+from stages.core import fccompress, fcfeatures, nets, quant, spp
 from stages.core.config import Config, build_config
 from stages.core.errors import SppError
 from stages.core.fccompress import LowRankLinear
@@ -191,6 +191,12 @@ def test_int8_head_takes_uint8_rows_and_head_rows_hands_each_head_its_kind():
         float_head = fcfeatures.head_rows(head, rows, "fc7")  # a float head dequantizes uint8 rows
         batched = fcfeatures.head_rows(int8, rows, "fc6", batch=16)
     assert torch.equal(from_rows, from_float)
+    # rows in SPP's bin-major order: the same integer products, the columns only reordered
+    bin_major = rows.in_order(spp.yxc_order(16, (1, 2)))
+    assert not torch.equal(bin_major.values, rows.values) and torch.equal(bin_major.dequantize(), rows.dequantize())
+    with torch.inference_mode():
+        assert torch.equal(int8.features(bin_major, "fc7"), from_rows)
+        assert torch.equal(int8(bin_major), int8(rows))
     torch.testing.assert_close(float_head, head.features(rows.dequantize(), "fc7"))
     torch.testing.assert_close(batched, int8.features(rows, "fc6"))  # the batches share the rows' quantization
     assert fcfeatures.head_features(rows, "pool5", {}).dtype == torch.float32

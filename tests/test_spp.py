@@ -196,11 +196,24 @@ def test_spp_pool_auto_uses_the_cheaper_method(monkeypatch):
 
 def test_spp_pool_chunks_many_windows(monkeypatch):
     # Force many small gather chunks: the stitched result must equal the reference row for row.
-    monkeypatch.setattr(spp, "_GATHER_ELEMENTS", 1000)
+    monkeypatch.setattr(spp, "_GATHER_BYTES", 4000)
     rng = np.random.default_rng(7)
     fmap = torch.rand(3, 15, 21)
     cells = _random_cells(rng, 90, 15, 21)
     assert torch.equal(spp_pool(fmap, cells), spp_pool_reference(fmap, cells))
+    # a uint8 map, pooled in uint8 in chunks, and in the bin-major layout: the same values, columns reordered
+    small = (fmap * 255).round().to(torch.uint8)
+    reference = spp_pool_reference(small.float(), cells)
+    assert torch.equal(spp_pool(small, cells).float(), reference)
+    yxc = spp_pool(small, cells, layout="yxc")
+    assert torch.equal(yxc.float(), reference[:, spp.yxc_order(3)])
+
+
+def test_yxc_order_by_hand():
+    # 2 channels, levels 1 and 2: level 1 keeps (c0, c1); level 2's (c, y, x) columns 2..9 go bin by bin
+    assert spp.yxc_order(2, (1, 2)).tolist() == [0, 1, 2, 6, 3, 7, 4, 8, 5, 9]
+    with pytest.raises(ValueError, match="unknown pooled layout"):
+        spp_pool(torch.rand(2, 4, 4), [[0, 0, 3, 3]], (1, 2), layout="xyc")
 
 
 def test_spp_pool_naive_per_level_matches_reference():
@@ -376,7 +389,10 @@ def test_quantized_pooling_is_the_quantized_float_pooling(low):
     rows = spp.pool_windows(fmaps, (375, 500), scales, boxes, ZF5, (1, 2, 3, 6), quantized=True)
     scale, zero_point = quant.tensors_qparams(fmaps)
     assert (rows.scale, rows.zero_point) == (scale, zero_point) and (zero_point > 0) == (low < 0)
-    assert torch.equal(rows.values, quant.quantize_values(exact, scale, zero_point))
+    quantized_exact = quant.quantize_values(exact, scale, zero_point)
+    assert torch.equal(rows.column_order, spp.yxc_order(12, (1, 2, 3, 6)))  # pooled bin-major
+    assert torch.equal(rows.values, quantized_exact[:, rows.column_order])
+    assert torch.equal(rows.in_order(None).values, quantized_exact)
     assert float((rows.dequantize() - exact).abs().max()) <= scale / 2 + 1e-6
     # A uint8 map pools to the same bytes by the table (in uint8) and by roi_pool (in float32)
     quantized_map = quant.quantize_values(fmaps[1], scale, zero_point)

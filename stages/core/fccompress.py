@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
 
-from . import quant
+from . import quant, spp
 from .config import CHOICES
 from .errors import SppError
 from .nets import SppHead
@@ -147,11 +147,14 @@ class Int8LinearReLU(nn.Module):
     """``relu(x W^T + b)`` of a float ``nn.Linear``, on oneDNN's int8 GEMM: ``W`` quantized per output channel
     (symmetric int8, ``max |w| / 127.5`` per row, as PyTorch's per-channel observer), the input as uint8
     ``QuantizedRows`` (float input is quantized per batch first), int32 accumulation, then the two scales, the
-    bias and the ReLU applied in the same call, float32 out. Inference only, CPU only."""
+    bias and the ReLU applied in the same call, float32 out. ``column_order``: the input's columns are the
+    layer's in this order (its weight columns are stored so). Inference only, CPU only."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, column_order: torch.Tensor | None = None):
         super().__init__()
         weight = linear.weight.detach().to("cpu", torch.float32)
+        if column_order is not None:  # input columns in this order (e.g. SPP's bin-major uint8 rows)
+            weight = weight[:, column_order]
         self.in_features, self.out_features = int(linear.in_features), int(linear.out_features)
         scale = (weight.abs().amax(1) / 127.5).clamp_min(torch.finfo(torch.float32).eps)
         self.weight_scale = scale
@@ -181,7 +184,10 @@ class Int8SppHead(SppHead):
         nn.Module.__init__(self)  # not SppHead's: every layer comes from ``head``
         self.in_channels, self.pyramid, self.fc_dim = head.in_channels, head.pyramid, head.fc_dim
         self.num_classes, self.dropout_p, self.dropout = head.num_classes, head.dropout_p, nn.Identity()
-        self.fc6, self.fc7 = Int8LinearReLU(head.fc6), Int8LinearReLU(head.fc7)
+        # fc6 reads SPP's uint8 rows in their bin-major order (no transposition when pooling)
+        self.column_order = spp.yxc_order(head.in_channels, head.pyramid)
+        self.fc6 = Int8LinearReLU(head.fc6, self.column_order)
+        self.fc7 = Int8LinearReLU(head.fc7)
         self.fc8 = copy.deepcopy(head.fc8).float()
         self.eval()
 
@@ -190,18 +196,23 @@ class Int8SppHead(SppHead):
         return torch.uint8
 
     def forward(self, pooled) -> torch.Tensor:
-        return self.fc8(self.fc7(self.fc6(pooled)))
+        return self.fc8(self.fc7(self.fc6(self._fc6_rows(pooled))))
 
     def features(self, pooled, layer: str = "fc7") -> torch.Tensor:
         if layer == "pool5":
             return pooled.dequantize() if isinstance(pooled, quant.QuantizedRows) else pooled
         if layer not in ("fc6", "fc7", "softmax"):
             raise ValueError(f"unknown feature layer {layer!r} (known: pool5, fc6, fc7, softmax)")
-        x = self.fc6(pooled)
+        x = self.fc6(self._fc6_rows(pooled))
         if layer == "fc6":
             return x
         x = self.fc7(x)
         return x if layer == "fc7" else F.softmax(self.fc8(x), dim=1)
+
+    def _fc6_rows(self, pooled) -> quant.QuantizedRows:
+        """``pooled`` (uint8 rows in any column order, or float rows in the net's) as fc6 reads them."""
+        rows = pooled if isinstance(pooled, quant.QuantizedRows) else quant.quantize_rows(pooled)
+        return rows.in_order(self.column_order)
 
     def set_dropout(self, p: float) -> None:
         raise SppError("an int8 head is for inference only: it has no dropout to set")

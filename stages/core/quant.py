@@ -24,16 +24,21 @@ UINT8_LEVELS = 255  # q in 0 .. 255
 
 @dataclass(frozen=True)
 class QuantizedRows:
-    """uint8 ``values`` [N, D] standing for ``(values - zero_point) * scale``: rows of one quantization."""
+    """uint8 ``values`` [N, D] standing for ``(values - zero_point) * scale``: rows of one quantization.
+    ``column_order`` (int64 [D] or None): column ``j`` holds the net's column ``column_order[j]`` (SPP pools
+    uint8 rows bin-major, ``spp.yxc_order``); None: the net's own order."""
 
     values: torch.Tensor
     scale: float
     zero_point: int
+    column_order: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.values.dtype != torch.uint8 or self.values.dim() != 2:
             raise ValueError(f"quantized rows are a uint8 [N, D] tensor, got {self.values.dtype} "
                              f"{tuple(self.values.shape)}")
+        if self.column_order is not None and tuple(self.column_order.shape) != (self.values.shape[1],):
+            raise ValueError(f"a column order of {tuple(self.column_order.shape)} for {self.values.shape[1]} columns")
 
     def __len__(self) -> int:
         return len(self.values)
@@ -41,7 +46,7 @@ class QuantizedRows:
     def __getitem__(self, rows: slice) -> "QuantizedRows":
         if not isinstance(rows, slice):
             raise TypeError("quantized rows are indexed by a slice of rows")
-        return QuantizedRows(self.values[rows], self.scale, self.zero_point)
+        return QuantizedRows(self.values[rows], self.scale, self.zero_point, self.column_order)
 
     @property
     def shape(self) -> torch.Size:
@@ -51,9 +56,25 @@ class QuantizedRows:
     def device(self) -> torch.device:
         return self.values.device
 
+    def in_order(self, column_order: torch.Tensor | None) -> "QuantizedRows":
+        """The same rows with their columns in ``column_order`` (None: the net's order); itself when they are."""
+        if _same_order(self.column_order, column_order):
+            return self
+        values = self.values
+        if self.column_order is not None:  # back to the net's order first
+            values = torch.empty_like(values)
+            values[:, self.column_order.to(values.device)] = self.values
+        if column_order is not None:
+            values = values.index_select(1, column_order.to(values.device))
+        return QuantizedRows(values, self.scale, self.zero_point, column_order)
+
     def dequantize(self) -> torch.Tensor:
-        """float32 [N, D]: ``(values - zero_point) * scale``."""
-        return (self.values.float() - self.zero_point) * self.scale
+        """float32 [N, D], ``(values - zero_point) * scale``, in the net's column order."""
+        return (self.in_order(None).values.float() - self.zero_point) * self.scale
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and a.shape == b.shape and bool(torch.equal(a.cpu(), b.cpu())))
 
 
 def choose_qparams(low: float, high: float) -> tuple[float, int]:

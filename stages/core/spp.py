@@ -37,10 +37,10 @@ DEFAULT_PYRAMID = (1, 2, 3, 6)  # 50 bins [P §4.1]
 TARGET_SIDE = 13 * 16
 # The paper's rule: the scale at which the window's area is closest to 224 x 224 pixels [P §4.1].
 TARGET_AREA = 224 * 224
-# Elements of one corner block gathered by the sparse-table pooling (4 MB of float32; its four corners are gathered
-# at once): small temporaries the allocator reuses.
-_GATHER_ELEMENTS = 1 << 20
-_GATHER_ELEMENTS_GPU = 1 << 23  # on a GPU fewer, larger launches win; the caching allocator reuses the memory
+# Bytes of one corner block gathered by the sparse-table pooling (its four corners are gathered at once): small
+# temporaries the allocator reuses; a uint8 map's chunks hold four times the windows of a float32 one's.
+_GATHER_BYTES = 4 << 20
+_GATHER_BYTES_GPU = 32 << 20  # on a GPU fewer, larger launches win; the caching allocator reuses the memory
 
 
 def spp_dim(channels: int, pyramid: Sequence[int] = DEFAULT_PYRAMID) -> int:
@@ -344,22 +344,42 @@ def _max_pool_level(finer: torch.Tensor, k: int) -> torch.Tensor:
     return pooled
 
 
-def _write_levels(dest: torch.Tensor, levels: dict[int, torch.Tensor], pyramid: tuple[int, ...]) -> None:
+LAYOUTS = ("cyx", "yxc")  # the order of a level's values in a pooled row: channel-major (the net's) or bin-major
+
+
+def _write_levels(dest: torch.Tensor, levels: dict[int, torch.Tensor], pyramid: tuple[int, ...],
+                  layout: str = "cyx") -> None:
     """Complete ``levels`` with the derived ones (max-pool of a pooled multiple, see ``spp_pool``), then copy each
-    into its (C, y, x) slice of ``dest`` [M, D], in pyramid order."""
+    into its slice of ``dest`` [M, D], in pyramid order, flattened ``(C, y, x)`` (``layout`` "cyx") or
+    ``(y, x, C)`` ("yxc": the levels' own channels-last order, so the copy moves whole channel vectors)."""
     for n in sorted(set(pyramid), reverse=True):
         if n not in levels:
             m = min(m for m in levels if m % n == 0)  # the smallest pooled multiple: the fewest cells to reduce
             levels[n] = _max_pool_level(levels[m], m // n)
     column = 0
     for n in pyramid:
-        width = levels[n].shape[1] * n * n
-        dest[:, column:column + width].view(len(dest), -1, n, n).copy_(levels[n])
-        column += width
+        channels = levels[n].shape[1]
+        part = dest[:, column:column + channels * n * n]
+        if layout == "yxc":
+            part.view(len(dest), n, n, channels).permute(0, 3, 1, 2).copy_(levels[n])
+        else:
+            part.view(len(dest), channels, n, n).copy_(levels[n])
+        column += channels * n * n
+
+
+def yxc_order(channels: int, pyramid: Sequence[int] = DEFAULT_PYRAMID) -> torch.Tensor:
+    """int64 [D]: for each column of a "yxc" pooled row, the column of the "cyx" row (the net's) it holds, so that
+    ``cyx_rows[:, yxc_order(...)]`` is the "yxc" row and ``weight[:, yxc_order(...)]`` the fc6 weights for it."""
+    parts, column = [], 0
+    for n in (int(n) for n in pyramid):
+        cyx = torch.arange(channels * n * n).view(channels, n, n)
+        parts.append(column + cyx.permute(1, 2, 0).reshape(-1))
+        column += channels * n * n
+    return torch.cat(parts)
 
 
 def spp_pool(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID,
-             method: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+             method: str = "auto", out: torch.Tensor | None = None, layout: str = "cyx") -> torch.Tensor:
     """Spatial pyramid pooling of N windows of one map: ``fmap`` [C,h,w], ``cells`` int64 [N,4] 0-based inclusive
     ``(x0, y0, x1, y1)`` -> [N, C * sum(n^2)], levels in ``pyramid`` order, each flattened ``(C, y, x)``.
 
@@ -376,7 +396,13 @@ def spp_pool(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID
 
     ``out``: a [N, D] tensor (e.g. rows of a larger one) to write into instead of a new one, each level converted
     to its type as it is written (no separate copy or conversion pass); returned.
+
+    ``layout`` "yxc": each level flattened ``(y, x, C)`` instead (``yxc_order`` maps it to the net's order), as the
+    int8 head takes it (``fccompress.Int8SppHead``): the table's channel vectors are then copied whole, not
+    transposed.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown pooled layout {layout!r} (known: {', '.join(LAYOUTS)})")
     pyramid = tuple(int(n) for n in pyramid)
     cells = _check_cells(fmap, cells)
     # A uint8 map (quantized, ``pool_windows(quantized=True)``) is pooled in uint8 by the table: maxima of small
@@ -401,14 +427,15 @@ def spp_pool(fmap: torch.Tensor, cells, pyramid: Sequence[int] = DEFAULT_PYRAMID
         fmap = fmap.to(torch.float32)  # exact: small integers
     if method == "table":
         table = _RangeMaxTable(fmap, *extent)
-        # Chunks keep each corner block near _GATHER_ELEMENTS (small temporaries the allocator reuses).
-        budget = _GATHER_ELEMENTS if fmap.device.type == "cpu" else _GATHER_ELEMENTS_GPU
+        # Chunks keep each corner block near _GATHER_BYTES (small temporaries the allocator reuses).
+        budget = (_GATHER_BYTES if fmap.device.type == "cpu" else _GATHER_BYTES_GPU) // fmap.element_size()
         chunk = max(1, budget // (channels * sum(n * n for n in roots)))
         for lo in range(0, len(cells_np), chunk):
             part = cells_np[lo:lo + chunk]
-            _write_levels(out[lo:lo + chunk], {n: table.pool(_window_bins(part, n)) for n in roots}, pyramid)
+            _write_levels(out[lo:lo + chunk], {n: table.pool(_window_bins(part, n)) for n in roots}, pyramid,
+                          layout)
     elif method == "roi_pool":
-        _write_levels(out, {n: _roi_pool_or_table(fmap, cells, n) for n in roots}, pyramid)
+        _write_levels(out, {n: _roi_pool_or_table(fmap, cells, n) for n in roots}, pyramid, layout)
     else:
         raise ValueError(f"unknown spp_pool method {method!r} (known: auto, table, roi_pool)")
     return out
@@ -470,8 +497,9 @@ def pool_windows(fmaps: Sequence[torch.Tensor], image_hw: tuple[int, int], scale
     pooled straight into its rows of the result, unless gradients flow through the maps.
 
     ``quantized``: the rows as uint8 ``QuantizedRows`` instead (int8 fc6's input, ``fccompress``; inference only),
-    with one scale and zero point from the range of all the maps: each map is quantized once and pooled into
-    uint8 rows, exactly the quantized float rows (quantization is monotonic; ``core/quant.py``).
+    with one scale and zero point from the range of all the maps: each map is quantized once and pooled in uint8,
+    exactly the quantized float rows (quantization is monotonic; ``core/quant.py``), each level bin-major ("yxc",
+    their ``column_order``).
     """
     scales = [int(s) for s in scales]
     if len(fmaps) != len(scales) or not scales:
@@ -479,13 +507,14 @@ def pool_windows(fmaps: Sequence[torch.Tensor], image_hw: tuple[int, int], scale
     boxes = _as_boxes(boxes)
     channels = fmaps[0].shape[0]
     device = fmaps[0].device
+    layout = "yxc" if quantized else "cyx"
     if quantized:
         scale, zero_point = quant.tensors_qparams(fmaps)
         fmaps = [quant.quantize_values(fmap, scale, zero_point) for fmap in fmaps]  # uint8, pooled in uint8
     # Every row is written below (each box has exactly one scale): no zero fill needed.
     out = torch.empty((len(boxes), spp_dim(channels, pyramid)), dtype=torch.uint8 if quantized else torch.float32,
                       device=device)
-    result = quant.QuantizedRows(out, scale, zero_point) if quantized else out
+    result = quant.QuantizedRows(out, scale, zero_point, yxc_order(channels, pyramid)) if quantized else out
     if len(boxes) == 0:
         return result
     if scale_index is None:
@@ -505,7 +534,7 @@ def pool_windows(fmaps: Sequence[torch.Tensor], image_hw: tuple[int, int], scale
         consecutive = int(chosen[-1]) - int(chosen[0]) + 1 == len(chosen)
         if consecutive and not (torch.is_grad_enabled() and fmap.requires_grad):
             # Pooled in place: no temporary, no scatter copy (training keeps the plain autograd path).
-            spp_pool(fmap, cells, pyramid, out=out[int(chosen[0]):int(chosen[-1]) + 1])
+            spp_pool(fmap, cells, pyramid, out=out[int(chosen[0]):int(chosen[-1]) + 1], layout=layout)
         else:
-            out[torch.from_numpy(chosen).to(device)] = spp_pool(fmap, cells, pyramid).to(out.dtype)
+            out[torch.from_numpy(chosen).to(device)] = spp_pool(fmap, cells, pyramid, layout=layout).to(out.dtype)
     return result
