@@ -2,6 +2,7 @@
 shared by train-svm, detect and bench; what their results depend on; bench's fc variants side by side."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -194,9 +195,12 @@ def test_int8_head_takes_uint8_rows_and_head_rows_hands_each_head_its_kind():
     # rows in SPP's bin-major order: the same integer products, the columns only reordered
     bin_major = rows.in_order(spp.yxc_order(16, (1, 2)))
     assert not torch.equal(bin_major.values, rows.values) and torch.equal(bin_major.dequantize(), rows.dequantize())
+    copied = copy.deepcopy(int8)  # oneDNN's packed weights shared, the rest copied
+    assert copied.fc6.packed is int8.fc6.packed and copied.fc6.weight_scale is not int8.fc6.weight_scale
     with torch.inference_mode():
         assert torch.equal(int8.features(bin_major, "fc7"), from_rows)
         assert torch.equal(int8(bin_major), int8(rows))
+        assert torch.equal(copied.features(rows, "softmax"), int8.features(rows, "softmax"))
     torch.testing.assert_close(float_head, head.features(rows.dequantize(), "fc7"))
     torch.testing.assert_close(batched, int8.features(rows, "fc6"))  # the batches share the rows' quantization
     assert fcfeatures.head_features(rows, "pool5", {}).dtype == torch.float32

@@ -171,6 +171,17 @@ class Int8LinearReLU(nn.Module):
             rows.values.contiguous(), float(rows.scale), int(rows.zero_point), self.packed, self.weight_scale,
             self.weight_zero_point, self.bias, 1.0, 0, torch.float32, "relu", [None], "")
 
+    def __deepcopy__(self, memo) -> "Int8LinearReLU":
+        # oneDNN's packed weights are an opaque tensor that cannot be copied; nothing ever writes to them, so a copy
+        # shares them and copies the rest.
+        clone = Int8LinearReLU.__new__(Int8LinearReLU)
+        nn.Module.__init__(clone)
+        clone.in_features, clone.out_features, clone.packed = self.in_features, self.out_features, self.packed
+        clone.weight_scale, clone.weight_zero_point = self.weight_scale.clone(), self.weight_zero_point.clone()
+        clone.bias = None if self.bias is None else self.bias.clone()
+        clone.train(self.training)
+        return clone
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, relu=True"
 
