@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages import bench
-from stages.core import nets, rcnn, spp
+from stages.core import fccompress, nets, rcnn, spp
 from stages.core.config import build_config
 from stages.core.errors import SppError
 
@@ -122,6 +122,14 @@ def test_rcnn_features_equal_per_window_pipeline_and_do_not_depend_on_batch():
     assert batched.abs().sum() > 0
     with pytest.raises(ValueError):
         rcnn.rcnn_window_features(net.backbone, net.head, image, boxes, ZF5, pyramid, layer="fc8")
+    # a compressed head through detect's fc path: int8 takes its own input (uint8 rows where it pools them so)
+    with torch.inference_mode():
+        for compression, tolerance in (("int8", 5e-2), ("svd", 1.0)):
+            small = fccompress.compress_head(net.head, compression, (8, 4))
+            features = rcnn.rcnn_window_features(net.backbone, small, image, boxes, ZF5, pyramid, input_size=64,
+                                                 layer="fc7")
+            assert features.shape == batched.shape and features.dtype == torch.float32
+            assert float((features - batched).norm() / batched.norm()) < tolerance, compression
 
 
 # ------------------------------------------------------------------------------------------------ FLOP counter

@@ -295,7 +295,8 @@ def test_what_the_records_hold():
     svd = _with(cfg, fc_compression="svd", fc_svd_ranks=(64, 32))
     assert fccompress.compression_record(svd.detect) == {"fc_compression": "svd", "fc_svd_ranks": [64, 32]}
     assert fccompress.compression_record(svd.detect, uses_fc=False) == {}  # pool5 features
-    assert fccompress.compression_record(_with(cfg, fc_compression="int8").detect) == {"fc_compression": "int8"}
+    assert fccompress.compression_record(_with(cfg, fc_compression="int8").detect) == {
+        "fc_compression": "int8", "fc_int8_kernels": fccompress.int8_engine()}
     # Without compression, detect's record is the section as it was recorded before the setting existed.
     # (test_flip too: it is recorded only when on)
     old = {k: v for k, v in cfg.section("detect").items() if k not in ("fc_compression", "fc_svd_ranks", "test_flip")}

@@ -107,10 +107,11 @@ def truncated_svd(layer: nn.Linear, rank: int) -> nn.Module:
 
 
 def int8_engine() -> str:
-    """The quantized engine int8 layers are packed for: "onednn" where the CPU has AMX tiles (its int8 GEMMs run
-    on them: 2.5x the x86/fbgemm engine's rate at fc6's shape on a 2-core AMX machine, docs/BENCHMARKS.md), else
-    PyTorch's default (``torch.backends.quantized.engine``). Both quantize alike (per-channel int8 weights,
-    per-batch uint8 input); their results differ by rounding only."""
+    """Which int8 fc layers ``compress_head`` makes: "onednn" where the CPU has AMX tiles (``Int8SppHead``: its
+    int8 GEMMs run on them, 2.5x the x86/fbgemm engine's rate at fc6's shape on a 2-core AMX machine,
+    docs/BENCHMARKS.md), else PyTorch's default quantized engine (``torch.backends.quantized.engine``) for its
+    dynamic int8 layers (``quantize_int8``). Both have per-channel int8 weights and uint8 input; the first takes
+    fc6's input as SPP pools it (one scale per image's maps), the second quantizes each batch."""
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
     if "onednn" in torch.backends.quantized.supported_engines and has_amx is not None and has_amx():
         return "onednn"
@@ -153,8 +154,9 @@ class Int8LinearReLU(nn.Module):
     def __init__(self, linear: nn.Linear, column_order: torch.Tensor | None = None):
         super().__init__()
         weight = linear.weight.detach().to("cpu", torch.float32)
-        if column_order is not None:  # input columns in this order (e.g. SPP's bin-major uint8 rows)
-            weight = weight[:, column_order]
+        self.column_order = None if column_order is None else torch.as_tensor(column_order, dtype=torch.int64)
+        if self.column_order is not None:  # input columns in this order (e.g. SPP's bin-major uint8 rows)
+            weight = weight[:, self.column_order]
         self.in_features, self.out_features = int(linear.in_features), int(linear.out_features)
         scale = (weight.abs().amax(1) / 127.5).clamp_min(torch.finfo(torch.float32).eps)
         self.weight_scale = scale
@@ -164,7 +166,10 @@ class Int8LinearReLU(nn.Module):
         self.bias = (linear.bias.detach().to("cpu", torch.float32).clone() if linear.bias is not None else None)
 
     def forward(self, x: torch.Tensor | quant.QuantizedRows) -> torch.Tensor:
-        rows = x if isinstance(x, quant.QuantizedRows) else quant.quantize_rows(x)
+        """``x``: uint8 rows in any column order (reordered to the layer's), or float rows in the net's order."""
+        rows = (x if isinstance(x, quant.QuantizedRows) else quant.quantize_rows(x)).in_order(self.column_order)
+        if rows.shape[1] != self.in_features:
+            raise ValueError(f"rows of {rows.shape[1]} columns for a layer of {self.in_features} inputs")
         if len(rows) == 0:  # oneDNN refuses an empty batch
             return torch.zeros((0, self.out_features), dtype=torch.float32)
         return torch.ops.onednn.qlinear_pointwise(
@@ -175,8 +180,10 @@ class Int8LinearReLU(nn.Module):
         # oneDNN's packed weights are an opaque tensor that cannot be copied; nothing ever writes to them, so a copy
         # shares them and copies the rest.
         clone = Int8LinearReLU.__new__(Int8LinearReLU)
+        memo[id(self)] = clone
         nn.Module.__init__(clone)
         clone.in_features, clone.out_features, clone.packed = self.in_features, self.out_features, self.packed
+        clone.column_order = None if self.column_order is None else self.column_order.clone()
         clone.weight_scale, clone.weight_zero_point = self.weight_scale.clone(), self.weight_zero_point.clone()
         clone.bias = None if self.bias is None else self.bias.clone()
         clone.train(self.training)
@@ -195,9 +202,8 @@ class Int8SppHead(SppHead):
         nn.Module.__init__(self)  # not SppHead's: every layer comes from ``head``
         self.in_channels, self.pyramid, self.fc_dim = head.in_channels, head.pyramid, head.fc_dim
         self.num_classes, self.dropout_p, self.dropout = head.num_classes, head.dropout_p, nn.Identity()
-        # fc6 reads SPP's uint8 rows in their bin-major order (no transposition when pooling)
-        self.column_order = spp.yxc_order(head.in_channels, head.pyramid)
-        self.fc6 = Int8LinearReLU(head.fc6, self.column_order)
+        # fc6's weights are stored for SPP's uint8 rows in their bin-major order (no transposition when pooling)
+        self.fc6 = Int8LinearReLU(head.fc6, spp.yxc_order(head.in_channels, head.pyramid))
         self.fc7 = Int8LinearReLU(head.fc7)
         self.fc8 = copy.deepcopy(head.fc8).float()
         self.eval()
@@ -207,23 +213,18 @@ class Int8SppHead(SppHead):
         return torch.uint8
 
     def forward(self, pooled) -> torch.Tensor:
-        return self.fc8(self.fc7(self.fc6(self._fc6_rows(pooled))))
+        return self.fc8(self.fc7(self.fc6(pooled)))
 
     def features(self, pooled, layer: str = "fc7") -> torch.Tensor:
         if layer == "pool5":
             return pooled.dequantize() if isinstance(pooled, quant.QuantizedRows) else pooled
         if layer not in ("fc6", "fc7", "softmax"):
             raise ValueError(f"unknown feature layer {layer!r} (known: pool5, fc6, fc7, softmax)")
-        x = self.fc6(self._fc6_rows(pooled))
+        x = self.fc6(pooled)  # uint8 rows in any column order, or float rows in the net's
         if layer == "fc6":
             return x
         x = self.fc7(x)
         return x if layer == "fc7" else F.softmax(self.fc8(x), dim=1)
-
-    def _fc6_rows(self, pooled) -> quant.QuantizedRows:
-        """``pooled`` (uint8 rows in any column order, or float rows in the net's) as fc6 reads them."""
-        rows = pooled if isinstance(pooled, quant.QuantizedRows) else quant.quantize_rows(pooled)
-        return rows.in_order(self.column_order)
 
     def set_dropout(self, p: float) -> None:
         raise SppError("an int8 head is for inference only: it has no dropout to set")
@@ -278,6 +279,8 @@ def compression_record(detect_cfg, uses_fc: bool = True) -> dict:
     if not uses_fc or detect_cfg.fc_compression == "none":
         return {}
     record = {"fc_compression": detect_cfg.fc_compression}
+    if detect_cfg.fc_compression == "int8":  # the two int8 heads differ in rounding: SVMs know which they saw
+        record["fc_int8_kernels"] = int8_engine()
     if detect_cfg.fc_compression == "svd":
         record["fc_svd_ranks"] = [int(r) for r in detect_cfg.fc_svd_ranks]
     return record

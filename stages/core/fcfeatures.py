@@ -195,9 +195,9 @@ def pool_windows(maps: ImageMaps, boxes: np.ndarray, pyramid: Sequence[int], sca
 
 
 def quantized_rows(maps: ImageMaps, pooled: torch.Tensor) -> QuantizedRows:
-    """Float rows pooled from ``maps`` as uint8 ``QuantizedRows`` with the scale and zero point of the maps' range:
-    exactly what ``pool_windows(..., quantized=True)`` pools (quantization commutes with max-pooling), so a
-    window's int8 features depend on its image only, whichever way it was pooled."""
+    """Float rows pooled from ``maps`` as uint8 ``QuantizedRows`` (the net's column order) with the scale and zero
+    point of the maps' range: the values ``pool_windows(..., quantized=True)`` pools (quantization commutes with
+    max-pooling), so an int8 head's fc6 sees the same input whichever way the rows were pooled."""
     scale, zero_point = quant.tensors_qparams(maps.maps)
     return quant.QuantizedRows(quant.quantize_values(pooled, scale, zero_point), scale, zero_point)
 

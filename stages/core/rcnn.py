@@ -140,7 +140,6 @@ def rcnn_window_features(backbone: torch.nn.Module, head: nets.SppHead, image, b
     with phase("fc"):
         if len(pooled) == 0:
             return pooled.new_zeros((0, getattr(head, layer).out_features))
-        step = max(1, int(fc_batch))
-        dtype = head.input_dtype  # a bfloat16 copy of the head takes bfloat16 input
-        return torch.cat([head.features(pooled[i:i + step].to(dtype), layer)
-                          for i in range(0, len(pooled), step)]).float()
+        from .fcfeatures import head_rows  # detect's fc path: each head's input type, batches, float32 out
+
+        return head_rows(head, pooled, layer, fc_batch)

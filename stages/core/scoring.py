@@ -163,7 +163,7 @@ class Scorer:
             # An int8 head takes uint8 rows, pooled straight into uint8, unless box regression needs the float
             # pool5 rows: then those, quantized after (the same uint8 rows either way).
             quantized = fc.takes_quantized_rows(self.feature, self.nets)
-            regressing = self.models.bbox is not None
+            regressing = self.models.bbox is not None and not flip  # the mirrored look's rows are not regressed
             pooled = fc.pool_windows(maps, boxes[distinct.rows], fc.feature_pyramid(self.nets, cfg.model.pyramid),
                                      scale_index=distinct.scale_index, rule=cfg.features.scale_rule,
                                      quantized=quantized and not regressing)
