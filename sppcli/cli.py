@@ -207,6 +207,11 @@ Environment:
                       0: never  [default: on when stderr is a terminal]
   SPP_DISK_MARGIN_MB  free space (MiB) a stage leaves on the disk it writes
                       to, stopping with one line instead  [default: 256]
+  SPP_KEEP_FREED_MEMORY
+                      0: detect and bench leave the C allocator as it is;
+                      else they keep freed memory for reuse (no page
+                      faults per image; the process keeps about its peak
+                      memory until it exits)  [default: 1]
   WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE
                       set by torchrun: pretrain, proposals and
                       extract-features share the work between its
