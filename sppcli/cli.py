@@ -208,10 +208,10 @@ Environment:
   SPP_DISK_MARGIN_MB  free space (MiB) a stage leaves on the disk it writes
                       to, stopping with one line instead  [default: 256]
   SPP_KEEP_FREED_MEMORY
-                      0: detect and bench leave the C allocator as it is;
-                      else they keep freed memory for reuse (no page
-                      faults per image; the process keeps about its peak
-                      memory until it exits)  [default: 1]
+                      0: extract-features, detect and bench leave the C
+                      allocator as it is; else they keep freed memory for
+                      reuse (no page faults per image; the process keeps
+                      about its peak memory until it exits)  [default: 1]
   WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE
                       set by torchrun: pretrain, proposals and
                       extract-features share the work between its
@@ -371,6 +371,9 @@ def extract_features(split, scales, conv_from, nproc, **common):
     extra = {"features.scales": [int(s) for s in scales.split(",")] if scales else None}
     cfg = _config(**common, extra=extra)
     _torchrun_if_asked(nproc)
+    from stages.core.memory import keep_freed_memory
+
+    keep_freed_memory()  # as spp detect: each image's conv activations reuse freed memory
     _report(stage.run(cfg, split, conv_from=conv_from))
 
 

@@ -1,10 +1,11 @@
-"""How this process's C allocator hands out large blocks, for the inference stages (``spp detect``, ``spp bench``).
+"""How this process's C allocator hands out large blocks, for the inference stages (``spp extract-features``,
+``spp detect``, ``spp bench``).
 
 glibc's malloc serves each block above 128 KiB (up to 32 MiB, as it adapts) with a fresh ``mmap`` and returns it
 with ``munmap`` when freed, so every per-image tensor of tens of MB (conv activations, pooled rows, fc6/fc7
 activations) arrives as fresh pages that the kernel faults in and zeroes one 4 KiB page at a time: 8,000 page
 faults and 16 ms of kernel time per image in fc6+fc7 alone (ZF-5, 1,661 windows, 2 cores), and conv 1.7x slower
-(docs/BENCHMARKS.md). ``keep_freed_memory`` has malloc serve blocks up to 1 GiB from its heap and keep up to 1 GiB
+(ZF-5 in ``spp bench``; MobileNetV2's conv5 maps at 688 px 1.5x; docs/BENCHMARKS.md). ``keep_freed_memory`` has malloc serve blocks up to 1 GiB from its heap and keep up to 1 GiB
 freed at the heap's top, as PyTorch's CPU tuning guide does with jemalloc or tcmalloc.
 
 The cost: freed memory stays with the process until it exits, the heap's free top up to 1 GiB and any hole below
