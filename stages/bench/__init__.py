@@ -92,7 +92,7 @@ def _time_mode(mode: str, setup: _Setup, image: np.ndarray, boxes: np.ndarray, r
     result["seconds"]["total"] = sum(result["seconds"][p] for p in PHASES)
     result["flops"] = {"conv": float(conv_flops), "fc": float(counter.flops[f"fc:{setup.selected}"])}
     result["fc_variants"] = {name: {"seconds": float(seconds[f"fc:{name}"]),
-                                    "pool_seconds": float(seconds.get(f"pool:{name}", seconds.get("pool", 0.0))),
+                                    "pool_seconds": float(seconds[f"pool:{name}"]),
                                     "flops": float(counter.flops[f"fc:{name}"])} for name in heads}
     return result
 
@@ -121,9 +121,8 @@ def _aggregate(samples: list[list[dict]]) -> dict:
         flops = typical(lambda s: s["fc_variants"][name]["flops"])
         out["fc_variants"][name] = {
             "fc_seconds": seconds, "fc_flops": flops, "fc_gflops_per_s": flops / seconds / 1e9 if seconds > 0 else 0.0,
-            "pool_seconds": typical(lambda s: s["fc_variants"][name].get("pool_seconds", s["seconds"]["pool"])),
-            "total_seconds": typical(lambda s: s["seconds"]["conv"]
-                                     + s["fc_variants"][name].get("pool_seconds", s["seconds"]["pool"])
+            "pool_seconds": typical(lambda s: s["fc_variants"][name]["pool_seconds"]),
+            "total_seconds": typical(lambda s: s["seconds"]["conv"] + s["fc_variants"][name]["pool_seconds"]
                                      + s["fc_variants"][name]["seconds"])}
     return out
 

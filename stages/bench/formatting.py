@@ -44,7 +44,7 @@ def format_report(results: dict) -> str:
     lines = [
         f"SPP-net vs R-CNN speed: backbone {results['backbone']}, device {results['device']}, "
         f"{results['threads']} threads, {results['clock']} clock, load average {load[0]:.2f} before / "
-        f"{load[1]:.2f} after{_heap_note(results.get('malloc_kept_bytes', 0))}",
+        f"{load[1]:.2f} after{_heap_note(results['malloc_kept_bytes'])}",
         f"weights: {results['weights']}",
         f"images: {results['images']}",
         f"windows: {results['proposals']}",
@@ -144,8 +144,7 @@ def format_fc_variants(compared: dict) -> list[str]:
             continue
         modes = data["modes"]
         of_peak = f"{_percent(data['fc_fraction_of_peak']):>5} {data['peak_dtype']:<9}"
-        pool = modes['spp_1scale'].get('pool_seconds')
-        lines.append(f"{label:<15}{'-' if pool is None else f'{pool:.4f}':>10}{data['seconds']:>10.4f}"
+        lines.append(f"{label:<15}{modes['spp_1scale']['pool_seconds']:>10.4f}{data['seconds']:>10.4f}"
                      f"{data['speedup']:>7.2f}x"
                      f"{data['flops_per_window'] / 1e6:>10.2f}"
                      f"{modes['spp_1scale']['fc_gflops_per_s']:>9.1f} {of_peak}"

@@ -185,10 +185,6 @@ def pool_windows(maps: ImageMaps, boxes: np.ndarray, pyramid: Sequence[int], sca
     ``quantized``: as uint8 ``QuantizedRows`` quantized as ``quantized_rows`` does, pooled straight into uint8
     (the input of an int8 head, ``takes_quantized_rows``)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    if len(boxes) == 0:
-        channels = maps.maps[0].shape[0]
-        empty = torch.zeros((0, spp.spp_dim(channels, tuple(pyramid))), dtype=torch.float32, device=maps.maps[0].device)
-        return quantized_rows(maps, empty) if quantized else empty
     pooled = spp.pool_windows(maps.maps, maps.image_hw, maps.scales, boxes, maps.spec, tuple(pyramid),
                               scale_index=scale_index, rule=rule, quantized=quantized)
     return pooled if quantized else pooled.float()

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import nets, spp
+from .fcfeatures import head_rows
 
 RCNN_INPUT_SIZE = 224  # the ZF-5 input whose conv5 map (13 x 13) SPP was trained on; R-CNN's AlexNet used 227
 RCNN_CONTEXT = 16  # pixels of context around each window in the warped frame [R:rcnn_im_crop.m padding = 16]
@@ -137,9 +138,5 @@ def rcnn_window_features(backbone: torch.nn.Module, head: nets.SppHead, image, b
     if layer == "pool5":
         return pooled
     phase = timer or _no_timer
-    with phase("fc"):
-        if len(pooled) == 0:
-            return pooled.new_zeros((0, getattr(head, layer).out_features))
-        from .fcfeatures import head_rows  # detect's fc path: each head's input type, batches, float32 out
-
+    with phase("fc"):  # detect's fc path: each head's input type, batches, float32 out, empty input too
         return head_rows(head, pooled, layer, fc_batch)
