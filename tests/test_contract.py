@@ -292,6 +292,32 @@ def test_a_lock_left_by_a_killed_process_does_not_block(finished, tmp_path):
     assert "up to date" not in _invoke("train-bbox", *common, "--one-scale")
 
 
+def test_a_holder_that_has_not_yet_written_its_note_is_still_named(tmp_path):
+    """The lock is taken before the owner note is written: a second process must wait for the note, not guess."""
+    plan = StagePlan("bbox", "s1", {}, {}, {})
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from filelock import FileLock\n"
+        f"lock = FileLock({str(tmp_path / '.lock')!r}); lock.acquire(); print('held', flush=True)\n"
+        f"time.sleep(0.5); open({str(tmp_path / '.lock.owner')!r}, 'w').write("
+        "'{\"pid\": 4242, \"command\": \"spp train-bbox\", \"since\": \"now\"}'); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SppError, match="being run by process 4242 "):
+            with stage_lock(tmp_path, plan):
+                pass
+        (tmp_path / ".lock.owner").unlink()  # a holder that never writes one is anonymous, after a short wait
+        with pytest.raises(SppError, match="being run by another process"):
+            with stage_lock(tmp_path, plan):
+                pass
+    finally:
+        holder.kill()
+        holder.wait(30)
+    with stage_lock(tmp_path, plan):  # free again; the note is this process's while held, and gone after
+        assert json.loads((tmp_path / ".lock.owner").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".lock.owner").exists() and not list(tmp_path.glob(".lock.owner.*"))
+
+
 def test_two_extract_features_processes_meet_safely(finished, tmp_path):
     run, common = _copy(finished, tmp_path)
     shutil.rmtree(run.stage_dir("features", "test"))

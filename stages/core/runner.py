@@ -139,17 +139,18 @@ def stage_lock(folder: Path, plan: StagePlan, lock_name: str = LOCK_NAME):
     lock = FileLock(str(folder / lock_name), timeout=0)
     owner_file = folder / f"{lock_name}.owner"
     try:
-        lock.acquire()
-    except Timeout:
-        raise SppError(f"stage '{plan.stage}'{f' ({plan.tag})' if plan.tag else ''} is being run by "
-                       f"{_describe_owner(owner_file)}; wait for it to finish (or stop it) and run again",
-                       folder) from None
+        owner = _acquire_or_owner(lock, owner_file)
     except OSError as exc:
         raise SppError(f"cannot lock the stage folder ({unusable_reason(exc)})", folder) from None
+    if owner is not None:
+        raise SppError(f"stage '{plan.stage}'{f' ({plan.tag})' if plan.tag else ''} is being run by "
+                       f"{owner}; wait for it to finish (or stop it) and run again", folder)
     try:
-        with contextlib.suppress(OSError):
-            owner_file.write_text(json.dumps({"pid": os.getpid(), "command": _command_of_this_process(),
-                                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+        with contextlib.suppress(OSError):  # written whole, then renamed: a reader never sees half of it
+            partial = owner_file.with_name(f"{owner_file.name}.{os.getpid()}")
+            partial.write_text(json.dumps({"pid": os.getpid(), "command": _command_of_this_process(),
+                                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+            partial.replace(owner_file)
         yield
     finally:
         with contextlib.suppress(OSError):
@@ -161,9 +162,29 @@ def _command_of_this_process() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "python"
 
 
-def _describe_owner(owner_file: Path) -> str:
+def _acquire_or_owner(lock: FileLock, owner_file: Path, patience_s: float = 2.0) -> str | None:
+    """Take ``lock`` (None), or describe the process holding it.
+
+    The holder writes its note just after taking the lock and removes it just before letting go, so for a moment
+    a held lock can have no note: keep trying both for ``patience_s`` before calling the holder anonymous.
+    """
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            lock.acquire()
+            return None
+        except Timeout:
+            owner = _describe_owner(owner_file)
+            if owner is not None:
+                return owner
+        if time.monotonic() >= deadline:
+            return "another process"
+        time.sleep(0.05)
+
+
+def _describe_owner(owner_file: Path) -> str | None:
     try:
         owner = json.loads(owner_file.read_text())
         return f"process {owner['pid']} (`{owner['command']}`, since {owner['since']})"
     except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+        return None
