@@ -210,6 +210,29 @@ def test_int8_head_takes_uint8_rows_and_head_rows_hands_each_head_its_kind():
     assert not fcfeatures.takes_quantized_rows("ftfc7", {"finetuned": type("Net", (), {"head": head})()})
 
 
+@pytest.mark.skipif(not ONEDNN, reason="the oneDNN int8 head is used where the CPU has AMX tiles")
+def test_fc6_hands_fc7_bfloat16_that_quantizes_within_a_step_of_float32():
+    head = _head(fc_dim=256)
+    int8 = fccompress.compress_head(head, "int8")
+    assert int8.hidden_dtype == torch.bfloat16  # oneDNN's int8 engine implies bfloat16 support (AMX)
+    rows = quant.quantize_rows(torch.relu(torch.randn(300, head.in_features)))
+    with torch.inference_mode():
+        fc6 = int8.features(rows, "fc6")
+        hidden = int8.fc6(rows, torch.bfloat16)
+        exact_fc7 = int8.fc7(quant.quantize_rows(fc6))  # what fc7 got from float32 activations
+        fc7 = int8.features(rows, "fc7")
+    assert fc6.dtype == torch.float32 and hidden.dtype == torch.bfloat16 and fc7.dtype == torch.float32
+    torch.testing.assert_close(hidden.float(), fc6, rtol=2 ** -8, atol=0)  # bfloat16's rounding, no more
+    via_float, via_bf16 = quant.quantize_rows(fc6), quant.quantize_rows(hidden)
+    assert abs(via_bf16.scale / via_float.scale - 1) < 2 ** -8 and via_bf16.zero_point == via_float.zero_point == 0
+    steps = (via_bf16.values.int() - via_float.values.int()).abs()
+    assert int(steps.max()) <= 2 and float((steps > 0).float().mean()) < 0.2
+    torch.testing.assert_close(fc7, exact_fc7, rtol=0, atol=0.01 * float(exact_fc7.abs().max()))  # int8 itself: 1%
+    with torch.inference_mode():
+        assert torch.equal(fc7, int8.fc7(via_bf16)) and torch.equal(int8(rows), int8.fc8(fc7))
+        assert int8.fc6(rows[:0], torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_int8_engine_is_onednn_only_where_the_cpu_has_amx(monkeypatch):
     default = torch.backends.quantized.engine
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
