@@ -298,18 +298,23 @@ def test_a_holder_that_has_not_yet_written_its_note_is_still_named(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time; from filelock import FileLock\n"
         f"lock = FileLock({str(tmp_path / '.lock')!r}); lock.acquire(); print('held', flush=True)\n"
-        f"time.sleep(0.5); open({str(tmp_path / '.lock.owner')!r}, 'w').write("
-        "'{\"pid\": 4242, \"command\": \"spp train-bbox\", \"since\": \"now\"}'); time.sleep(600)")],
+        f"time.sleep(0.5); import os, json; open({str(tmp_path / '.lock.owner')!r}, 'w').write("
+        "json.dumps({'pid': os.getpid(), 'command': 'spp train-bbox', 'since': 'now'})); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SppError, match="being run by process 4242 "):
+        with pytest.raises(SppError, match=f"being run by process {holder.pid} "):
             with stage_lock(tmp_path, plan):
                 pass
-        (tmp_path / ".lock.owner").unlink()  # a holder that never writes one is anonymous, after a short wait
-        with pytest.raises(SppError, match="being run by another process"):
-            with stage_lock(tmp_path, plan):
-                pass
+        # a holder that never writes one is anonymous, after a short wait; so is one whose note is a dead process's
+        gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        for note in [None, {"pid": int(gone.stdout), "command": "spp train-bbox", "since": "then"}]:
+            (tmp_path / ".lock.owner").unlink(missing_ok=True)
+            if note:
+                (tmp_path / ".lock.owner").write_text(json.dumps(note))
+            with pytest.raises(SppError, match="being run by another process"):
+                with stage_lock(tmp_path, plan):
+                    pass
     finally:
         holder.kill()
         holder.wait(30)

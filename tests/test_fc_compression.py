@@ -215,6 +215,7 @@ def test_fc6_hands_fc7_bfloat16_that_quantizes_within_a_step_of_float32():
     head = _head(fc_dim=256)
     int8 = fccompress.compress_head(head, "int8")
     assert int8.hidden_dtype == torch.bfloat16  # oneDNN's int8 engine implies bfloat16 support (AMX)
+    assert fccompress.int8_kernels() == "onednn-bf16-hidden"  # what config records hold: the old SVMs rerun
     rows = quant.quantize_rows(torch.relu(torch.randn(300, head.in_features)))
     with torch.inference_mode():
         fc6 = int8.features(rows, "fc6")
@@ -319,7 +320,7 @@ def test_what_the_records_hold():
     assert fccompress.compression_record(svd.detect) == {"fc_compression": "svd", "fc_svd_ranks": [64, 32]}
     assert fccompress.compression_record(svd.detect, uses_fc=False) == {}  # pool5 features
     assert fccompress.compression_record(_with(cfg, fc_compression="int8").detect) == {
-        "fc_compression": "int8", "fc_int8_kernels": fccompress.int8_engine()}
+        "fc_compression": "int8", "fc_int8_kernels": fccompress.int8_kernels()}
     # Without compression, detect's record is the section as it was recorded before the setting existed.
     # (test_flip too: it is recorded only when on)
     old = {k: v for k, v in cfg.section("detect").items() if k not in ("fc_compression", "fc_svd_ranks", "test_flip")}

@@ -148,7 +148,7 @@ class Int8LinearReLU(nn.Module):
     """``relu(x W^T + b)`` of a float ``nn.Linear``, on oneDNN's int8 GEMM: ``W`` quantized per output channel
     (symmetric int8, ``max |w| / 127.5`` per row, as PyTorch's per-channel observer), the input as uint8
     ``QuantizedRows`` (float input is quantized per batch first), int32 accumulation, then the two scales, the
-    bias and the ReLU applied in the same call, float32 out. ``column_order``: the input's columns are the
+    bias and the ReLU applied in the same call, float32 (or bfloat16) out. ``column_order``: the input's columns are the
     layer's in this order (its weight columns are stored so). Inference only, CPU only."""
 
     def __init__(self, linear: nn.Linear, column_order: torch.Tensor | None = None):
@@ -194,6 +194,23 @@ class Int8LinearReLU(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, relu=True"
 
 
+def onednn_hidden_dtype() -> torch.dtype:
+    """What ``Int8SppHead``'s fc6 hands fc7. Its activations only go on to be quantized to uint8 for fc7, so
+    bfloat16 (relative rounding error up to 2^-8: near a batch's largest value about one uint8 step, so some codes
+    move by one) is enough, and fc6's int8 GEMM writes half the bytes: fc6 + fc7 ran 1.1x faster in a one-off check
+    (1,800 rows of ZF-5's 12,800 -> 4,096 -> 4,096, 2 threads). fc6 as a feature is still float32."""
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def int8_kernels() -> str:
+    """Which int8 kernels (and, for oneDNN's, which fc6 -> fc7 hand-off) make int8 features here: they differ in
+    rounding, so a stage's config record holds this and SVMs know which features they saw."""
+    engine = int8_engine()
+    if engine == "onednn" and onednn_hidden_dtype() == torch.bfloat16:
+        return "onednn-bf16-hidden"
+    return engine
+
+
 class Int8SppHead(SppHead):
     """An ``SppHead`` whose fc6 and fc7 are ``Int8LinearReLU`` (ReLU included) and whose fc8 is a float copy of
     the head's: fc6 takes uint8 ``QuantizedRows`` (``input_dtype`` is ``torch.uint8``; float rows are quantized
@@ -207,10 +224,7 @@ class Int8SppHead(SppHead):
         self.fc6 = Int8LinearReLU(head.fc6, spp.yxc_order(head.in_channels, head.pyramid))
         self.fc7 = Int8LinearReLU(head.fc7)
         self.fc8 = copy.deepcopy(head.fc8).float()
-        # fc6's activations only go on to be quantized to uint8 for fc7: bfloat16 (8 significant bits, relative
-        # error 2^-9, below half a uint8 step) halves what fc6 writes, and its int8 GEMM runs 1.2x faster
-        # (docs/BENCHMARKS.md). fc6 as a feature is still float32.
-        self.hidden_dtype = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        self.hidden_dtype = onednn_hidden_dtype()
         self.eval()
 
     @property
@@ -285,7 +299,7 @@ def compression_record(detect_cfg, uses_fc: bool = True) -> dict:
         return {}
     record = {"fc_compression": detect_cfg.fc_compression}
     if detect_cfg.fc_compression == "int8":  # the two int8 heads differ in rounding: SVMs know which they saw
-        record["fc_int8_kernels"] = int8_engine()
+        record["fc_int8_kernels"] = int8_kernels()
     if detect_cfg.fc_compression == "svd":
         record["fc_svd_ranks"] = [int(r) for r in detect_cfg.fc_svd_ranks]
     return record

@@ -146,11 +146,14 @@ def stage_lock(folder: Path, plan: StagePlan, lock_name: str = LOCK_NAME):
         raise SppError(f"stage '{plan.stage}'{f' ({plan.tag})' if plan.tag else ''} is being run by "
                        f"{owner}; wait for it to finish (or stop it) and run again", folder)
     try:
-        with contextlib.suppress(OSError):  # written whole, then renamed: a reader never sees half of it
-            partial = owner_file.with_name(f"{owner_file.name}.{os.getpid()}")
+        partial = owner_file.with_name(f"{owner_file.name}.{os.getpid()}")
+        try:  # written whole, then renamed: a reader never sees half of it
             partial.write_text(json.dumps({"pid": os.getpid(), "command": _command_of_this_process(),
                                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
             partial.replace(owner_file)
+        except OSError:  # the note is a courtesy: no note (a full disk, say) must not stop the stage
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
         yield
     finally:
         with contextlib.suppress(OSError):
@@ -183,8 +186,18 @@ def _acquire_or_owner(lock: FileLock, owner_file: Path, patience_s: float = 2.0)
 
 
 def _describe_owner(owner_file: Path) -> str | None:
+    """The note's process, or None when there is no readable note or it names a process gone from this machine
+    (a killed holder's note, not yet replaced by the new holder's)."""
     try:
         owner = json.loads(owner_file.read_text())
-        return f"process {owner['pid']} (`{owner['command']}`, since {owner['since']})"
+        pid = int(owner["pid"])
+        description = f"process {pid} (`{owner['command']}`, since {owner['since']})"
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except OSError:  # alive, but not ours to signal
+        pass
+    return description
