@@ -26,6 +26,7 @@ from stages.core import registry
 from stages.core.artifacts import MANIFEST_NAME, Run, read_manifest
 from stages.core.config import build_config
 from stages.core.errors import SppError, StageInputMissing
+from stages.core import runner
 from stages.core.runner import StagePlan, stage_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -292,9 +293,10 @@ def test_a_lock_left_by_a_killed_process_does_not_block(finished, tmp_path):
     assert "up to date" not in _invoke("train-bbox", *common, "--one-scale")
 
 
-def test_a_holder_that_has_not_yet_written_its_note_is_still_named(tmp_path):
+def test_a_holder_that_has_not_yet_written_its_note_is_still_named(tmp_path, monkeypatch):
     """The lock is taken before the owner note is written: a second process must wait for the note, not guess."""
     plan = StagePlan("bbox", "s1", {}, {}, {})
+    monkeypatch.setattr(runner, "OWNER_NOTE_PATIENCE_S", 60.0)  # the note comes after 0.5 s, however busy CI is
     holder = subprocess.Popen([sys.executable, "-c", (
         "import time; from filelock import FileLock\n"
         f"lock = FileLock({str(tmp_path / '.lock')!r}); lock.acquire(); print('held', flush=True)\n"
@@ -308,6 +310,7 @@ def test_a_holder_that_has_not_yet_written_its_note_is_still_named(tmp_path):
                 pass
         # a holder that never writes one is anonymous, after a short wait; so is one whose note is a dead process's
         gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        monkeypatch.setattr(runner, "OWNER_NOTE_PATIENCE_S", 0.5)
         for note in [None, {"pid": int(gone.stdout), "command": "spp train-bbox", "since": "then"}]:
             (tmp_path / ".lock.owner").unlink(missing_ok=True)
             if note:

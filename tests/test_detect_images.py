@@ -356,7 +356,8 @@ def _check_profile(prof: dict, images: int, phases: tuple[str, ...]) -> None:
     assert seconds["startup"] > 0 and prof["first_image_s"] == seconds["startup"] + seconds["load"]
     total, covered = prof["total_s"], sum(seconds.values())
     assert covered <= total + 1e-9  # no phase counted twice
-    assert prof["unaccounted_s"] == pytest.approx(total - covered) and total - covered <= 0.05 * total
+    # the gaps are loop glue: 5% of the run, plus 50 ms for one preemption or garbage collection on a busy machine
+    assert prof["unaccounted_s"] == pytest.approx(total - covered) and total - covered <= 0.05 * total + 0.05
     assert prof["per_image"] == pytest.approx({p: s / images for p, s in seconds.items() if p not in ONCE_PHASES})
     assert prof["per_image_s"] == pytest.approx(sum(prof["per_image"].values()))
     assert prof["counts"]["fc_windows"] <= prof["counts"]["windows"]

@@ -46,7 +46,8 @@ def test_kept_memory_spares_the_page_faults_of_a_fresh_block():
 
     applied, kept, default_faults = run("default")
     assert (applied, kept) == ("False", 0)
-    assert min(default_faults) > 10_000  # every block faulted in afresh
+    if min(default_faults) <= 10_000:  # e.g. multi-size huge pages, or malloc tuned from the environment
+        pytest.skip(f"fresh blocks take few page faults here even by default ({min(default_faults)}): nothing to show")
     applied, kept, kept_faults = run("keep")
     if applied != "True":
         pytest.skip("this C library has no mallopt")

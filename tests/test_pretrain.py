@@ -164,6 +164,24 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "SPP_PROGRESS": "0"}  # no bar lines
 
 
+STOP_AFTER_FIRST_CHECKPOINT = """
+import sys, time
+import stages.pretrain as stage
+real_save = stage._torch_save_atomic
+
+def save(obj, path):
+    real_save(obj, path)
+    if path.name == stage.RESUME_FILE:
+        print("SAVED", flush=True)
+        time.sleep(600)
+
+stage._torch_save_atomic = save
+sys.argv = ["spp", *sys.argv[1:]]
+from sppcli.cli import main
+main()
+"""
+
+
 @pytest.mark.slow
 def test_killed_process_resumes_to_the_uninterrupted_result(tmp_path, tree):
     # Worker processes on: their augmentation RNG must come from (seed, epoch), not from the process's history.
@@ -172,13 +190,17 @@ def test_killed_process_resumes_to_the_uninterrupted_result(tmp_path, tree):
                               capture_output=True, text=True, timeout=300)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
-    proc = subprocess.Popen(_cli(tmp_path / "killed", tree, 3, *args), env=_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    for line in proc.stderr:  # the per-epoch lines are log lines: stderr
-        if line.startswith("pretrain epoch 1/3"):
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
+    # The child stops itself once its first epoch's checkpoint is on disk and waits to be killed, so a slow CI
+    # machine cannot let it finish first.
+    command = _cli(tmp_path / "killed", tree, 3, *args)
+    proc = subprocess.Popen([sys.executable, "-c", STOP_AFTER_FIRST_CHECKPOINT, *command[3:]], env=_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "SAVED"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     stage = tmp_path / "killed" / "r" / "00_pretrain"
     assert not (stage / "MANIFEST.json").exists()

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import h5py
@@ -314,22 +313,32 @@ def test_resume_after_kill_computes_each_image_once_and_matches_uninterrupted(tm
     devkit = make_devkit(tmp_path / "devkit", n, size=(180, 240))
     cfg = make_cfg(tmp_path, devkit, run="killed")
     folder = Run(cfg.run_dir).stage_dir("proposals", "val")
+    # The child stops itself before its fourth image (the first three written) and waits to be killed, so a
+    # slow CI machine cannot let it finish first.
     script = textwrap.dedent(f"""
+        import time
         from stages import proposals
         from stages.core.config import build_config
+        from stages.proposals import worker
+        real, started = worker._propose_one, []
+
+        def propose(image_id):
+            if len(started) == 3:
+                print("STOPPED", flush=True)
+                time.sleep(600)
+            started.append(image_id)
+            return real(image_id)
+
+        worker._propose_one = propose
         cfg = build_config(None, {json.dumps({"runs_root": cfg.runs_root, "run": cfg.run,
                                               "data.dataset": "voc2007", "data.voc_root": str(devkit),
                                               "proposals.workers": 1})})
         proposals.run(cfg, "val")
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while len(list((folder / "partial").glob("*.npy"))) < 3:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "no progress in 120 s"
-            time.sleep(0.02)
+        assert proc.stdout.readline().strip() == "STOPPED", "the run ended before it could be killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole process group we started
         proc.wait()

@@ -165,13 +165,17 @@ def _command_of_this_process() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else "python"
 
 
-def _acquire_or_owner(lock: FileLock, owner_file: Path, patience_s: float = 2.0) -> str | None:
+OWNER_NOTE_PATIENCE_S = 2.0  # how long a held lock may lack its holder's note before the holder is anonymous
+
+
+def _acquire_or_owner(lock: FileLock, owner_file: Path) -> str | None:
     """Take ``lock`` (None), or describe the process holding it.
 
     The holder writes its note just after taking the lock and removes it just before letting go, so for a moment
-    a held lock can have no note: keep trying both for ``patience_s`` before calling the holder anonymous.
+    a held lock can have no note: keep trying both for ``OWNER_NOTE_PATIENCE_S`` before calling the holder
+    anonymous.
     """
-    deadline = time.monotonic() + patience_s
+    deadline = time.monotonic() + OWNER_NOTE_PATIENCE_S
     while True:
         try:
             lock.acquire()
