@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from filelock import FileLock, Timeout
 
-from .artifacts import Manifest, Run, StageResult, UsedPart
+from .artifacts import Manifest, Run, StageResult, UsedPart, atomic_write_json
 from .errors import SppError
 
 LOCK_NAME = ".lock"
@@ -146,14 +146,11 @@ def stage_lock(folder: Path, plan: StagePlan, lock_name: str = LOCK_NAME):
         raise SppError(f"stage '{plan.stage}'{f' ({plan.tag})' if plan.tag else ''} is being run by "
                        f"{owner}; wait for it to finish (or stop it) and run again", folder)
     try:
-        partial = owner_file.with_name(f"{owner_file.name}.{os.getpid()}")
-        try:  # written whole, then renamed: a reader never sees half of it
-            partial.write_text(json.dumps({"pid": os.getpid(), "command": _command_of_this_process(),
-                                           "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
-            partial.replace(owner_file)
-        except OSError:  # the note is a courtesy: no note (a full disk, say) must not stop the stage
-            with contextlib.suppress(OSError):
-                partial.unlink(missing_ok=True)
+        # Written whole, then renamed (a reader never sees half of it). The note is a courtesy: no note (a full
+        # disk, say) must not stop the stage.
+        with contextlib.suppress(OSError):
+            atomic_write_json(owner_file, {"pid": os.getpid(), "command": _command_of_this_process(),
+                                           "since": time.strftime("%Y-%m-%d %H:%M:%S")})
         yield
     finally:
         with contextlib.suppress(OSError):
